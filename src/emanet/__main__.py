@@ -1,0 +1,3 @@
+from emanet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Command line: `emanet <command> ...`. The only module that reads argv or prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from emanet.models.emanet import ARCHS, ModelConfig
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default="emanet", help="context module (default: emanet)")
+    g.add_argument("--backbone", default="resnet101", help="resnet18/34/50/101/152 (default: resnet101)")
+    g.add_argument("--stem", default="deep", choices=("standard", "deep", "v1c"), help="ResNet stem (default: deep)")
+    g.add_argument("--output-stride", type=int, default=8, choices=(8, 16, 32), help="(default: 8)")
+    g.add_argument("--channels", type=int, default=512, help="reduction/EMA width: 512 or 256 in the paper")
+    g.add_argument("--num-bases", type=int, default=64, help="K (default: 64)")
+    g.add_argument("--num-stages", type=int, default=3, help="T (default: 3)")
+    g.add_argument("--num-classes", type=int, default=21, help="(default: 21)")
+    g.add_argument("--head-layout", default="reference", choices=("reference", "mmseg"), help="(default: reference)")
+    g.add_argument("--aux", action="store_true", help="add the auxiliary FCN head on layer3")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        arch=args.arch,
+        backbone=args.backbone,
+        stem=args.stem,
+        output_stride=args.output_stride,
+        channels=args.channels,
+        num_bases=args.num_bases,
+        num_stages=args.num_stages,
+        num_classes=args.num_classes,
+        head_layout=args.head_layout,
+        aux=args.aux,
+    )
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from emanet.flops import count_config, format_model_cost, format_table1, table1
+
+    size = tuple(args.size)
+    cfg = _model_config(args)
+    cost = count_config(cfg, size)
+    rows = [] if args.no_paper else table1(size)
+    if args.json:
+        print(json.dumps({"config": dataclasses.asdict(cfg), "cost": cost.to_dict(), "table1": rows}, indent=2))
+        return 0
+    print(f"{cfg.arch} {cfg.backbone} stem={cfg.stem} OS{cfg.output_stride} channels={cfg.channels} "
+          f"K={cfg.num_bases} T={cfg.num_stages}")  # fmt: skip
+    print(format_model_cost(cost))
+    if rows:
+        print(f"\nPaper Table 1 (ResNet-101 deep stem, OS8, {size[0]}x{size[1]}; multiply-adds):")
+        print(format_table1(rows))
+        nl, ema = rows[3]["gmacs"] - rows[4]["gmacs"], rows[1]["gmacs"] - rows[4]["gmacs"]
+        print(f"\ncontext module alone: EMA unit {ema:.2f} GMACs (O(NK)) vs non-local {nl:.2f} GMACs (O(N^2)): "
+              f"{nl / ema:.1f}x")  # fmt: skip
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from emanet.benchmark import run_benchmarks
+
+    run_benchmarks(out_dir=args.out, quick=args.quick, parts=args.parts, log=print)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flops", help="parameters and multiply-adds, beside the paper's Table 1")
+    _model_args(p)
+    p.add_argument("--size", type=int, nargs=2, default=(513, 513), metavar=("H", "W"), help="(default: 513 513)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--no-paper", action="store_true", help="skip the Table 1 comparison")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
+    p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
+    p.add_argument("--parts", nargs="+", default=("em", "model"), choices=("em", "model"), help="what to run")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # user mistakes: a message, not a traceback
+        print(f"emanet {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,112 @@
+"""Dataset readers and paired transforms. Knows no models and no devices.
+
+Look datasets up by name with ``DATASETS`` / ``build_dataset``; every dataset returns ``(image, mask)``
+(after its transform: float (3, H, W) and int64 (H, W)) and offers ``read(i)`` for the raw pair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .ade import ADE20KDataset
+from .base import DataError, SegmentationDataset, read_image, read_label, worker_init_fn
+from .cityscapes import CityscapesDataset, cityscapes_label_lut
+from .folder import FolderDataset
+from .palettes import (
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    VOC_CLASSES,
+    VOC_PALETTE,
+    distinct_palette,
+    index_image,
+    voc_palette,
+)
+from .synthetic import SceneConfig, SyntheticContextDataset, write_synthetic
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REFERENCE_SCALES,
+    ColorJitter,
+    Compose,
+    PadToMultiple,
+    PadToSize,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomScale,
+    Resize,
+    ToTensorNormalize,
+    eval_transform,
+    train_transform,
+)
+from .voc import VOCDataset
+
+DATASETS = {
+    "voc": VOCDataset,
+    "cityscapes": CityscapesDataset,
+    "ade20k": ADE20KDataset,
+    "folder": FolderDataset,
+    "synthetic": SyntheticContextDataset,
+}
+
+
+def build_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    split: str,
+    transform=None,
+    **kwargs,
+) -> SegmentationDataset:
+    """``DATASETS[name](root, split, transform=..., **kwargs)``; "synthetic" takes no root."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+    cls = DATASETS[name]
+    if name == "synthetic":
+        if root is not None:
+            raise ValueError("the synthetic dataset is generated on the fly and takes no root")
+        return cls(split, transform=transform, **kwargs)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root folder")
+    return cls(root, split, transform=transform, **kwargs)
+
+
+__all__ = [
+    "ADE20KDataset",
+    "ADE20K_CLASSES",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_PALETTE",
+    "CityscapesDataset",
+    "ColorJitter",
+    "Compose",
+    "DATASETS",
+    "DataError",
+    "FolderDataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PadToMultiple",
+    "PadToSize",
+    "REFERENCE_SCALES",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "RandomScale",
+    "Resize",
+    "SceneConfig",
+    "SegmentationDataset",
+    "SyntheticContextDataset",
+    "ToTensorNormalize",
+    "VOCDataset",
+    "VOC_CLASSES",
+    "VOC_PALETTE",
+    "build_dataset",
+    "cityscapes_label_lut",
+    "distinct_palette",
+    "eval_transform",
+    "index_image",
+    "read_image",
+    "read_label",
+    "train_transform",
+    "voc_palette",
+    "worker_init_fn",
+    "write_synthetic",
+]

@@ -1,0 +1,85 @@
+"""Cityscapes fine annotations (19 evaluated classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import PairTransform, SegmentationDataset, missing_files_error, require_dir
+from .palettes import CITYSCAPES_CLASSES, CITYSCAPES_EVAL_LABEL_IDS, CITYSCAPES_PALETTE
+
+CITYSCAPES_LAYOUT = (
+    "ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png and "
+    "ROOT/gtFine/<split>/<city>/*_gtFine_labelTrainIds.png (or *_gtFine_labelIds.png)"
+)
+
+
+def cityscapes_label_lut(ignore_index: int = 255) -> np.ndarray:
+    """labelIds -> trainIds: the 19 evaluated ids map to 0..18, every other value to ``ignore_index``."""
+    lut = np.full(256, ignore_index, dtype=np.uint8)
+    for train_id, label_id in enumerate(CITYSCAPES_EVAL_LABEL_IDS):
+        lut[label_id] = train_id
+    return lut
+
+
+class CityscapesDataset(SegmentationDataset):
+    """Pairs leftImg8bit images with gtFine labels.
+
+    Uses ``*_gtFine_labelTrainIds.png`` (made by cityscapesScripts) when every image has one, otherwise the
+    raw ``*_gtFine_labelIds.png`` mapped to train ids with a lookup table. The "test" split, whose labels are
+    not public, may have no gtFine folder; its masks read as all-ignore.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        transform: PairTransform | None = None,
+        seed: int = 0,
+    ):
+        root = Path(root)
+        image_dir = require_dir(root / "leftImg8bit" / split, CITYSCAPES_LAYOUT)
+        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+        if not images:
+            raise ValueError(f"no */*_leftImg8bit.png images in {image_dir}; expected {CITYSCAPES_LAYOUT}")
+        stems = [p.name[: -len("_leftImg8bit.png")] for p in images]
+        names = [f"{p.parent.name}/{s}" for p, s in zip(images, stems)]
+        label_dir = root / "gtFine" / split
+        lut = None
+        if not label_dir.is_dir() and split == "test":
+            labels = [None] * len(images)
+        else:
+            require_dir(label_dir, CITYSCAPES_LAYOUT)
+            train_ids = [label_dir / f"{n}_gtFine_labelTrainIds.png" for n in names]
+            label_ids = [label_dir / f"{n}_gtFine_labelIds.png" for n in names]
+            if all(p.is_file() for p in train_ids):
+                labels = train_ids
+            elif all(p.is_file() for p in label_ids):
+                labels, lut = label_ids, cityscapes_label_lut()
+            else:
+                missing = [p for p, q in zip(train_ids, label_ids) if not p.is_file() and not q.is_file()]
+                if not missing:
+                    missing = [p for p in train_ids if not p.is_file()]
+                    raise FileNotFoundError(
+                        f"{label_dir} has labelTrainIds for some images and only labelIds for others; "
+                        "run cityscapesScripts' createTrainIdLabelImgs for the whole split or remove the "
+                        f"partial labelTrainIds files (missing e.g. {missing[0]})"
+                    )
+                raise missing_files_error(
+                    "label files",
+                    missing,
+                    "each image needs <name>_gtFine_labelTrainIds.png or _labelIds.png",
+                )
+        super().__init__(
+            list(zip(images, labels)),
+            classes=CITYSCAPES_CLASSES,
+            palette=CITYSCAPES_PALETTE,
+            lut=lut,
+            transform=transform,
+            names=names,
+            seed=seed,
+        )
+        self.root = root
+        self.split = split

@@ -1,0 +1,85 @@
+"""A generic folder layout for your own data (the same one ``write_synthetic`` produces)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
+from .palettes import distinct_palette, read_palette_file
+
+FOLDER_LAYOUT = (
+    "ROOT/images/<split>/NAME.{jpg,jpeg,png}, ROOT/masks/<split>/NAME.png (same NAME; subfolders allowed), "
+    "ROOT/classes.txt (one class name per line) and optionally ROOT/palette.txt ('r g b' per line)"
+)
+
+
+def read_classes_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"class list {path} not found; expected {FOLDER_LAYOUT}")
+    classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not classes:
+        raise ValueError(f"class list {path} is empty; write one class name per line")
+    if len(classes) > 255:
+        raise ValueError(
+            f"{path} lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore"
+        )
+    return classes
+
+
+class FolderDataset(SegmentationDataset):
+    """Images paired with index masks by relative path without suffix; masks are mode "P" or "L" PNGs."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        transform: PairTransform | None = None,
+        seed: int = 0,
+    ):
+        root = Path(root)
+        classes = read_classes_file(root / "classes.txt")
+        image_dir = require_dir(root / "images" / split, FOLDER_LAYOUT)
+        mask_dir = require_dir(root / "masks" / split, FOLDER_LAYOUT)
+        images: dict[str, Path] = {}
+        for path in find_images(image_dir):
+            key = path.relative_to(image_dir).with_suffix("").as_posix()
+            if key in images:
+                raise ValueError(f"two images share the name {key!r}: {images[key]} and {path}")
+            images[key] = path
+        masks = {
+            p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in find_images(mask_dir, (".png",))
+        }
+        if not images and not masks:
+            raise ValueError(f"split {split!r} is empty: no images in {image_dir}; expected {FOLDER_LAYOUT}")
+        no_mask = sorted(images.keys() - masks.keys())
+        no_image = sorted(masks.keys() - images.keys())
+        if no_mask or no_image:
+            parts = []
+            if no_mask:
+                parts.append(
+                    f"{len(no_mask)} image(s) in {image_dir} without a mask: {_describe_names(no_mask)}"
+                )
+            if no_image:
+                parts.append(
+                    f"{len(no_image)} mask(s) in {mask_dir} without an image: {_describe_names(no_image)}"
+                )
+            raise ValueError("unpaired files; " + "; ".join(parts))
+        names = sorted(images)
+        palette_file = root / "palette.txt"
+        if palette_file.is_file():
+            palette = read_palette_file(palette_file)
+            if len(palette) < len(classes):
+                raise ValueError(f"{palette_file} has {len(palette)} colours for {len(classes)} classes")
+        else:
+            palette = distinct_palette(len(classes))
+        super().__init__(
+            [(images[n], masks[n]) for n in names],
+            classes=classes,
+            palette=palette,
+            transform=transform,
+            names=names,
+            seed=seed,
+        )
+        self.root = root
+        self.split = split

@@ -1,0 +1,507 @@
+"""Dilated ResNets that return the four stage feature maps (no pooling, no classifier).
+
+Key layouts (state-dict names are a contract: checkpoint converters map other formats onto them)
+- stem="standard" (torchvision): ``conv1`` 7x7 s2 3->64, ``bn1``, ReLU, ``maxpool``.
+  Keys ``conv1.weight``, ``bn1.*``. torchvision ImageNet files load directly; their ``fc.*`` is ignored.
+- stem="deep" (EMANet reference / PyTorch-Encoding): ``conv1`` is a Sequential of three 3x3 convs
+  (3->64 s2, 64->64, 64->128) with BN+ReLU between them, then ``bn1`` = BN(128), ReLU, ``maxpool``.
+  Keys ``conv1.{0,3,6}.weight``, ``conv1.{1,4}.*``, ``bn1.*``; layer1 takes 128 channels.
+- stem="v1c" (mmsegmentation ResNetV1c): ``stem`` is a Sequential of three conv-BN-ReLU (3->32 s2, 32->32,
+  32->64), then ``maxpool``. Keys ``stem.{0,3,6}.weight``, ``stem.{1,4,7}.*``; no ``conv1``/``bn1``.
+- Stages: ``layerL.i.conv{1,2,3}`` / ``bn{1,2,3}``; first block ``layerL.0.downsample.{0,1}`` (1x1 conv, BN).
+  The stride sits on the 3x3 conv (torchvision v1.5, the reference, mmsegmentation); no conv has a bias.
+
+Output stride (OS) by dilation instead of striding, per stage (layer1, layer2, layer3, layer4):
+- OS32: dilations (1, 1, 1, 1); OS16: layer4 stride 1, dilation 2; OS8: layer3 and layer4 stride 1,
+  dilations 2 and 4.
+- The first block of a dilated stage uses half the stage dilation (the previous stage's), as torchvision's
+  ``replace_stride_with_dilation`` and mmsegmentation do: OS8 gives layer3 (1, 2, 2, ...), layer4 (2, 4, 4).
+- ``layer4_dilations`` overrides layer4 block by block. The EMANet reference uses (2, 8, 16) at OS8 and
+  (1, 4, 8) at OS16: multi-grid (1, 2, 4) times the stage dilation, with the first grid value ignored.
+- Every 3x3 conv pads by its dilation, so sizes follow floor((n + 2p - k) / s) + 1 exactly as torchvision:
+  513 -> 257 (stem) -> 129 (maxpool, layer1) -> 65 (layer2) -> 33 or 65 (layer3) -> 17, 33 or 65 (layer4).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+NormLayer = Callable[[int], nn.Module]
+STEMS = ("standard", "deep", "v1c")
+# ImageNet classifier of torchvision-style files: meaningless for a dense backbone, reported as ignored.
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    # padding = dilation keeps the size at stride 1 for any dilation; no bias since a norm layer follows.
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34); both use ``dilation``."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        c_in: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(c_in, planes, stride, dilation)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 (stride, dilation) -> 1x1 expand by 4 (ResNet-50/101/152)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        c_in: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(c_in, planes)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)  # stride here: torchvision v1.5
+        self.bn2 = norm_layer(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def stage_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(strides, dilations) of layer1..layer4 for an output stride."""
+    if output_stride == 32:
+        return (1, 2, 2, 2), (1, 1, 1, 1)
+    if output_stride == 16:
+        return (1, 2, 2, 1), (1, 1, 1, 2)
+    if output_stride == 8:
+        return (1, 2, 1, 1), (1, 1, 2, 4)
+    raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+
+
+class ResNet(nn.Module):
+    """ResNet trunk; ``forward`` returns [layer1, layer2, layer3, layer4] at strides 4, 8, 16|8, 32|16|8."""
+
+    def __init__(
+        self,
+        block: Block,
+        layers: Sequence[int],
+        *,
+        stem: str = "standard",
+        output_stride: int = 32,
+        layer4_dilations: Sequence[int] | None = None,
+        norm_layer: NormLayer | None = None,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(map(repr, STEMS))}, got {stem!r}")
+        if len(layers) != 4:
+            raise ValueError(f"layers needs one block count per stage (4 values), got {tuple(layers)}")
+        strides, dilations = stage_dilations(output_stride)
+        norm = norm_layer or nn.BatchNorm2d
+        self.stem_type = stem
+        self.layers = tuple(layers)
+        self.output_stride = output_stride
+
+        # Stem: /2 by the first conv, /2 by the max-pool -> stride 4 before layer1.
+        if stem == "standard":
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm(64)
+            stem_out = 64
+        elif stem == "deep":
+            # The last conv has no norm inside the Sequential: its BN is `bn1`, so the keys line up with
+            # PyTorch-Encoding's files (conv1.0/1/3/4/6, bn1).
+            self.conv1 = nn.Sequential(
+                conv3x3(in_channels, 64, stride=2), norm(64), nn.ReLU(inplace=True),
+                conv3x3(64, 64), norm(64), nn.ReLU(inplace=True),
+                conv3x3(64, 128),
+            )  # fmt: skip
+            self.bn1 = norm(128)
+            stem_out = 128
+        else:  # v1c
+            self.stem = nn.Sequential(
+                conv3x3(in_channels, 32, stride=2), norm(32), nn.ReLU(inplace=True),
+                conv3x3(32, 32), norm(32), nn.ReLU(inplace=True),
+                conv3x3(32, 64), norm(64), nn.ReLU(inplace=True),
+            )  # fmt: skip
+            stem_out = 64
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+
+        # Per-block dilations: the first block of a dilated stage keeps the previous stage's dilation
+        # (half the stage's), so the receptive field grows smoothly across the stage boundary.
+        per_block: list[tuple[int, ...]] = []
+        for n, d, s in zip(layers, dilations, strides):
+            first = d // 2 if (d > 1 and s == 1) else d
+            per_block.append((first,) + (d,) * (n - 1))
+        if layer4_dilations is not None:
+            layer4_dilations = tuple(int(d) for d in layer4_dilations)
+            if len(layer4_dilations) != layers[3] or min(layer4_dilations) < 1:
+                raise ValueError(
+                    f"layer4_dilations needs one positive dilation per layer4 block ({layers[3]} blocks), "
+                    f"got {layer4_dilations}"
+                )
+            per_block[3] = layer4_dilations
+
+        c_in, widths = stem_out, (64, 128, 256, 512)
+        stages = []
+        for planes, stride, dils in zip(widths, strides, per_block):
+            stages.append(self._make_layer(block, c_in, planes, stride, dils, norm))
+            c_in = planes * block.expansion
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        # Nominal strides (exact for sizes divisible by 32; odd sizes round up at each /2).
+        feat_strides = [4]
+        for s in strides[1:]:
+            feat_strides.append(feat_strides[-1] * s)
+        self.feature_info = [
+            {"name": f"layer{i + 1}", "channels": w * block.expansion, "stride": st}
+            for i, (w, st) in enumerate(zip(widths, feat_strides))
+        ]
+        self.out_channels = widths[-1] * block.expansion
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # normal(0, sqrt(2 / (k*k*C_out))), the reference's init.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _make_layer(
+        block: Block, c_in: int, planes: int, stride: int, dilations: Sequence[int], norm: NormLayer
+    ) -> nn.Sequential:
+        c_out = planes * block.expansion
+        downsample = None
+        if stride != 1 or c_in != c_out:
+            # Projection shortcut; a plain 1x1 (no dilation) since it only matches stride and width.
+            downsample = nn.Sequential(conv1x1(c_in, c_out, stride), norm(c_out))
+        blocks = [block(c_in, planes, stride, dilations[0], downsample, norm)]
+        blocks += [block(c_out, planes, 1, d, None, norm) for d in dilations[1:]]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        # x: (B, C_in, H, W)
+        x = (
+            self.stem(x) if self.stem_type == "v1c" else self.relu(self.bn1(self.conv1(x)))
+        )  # (B, ., H/2, W/2)
+        x = self.maxpool(x)  # (B, 64|128, H/4, W/4)
+        c2 = self.layer1(x)  # (B, 64|256, H/4, W/4)
+        c3 = self.layer2(c2)  # (B, 128|512, H/8, W/8)
+        c4 = self.layer3(c3)  # (B, 256|1024, H/16 or H/8, ...)
+        c5 = self.layer4(c4)  # (B, 512|2048, H/output_stride, ...)
+        return [c2, c3, c4, c5]
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file: left as initialised
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model: not loaded
+    ignored: list[str] = field(default_factory=list)  # in the file, deliberately skipped (classifier)
+
+
+def _detect_stem(keys: Sequence[str]) -> tuple[str, str] | None:
+    for stem, key in (("deep", "conv1.0.weight"), ("v1c", "stem.0.weight"), ("standard", "conv1.weight")):
+        if key in keys:
+            return stem, key
+    return None
+
+
+def _blocks_per_stage(keys: Sequence[str]) -> tuple[int, ...]:
+    counts = []
+    for stage in range(1, 5):
+        idx = {
+            int(k.split(".")[1]) for k in keys if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()
+        }
+        counts.append(max(idx) + 1 if idx else 0)
+    return tuple(counts)
+
+
+def _hints(model: nn.Module, keys: Sequence[str], model_keys: Sequence[str]) -> list[str]:
+    """Guess why the file does not fit the model: wrong stem, depth or block type, a leftover key prefix."""
+    hints = []
+    found, model_stem = _detect_stem(keys), getattr(model, "stem_type", None)
+    if found is not None and model_stem is not None and found[0] != model_stem:
+        hints.append(
+            f"the file looks like a {found[0]!r} stem checkpoint ({found[1]}) but the model has "
+            f"stem={model_stem!r}: build it with stem={found[0]!r}"
+        )
+    file_layers, model_layers = _blocks_per_stage(keys), getattr(model, "layers", None)
+    if any(file_layers) and model_layers is not None and file_layers != model_layers:
+        hints.append(f"the file has {file_layers} blocks per stage, the model {model_layers}: wrong depth")
+    file_bottleneck = any(k.startswith("layer1.0.conv3.") for k in keys)
+    model_bottleneck = any(k.startswith("layer1.0.conv3.") for k in model_keys)
+    if any(file_layers) and file_bottleneck != model_bottleneck:
+        kinds = ("BasicBlock", "Bottleneck")
+        hints.append(
+            f"the file has {kinds[file_bottleneck]} blocks, the model {kinds[model_bottleneck]} "
+            "(resnet18/34 use BasicBlock, resnet50/101/152 Bottleneck)"
+        )
+    wrapped = [k[: k.index("layer1.0.")] for k in keys if "layer1.0." in k and not k.startswith("layer1.")]
+    if wrapped:
+        hints.append(f"keys start with {wrapped[0]!r}: pass prefix={wrapped[0]!r}")
+    return hints
+
+
+def _read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
+    if isinstance(source, Mapping):
+        return dict(source), "<state dict>"
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), str(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return dict(sd), str(path)
+
+
+def load_backbone_weights(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    strict: bool = True,
+    prefix: str | None = None,
+) -> LoadReport:
+    """Copy a backbone checkpoint (.pth/.pt/.safetensors or a dict) into ``model``, checking every key."""
+    sd, name = _read_state_dict(path_or_state_dict)
+    for wrapper in ("state_dict", "model"):  # training checkpoints: {'state_dict': ..., 'epoch': ...}
+        if isinstance(sd.get(wrapper), Mapping):
+            sd = dict(sd[wrapper])
+            break
+    if sd and all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    if prefix:
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise ValueError(f"{name}: no key starts with prefix={prefix!r}")
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{name} is not a state dict: {not_tensors[:5]} are not tensors "
+            "(convert other checkpoint formats to a plain state dict first)"
+        )
+
+    target = model.state_dict()
+    report = LoadReport()
+    report.ignored = [k for k in CLASSIFIER_KEYS if k in sd and k not in target]
+    report.unexpected = [k for k in sd if k not in target and k not in report.ignored]
+    # Old checkpoints predate BN's num_batches_tracked counter; it carries no learned information.
+    report.missing = [k for k in target if k not in sd and not k.endswith("num_batches_tracked")]
+    mismatched = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
+    if report.missing:
+        problems.append(f"{len(report.missing)} missing keys: {', '.join(report.missing)}")
+    if report.unexpected:
+        problems.append(f"{len(report.unexpected)} unexpected keys: {', '.join(report.unexpected)}")
+    if problems:
+        msg = "\n  ".join(
+            [f"backbone weights {name} do not fit the model:"]
+            + _hints(model, list(sd), list(target))
+            + problems
+        )
+        if mismatched or strict:
+            fix = "" if mismatched else "\n  (pass strict=False to load the matching keys anyway)"
+            raise ValueError(msg + fix)
+        warnings.warn(msg, stacklevel=2)
+
+    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    return report
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _build(
+    block: Block,
+    layers: Sequence[int],
+    *,
+    stem: str,
+    output_stride: int,
+    layer4_dilations: Sequence[int] | None,
+    norm_layer: NormLayer | None,
+    weights: str | os.PathLike | None,
+) -> ResNet:
+    model = ResNet(
+        block,
+        layers,
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+    )
+    if weights is not None:
+        load_backbone_weights(model, weights, strict=True)
+    return model
+
+
+def resnet18(
+    *,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ResNet:
+    return _build(
+        BasicBlock,
+        (2, 2, 2, 2),
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+        weights=weights,
+    )
+
+
+def resnet34(
+    *,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ResNet:
+    return _build(
+        BasicBlock,
+        (3, 4, 6, 3),
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+        weights=weights,
+    )
+
+
+def resnet50(
+    *,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ResNet:
+    return _build(
+        Bottleneck,
+        (3, 4, 6, 3),
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+        weights=weights,
+    )
+
+
+def resnet101(
+    *,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ResNet:
+    return _build(
+        Bottleneck,
+        (3, 4, 23, 3),
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+        weights=weights,
+    )
+
+
+def resnet152(
+    *,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
+) -> ResNet:
+    return _build(
+        Bottleneck,
+        (3, 8, 36, 3),
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+        weights=weights,
+    )
+
+
+BACKBONES: dict[str, Callable[..., ResNet]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+}

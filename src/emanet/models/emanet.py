@@ -1,0 +1,169 @@
+"""EMANet and its baselines: backbone -> head -> bilinear upsample to the input size; builders.
+
+Models return logits (B, classes, H, W). With an auxiliary head, a model in training mode returns
+``{"out": logits, "aux": aux_logits}`` (torchvision's convention); in eval mode always the logits tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from emanet.em import EMAUnit
+from emanet.models.backbone import BACKBONES
+from emanet.models.heads import FCNAuxHead, NonLocal2d, SegHead, upsample_like
+
+Arch = Literal["emanet", "fcn", "nonlocal"]
+ARCHS = ("emanet", "fcn", "nonlocal")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model. Saved with every checkpoint; defaults = the reference EMANet."""
+
+    arch: Arch = "emanet"  # "emanet", or the baselines "fcn" (no context module) / "nonlocal"
+    num_classes: int = 21  # PASCAL VOC
+    backbone: str = "resnet101"  # a key of BACKBONES
+    stem: str = "deep"  # "standard" (torchvision), "deep" (reference), "v1c" (mmsegmentation)
+    output_stride: int = 8  # 8, 16 or 32
+    multi_grid: bool = True  # layer4 dilations (d/2, 2d, 4d): the reference's (2, 8, 16) at OS8
+    pretrained_backbone: str | None = None  # local .pth/.safetensors ImageNet weights (strict load)
+    head_layout: str = "reference"  # "reference" or "mmseg" (concat of C5 before the classifier)
+    channels: int = 512  # width of the reduction conv and the context module: EMANet(512) / EMANet(256)
+    mid_channels: int = 256  # width after the context module
+    dropout: float = 0.1
+    aux: bool = False  # auxiliary FCN head on layer3 (mmsegmentation uses it with loss weight 0.4)
+    aux_channels: int = 256
+    align_corners: bool = True  # the reference upsamples with align_corners=True; mmsegmentation False
+    bn_momentum: float = 0.1  # PyTorch convention (weight of the new batch); the reference used 3e-4
+    # EM attention (ignored by the baselines)
+    num_bases: int = 64  # K in the paper
+    num_stages: int = 3  # T in training
+    eval_stages: int | None = None  # T at evaluation; None = num_stages
+    bases_update: str = "ema"  # "ema" (moving average), "none" (fixed), "learned" (back-prop)
+    momentum: float = 0.1  # weight of the new batch estimate in the bases' moving average
+    renormalize: bool = False  # L2-normalise the batch estimate before blending (mmsegmentation)
+    differentiable: bool = False  # gradients through the EM stages (the reference cuts them)
+    residual: str = "conv"  # "conv" (paper: conv + BN + ReLU) or "gamma" (Y = X + gamma * X_hat)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"model.output_stride must be 8, 16 or 32, got {self.output_stride}")
+        for name in ("num_classes", "channels", "mid_channels", "num_bases", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_layout not in ("reference", "mmseg"):
+            raise ValueError(f"model.head_layout must be 'reference' or 'mmseg', got {self.head_layout!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def layer4_dilations(output_stride: int) -> tuple[int, int, int]:
+    """The reference's multi-grid (1, 2, 4) times layer4's dilation, first grid ignored by its code."""
+    d = {8: 4, 16: 2, 32: 1}[output_stride]
+    return (max(1, d // 2), 2 * d, 4 * d)
+
+
+class SegmentationModel(nn.Module):
+    """backbone -> head on C5 (+ auxiliary head on C4) -> bilinear upsample to the input size."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None,
+                 *, align_corners: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.aux_head = aux_head
+        self.align_corners = align_corners
+
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        size = x.shape[-2:]
+        feats = self.backbone(x)  # [C2, C3, C4, C5]
+        out = upsample_like(self.head(feats[-1]), size, self.align_corners)
+        if self.aux_head is not None and self.training:
+            aux = upsample_like(self.aux_head(feats[-2]), size, self.align_corners)
+            return {"out": out, "aux": aux}
+        return out
+
+
+def build_model(cfg: ModelConfig) -> SegmentationModel:
+    norm_layer = functools.partial(nn.BatchNorm2d, momentum=cfg.bn_momentum)
+    backbone = BACKBONES[cfg.backbone](
+        stem=cfg.stem,
+        output_stride=cfg.output_stride,
+        layer4_dilations=layer4_dilations(cfg.output_stride) if cfg.multi_grid else None,
+        norm_layer=norm_layer,
+        weights=cfg.pretrained_backbone,
+    )
+    c4, c5 = (f["channels"] for f in backbone.feature_info[-2:])
+    if cfg.arch == "emanet":
+        context: nn.Module | None = EMAUnit(
+            cfg.channels,
+            cfg.num_bases,
+            cfg.num_stages,
+            eval_stages=cfg.eval_stages,
+            bases_update=cfg.bases_update,  # type: ignore[arg-type]
+            momentum=cfg.momentum,
+            renormalize=cfg.renormalize,
+            differentiable=cfg.differentiable,
+            residual=cfg.residual,  # type: ignore[arg-type]
+            norm_layer=norm_layer,
+        )
+    elif cfg.arch == "nonlocal":
+        context = NonLocal2d(cfg.channels, norm_layer=norm_layer)
+    else:
+        context = None
+    head = SegHead(
+        c5,
+        cfg.num_classes,
+        context=context,
+        channels=cfg.channels,
+        mid_channels=cfg.mid_channels,
+        layout=cfg.head_layout,  # type: ignore[arg-type]
+        dropout=cfg.dropout,
+        norm_layer=norm_layer,
+    )
+    aux = None
+    if cfg.aux:
+        aux = FCNAuxHead(c4, cfg.num_classes, channels=cfg.aux_channels, dropout=cfg.dropout, norm_layer=norm_layer)
+    return SegmentationModel(backbone, head, aux, align_corners=cfg.align_corners)
+
+
+def _builder(arch: str, backbone: str):
+    def build(**kwargs: Any) -> SegmentationModel:
+        return build_model(ModelConfig(arch=arch, backbone=backbone, **kwargs))  # type: ignore[arg-type]
+
+    build.__name__ = f"{arch}_{backbone}"
+    build.__doc__ = (
+        f"{arch} on a dilated {backbone}; keyword-only ModelConfig fields, e.g. "
+        f"{arch}_{backbone}(num_classes=21, output_stride=8)."
+    )
+    return build
+
+
+emanet_resnet50 = _builder("emanet", "resnet50")
+emanet_resnet101 = _builder("emanet", "resnet101")
+emanet_resnet152 = _builder("emanet", "resnet152")
+fcn_resnet50 = _builder("fcn", "resnet50")
+fcn_resnet101 = _builder("fcn", "resnet101")
+nonlocal_resnet50 = _builder("nonlocal", "resnet50")
+nonlocal_resnet101 = _builder("nonlocal", "resnet101")
+
+MODELS = {f.__name__: f for f in (emanet_resnet50, emanet_resnet101, emanet_resnet152, fcn_resnet50,
+                                  fcn_resnet101, nonlocal_resnet50, nonlocal_resnet101)}  # fmt: skip
