@@ -1,7 +1,7 @@
 """Tests for emanet.models.backbone: layouts, output strides, key names and weight loading.
 
 Big models are built on the meta device (shapes only, no memory, no compute); real compute uses resnet18
-on 65x65 inputs.
+on inputs of 33 or 65 pixels.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def meta_shapes(model: nn.Module, size: int) -> list[tuple[int, ...]]:
     return [tuple(f.shape) for f in model(torch.empty(1, 3, size, size, device="meta"))]
 
 
-def blank(builder=resnet18, **kwargs) -> ResNet:
-    """A CPU model with uninitialised weights: loading tests overwrite them, so skip the slow init."""
+def blank(**kwargs) -> ResNet:
+    """A CPU resnet18 with uninitialised weights: loading tests overwrite them, so skip the slow init."""
     with torch.device("meta"):
-        model = builder(**kwargs)
+        model = resnet18(**kwargs)
     return model.to_empty(device="cpu")
 
 
@@ -191,6 +191,13 @@ def test_state_dict_keys_per_stem():
         assert not any(k.endswith(".bias") and "conv" in k.split(".")[-2] for k in keys)  # no conv biases
 
 
+def test_in_channels():
+    with torch.device("meta"):
+        assert ResNet(Bottleneck, (1, 1, 1, 1), in_channels=1).conv1.weight.shape == (64, 1, 7, 7)
+        assert ResNet(Bottleneck, (1, 1, 1, 1), stem="deep", in_channels=4).conv1[0].weight.shape == (64, 4, 3, 3)
+        assert ResNet(BasicBlock, (1, 1, 1, 1), stem="v1c", in_channels=2).stem[0].weight.shape == (32, 2, 3, 3)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32, got 4"):
         resnet18(output_stride=4)
@@ -198,6 +205,8 @@ def test_bad_arguments():
         resnet18(stem="v1d")
     with pytest.raises(ValueError, match="layer4_dilations.*3 blocks"), torch.device("meta"):
         resnet50(layer4_dilations=(1, 2))
+    with pytest.raises(ValueError, match="4 values"):
+        ResNet(BasicBlock, (2, 2, 2))
 
 
 def test_norm_layer_is_used_everywhere():
@@ -278,9 +287,7 @@ def test_load_wrapped_ddp_checkpoint(r18_state):
     assert load_backbone_weights(model, wrapped).ignored == ["fc.weight", "fc.bias"]
     assert_loaded(model, r18_state)
     model = blank()
-    load_backbone_weights(
-        model, {"model": {f"backbone.{k}": v for k, v in r18_state.items()}}, prefix="backbone."
-    )
+    load_backbone_weights(model, {"model": {f"backbone.{k}": v for k, v in r18_state.items()}}, prefix="backbone.")
     assert_loaded(model, r18_state)
 
 
@@ -307,9 +314,7 @@ def test_shape_mismatch_is_always_an_error(r18_state):
     sd = dict(r18_state)
     sd["layer3.1.conv2.weight"] = torch.zeros(256, 256, 1, 1)
     for strict in (True, False):
-        with pytest.raises(
-            ValueError, match=r"layer3\.1\.conv2\.weight.*\(256, 256, 1, 1\).*\(256, 256, 3, 3\)"
-        ):
+        with pytest.raises(ValueError, match=r"layer3\.1\.conv2\.weight.*\(256, 256, 1, 1\).*\(256, 256, 3, 3\)"):
             load_backbone_weights(blank(), sd, strict=strict)
 
 

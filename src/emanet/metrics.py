@@ -28,8 +28,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255) ->
         if bad.any():
             values = torch.unique(t[bad]).tolist()
             raise ValueError(
-                f"label values {values} are outside 0..{num_classes - 1} "
-                f"and not the ignore index {ignore_index}"
+                f"label values {values} are outside 0..{num_classes - 1} and not the ignore index {ignore_index}"
             )
         if p.min() < 0 or p.max() >= num_classes:
             raise ValueError(f"predictions must lie in 0..{num_classes - 1}, got {p.min()}..{p.max()}")

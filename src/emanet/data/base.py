@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .palettes import Palette
+from .transforms import ToTensorNormalize
 
 # A paired transform: (PIL image, uint8 label, rng) -> anything; the training ones end in tensors.
 PairTransform = Callable[[Image.Image, np.ndarray, np.random.Generator], tuple]
@@ -67,9 +68,7 @@ def read_label(path: str | Path) -> np.ndarray:
             "with the dataset palette first.",
         )
     if mode.startswith("I") or mode == "F":
-        raise DataError(
-            path, f"label is a 16/32-bit image (mode {mode!r}); {expected} (0..254, 255 = ignore)"
-        )
+        raise DataError(path, f"label is a 16/32-bit image (mode {mode!r}); {expected} (0..254, 255 = ignore)")
     raise DataError(path, f"label has unsupported mode {mode!r}; {expected}")
 
 
@@ -167,8 +166,6 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int):
         image, label = self.read(index)
         if self.transform is None:
-            from .transforms import ToTensorNormalize
-
             return ToTensorNormalize()(image, label, self.rng)
         return self.transform(image, label, self.rng)
 

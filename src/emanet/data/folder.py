@@ -20,9 +20,7 @@ def read_classes_file(path: Path) -> list[str]:
     if not classes:
         raise ValueError(f"class list {path} is empty; write one class name per line")
     if len(classes) > 255:
-        raise ValueError(
-            f"{path} lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore"
-        )
+        raise ValueError(f"{path} lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore")
     return classes
 
 
@@ -47,9 +45,7 @@ class FolderDataset(SegmentationDataset):
             if key in images:
                 raise ValueError(f"two images share the name {key!r}: {images[key]} and {path}")
             images[key] = path
-        masks = {
-            p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in find_images(mask_dir, (".png",))
-        }
+        masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in find_images(mask_dir, (".png",))}
         if not images and not masks:
             raise ValueError(f"split {split!r} is empty: no images in {image_dir}; expected {FOLDER_LAYOUT}")
         no_mask = sorted(images.keys() - masks.keys())
@@ -57,13 +53,9 @@ class FolderDataset(SegmentationDataset):
         if no_mask or no_image:
             parts = []
             if no_mask:
-                parts.append(
-                    f"{len(no_mask)} image(s) in {image_dir} without a mask: {_describe_names(no_mask)}"
-                )
+                parts.append(f"{len(no_mask)} image(s) in {image_dir} without a mask: {_describe_names(no_mask)}")
             if no_image:
-                parts.append(
-                    f"{len(no_image)} mask(s) in {mask_dir} without an image: {_describe_names(no_image)}"
-                )
+                parts.append(f"{len(no_image)} mask(s) in {mask_dir} without an image: {_describe_names(no_image)}")
             raise ValueError("unpaired files; " + "; ".join(parts))
         names = sorted(images)
         palette_file = root / "palette.txt"

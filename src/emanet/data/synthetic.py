@@ -55,9 +55,7 @@ class SceneConfig:
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + objects), got {self.num_classes}")
         if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError(
-                f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
-            )
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if not 1 <= self.min_size <= self.max_size:
             raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         cells = self.grid**2

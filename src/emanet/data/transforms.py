@@ -230,11 +230,7 @@ def train_transform(
     if flip:
         steps.append(RandomHorizontalFlip())
     if jitter:
-        kwargs = (
-            jitter
-            if isinstance(jitter, dict)
-            else dict.fromkeys(("brightness", "contrast", "saturation"), jitter)
-        )
+        kwargs = jitter if isinstance(jitter, dict) else dict.fromkeys(("brightness", "contrast", "saturation"), jitter)
         steps.append(ColorJitter(**kwargs))
     steps.append(ToTensorNormalize(mean, std))
     return Compose(steps)

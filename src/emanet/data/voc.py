@@ -56,8 +56,7 @@ class VOCDataset(SegmentationDataset):
             if not list_file.is_file():
                 available = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
                 raise FileNotFoundError(
-                    f"split list {list_file} not found (available: {available or 'none'}); "
-                    f"expected {VOC_LAYOUT}"
+                    f"split list {list_file} not found (available: {available or 'none'}); expected {VOC_LAYOUT}"
                 )
         label_dir = base / ("SegmentationClassAug" if aug else "SegmentationClass")
         if not label_dir.is_dir():

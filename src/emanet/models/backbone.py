@@ -185,9 +185,8 @@ class ResNet(nn.Module):
         # Per-block dilations: the first block of a dilated stage keeps the previous stage's dilation
         # (half the stage's), so the receptive field grows smoothly across the stage boundary.
         per_block: list[tuple[int, ...]] = []
-        for n, d, s in zip(layers, dilations, strides):
-            first = d // 2 if (d > 1 and s == 1) else d
-            per_block.append((first,) + (d,) * (n - 1))
+        for n, d in zip(layers, dilations):
+            per_block.append((max(d // 2, 1),) + (d,) * (n - 1))
         if layer4_dilations is not None:
             layer4_dilations = tuple(int(d) for d in layer4_dilations)
             if len(layer4_dilations) != layers[3] or min(layer4_dilations) < 1:
@@ -214,9 +213,10 @@ class ResNet(nn.Module):
         ]
         self.out_channels = widths[-1] * block.expansion
 
+        # Convs: normal(0, sqrt(2 / (k*k*C_out))), the reference's init. Skipped on the meta device (shape
+        # and FLOP counting): meta tensors hold no values, and normal_ there imports the compiler (seconds).
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # normal(0, sqrt(2 / (k*k*C_out))), the reference's init.
+            if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
@@ -237,9 +237,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         # x: (B, C_in, H, W)
-        x = (
-            self.stem(x) if self.stem_type == "v1c" else self.relu(self.bn1(self.conv1(x)))
-        )  # (B, ., H/2, W/2)
+        x = self.stem(x) if self.stem_type == "v1c" else self.relu(self.bn1(self.conv1(x)))  # (B, ., H/2, W/2)
         x = self.maxpool(x)  # (B, 64|128, H/4, W/4)
         c2 = self.layer1(x)  # (B, 64|256, H/4, W/4)
         c3 = self.layer2(c2)  # (B, 128|512, H/8, W/8)
@@ -268,9 +266,7 @@ def _detect_stem(keys: Sequence[str]) -> tuple[str, str] | None:
 def _blocks_per_stage(keys: Sequence[str]) -> tuple[int, ...]:
     counts = []
     for stage in range(1, 5):
-        idx = {
-            int(k.split(".")[1]) for k in keys if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()
-        }
+        idx = {int(k.split(".")[1]) for k in keys if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()}
         counts.append(max(idx) + 1 if idx else 0)
     return tuple(counts)
 
@@ -364,9 +360,7 @@ def load_backbone_weights(
         problems.append(f"{len(report.unexpected)} unexpected keys: {', '.join(report.unexpected)}")
     if problems:
         msg = "\n  ".join(
-            [f"backbone weights {name} do not fit the model:"]
-            + _hints(model, list(sd), list(target))
-            + problems
+            [f"backbone weights {name} do not fit the model:"] + _hints(model, list(sd), list(target)) + problems
         )
         if mismatched or strict:
             fix = "" if mismatched else "\n  (pass strict=False to load the matching keys anyway)"

@@ -75,10 +75,15 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def layer4_dilations(output_stride: int) -> tuple[int, int, int]:
-    """The reference's multi-grid (1, 2, 4) times layer4's dilation, first grid ignored by its code."""
+LAYER4_BLOCKS = {"resnet18": 2}  # every other ResNet has 3 blocks in layer4
+
+
+def layer4_dilations(output_stride: int, blocks: int = 3) -> tuple[int, ...]:
+    """The reference's multi-grid (1, 2, 4) times layer4's dilation d, with the first grid ignored by its
+    code (that block keeps d/2 like any first block of a dilated stage): (2, 8, 16) at OS8, (1, 4, 8) at OS16.
+    ResNet-18's two-block layer4 takes the first two."""
     d = {8: 4, 16: 2, 32: 1}[output_stride]
-    return (max(1, d // 2), 2 * d, 4 * d)
+    return (max(1, d // 2), 2 * d, 4 * d)[:blocks]
 
 
 class SegmentationModel(nn.Module):
@@ -107,7 +112,9 @@ def build_model(cfg: ModelConfig) -> SegmentationModel:
     backbone = BACKBONES[cfg.backbone](
         stem=cfg.stem,
         output_stride=cfg.output_stride,
-        layer4_dilations=layer4_dilations(cfg.output_stride) if cfg.multi_grid else None,
+        layer4_dilations=(
+            layer4_dilations(cfg.output_stride, LAYER4_BLOCKS.get(cfg.backbone, 3)) if cfg.multi_grid else None
+        ),
         norm_layer=norm_layer,
         weights=cfg.pretrained_backbone,
     )

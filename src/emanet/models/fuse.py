@@ -1,0 +1,125 @@
+"""Inference-time surgery: fold BatchNorm into the preceding conv; ``prepare_for_inference`` in one call.
+
+In eval mode a BatchNorm is a per-channel affine map, ``y = (x - mean) * s + beta`` with
+``s = gamma / sqrt(var + eps)``, so after ``x = W * in + b`` it can be absorbed into the conv:
+
+    W' = W * s   (per output channel)        b' = beta + (b - mean) * s
+
+Pairs are found structurally, never by tracing, so the code must match how the modules call them:
+- consecutive ``(Conv2d, BatchNorm2d)`` children of an ``nn.Sequential`` (ConvBNReLU, the deep/v1c stems,
+  ResNet ``downsample``);
+- attribute pairs of one module listed in ``ATTR_PAIRS`` (ResNet blocks and stem ``conv1``/``bn1``...,
+  EMAUnit ``conv_out``/``bn_out``, NonLocal2d ``out``/``bn``), where the conv may also be an ``nn.Sequential``
+  ending in a Conv2d (the deep stem: ``bn1`` follows ``conv1[-1]``).
+Assumption: the conv's output feeds ONLY its BN (true for every module in this package). A conv whose raw
+output is also used elsewhere must not be folded; register such modules nowhere here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# (conv attribute, BN attribute) pairs where forward() computes bn(conv(x)) and nothing else reads conv(x).
+ATTR_PAIRS = (
+    ("conv1", "bn1"),  # ResNet blocks; standard stem; deep stem (conv1 is a Sequential)
+    ("conv2", "bn2"),
+    ("conv3", "bn3"),
+    ("conv_out", "bn_out"),  # EMAUnit, residual="conv"
+    ("out", "bn"),  # NonLocal2d
+)
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBatchNorm in eval mode is a plain BatchNorm
+
+
+def _last_conv(module: nn.Module | None) -> nn.Conv2d | None:
+    """The conv whose output a following BN sees: the module itself, or the last child of a Sequential."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    return module if isinstance(module, nn.Conv2d) else None
+
+
+def _foldable(conv: nn.Conv2d | None, bn: nn.Module | None, shared: set[int]) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and isinstance(bn, _BN_TYPES)
+        # a training-mode BN, or one without running stats, normalises with batch statistics: not affine
+        and not bn.training
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+        and id(conv) not in shared  # a conv reused elsewhere would have its other uses rescaled too
+    )
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Absorb ``bn`` (eval mode) into ``conv`` in place; ``bn`` itself is left untouched."""
+    # float64 for the scale: var + eps can be tiny, and the product must match BN's own float32 maths
+    w = conv.weight.double()  # (C_out, C_in / groups, kh, kw)
+    mean, var = bn.running_mean.double(), bn.running_var.double()  # (C_out,)
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)  # (C_out,)
+    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+    conv.weight.copy_(w * scale.view(-1, 1, 1, 1))
+    if conv.bias is None:
+        # BN-followed convs are built with bias=False; the fold needs one
+        conv.bias = nn.Parameter(
+            torch.empty_like(mean, dtype=conv.weight.dtype), requires_grad=conv.weight.requires_grad
+        )
+    conv.bias.copy_(beta + (b - mean) * scale)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into it; the BN becomes nn.Identity.
+
+    In place; returns how many were folded (0 on a second call). Raises ValueError in training mode, where
+    BN uses batch statistics and updates its running ones.
+    """
+    if model.training:
+        raise ValueError(
+            "fold_batchnorm needs a model in eval mode (call model.eval() first): in training mode "
+            "BatchNorm normalises with batch statistics, which cannot be folded"
+        )
+    # Convs that appear at more than one place in the module tree (shared weights) are left alone.
+    seen: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    shared = {k for k, n in seen.items() if n > 1}
+
+    folded = 0
+    for module in list(model.modules()):
+        # 1) Sequential: conv, bn, ... -> conv', Identity, ... (children keep their names, so the
+        #    state-dict keys of everything else do not move)
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for prev, name in zip(names, names[1:]):
+                conv, bn = module._modules[prev], module._modules[name]
+                if _foldable(conv, bn, shared):
+                    fold_conv_bn(conv, bn)
+                    setattr(module, name, nn.Identity())
+                    folded += 1
+        # 2) attribute pairs: forward() calls self.bn(self.conv(x))
+        for conv_name, bn_name in ATTR_PAIRS:
+            bn = getattr(module, bn_name, None)
+            conv = _last_conv(getattr(module, conv_name, None))
+            if _foldable(conv, bn, shared):
+                fold_conv_bn(conv, bn)
+                setattr(module, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
+    """eval() -> fold BatchNorm -> channels_last memory format -> no gradients. In place; returns ``model``.
+
+    channels_last (NHWC) lets cuDNN pick its faster convolution kernels, especially under autocast on
+    tensor-core GPUs; the inputs should be converted too (``x.to(memory_format=torch.channels_last)``).
+    """
+    model.eval()
+    if fold_bn:
+        fold_batchnorm(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.requires_grad_(False)
+    return model

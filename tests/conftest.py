@@ -1,0 +1,118 @@
+"""Fixtures that write tiny datasets (17x23 images) in the real folder layouts into tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emanet.data.palettes import VOC_PALETTE, index_image
+
+H, W = 17, 23
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(H, W)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def write_index_png(path: Path, label: np.ndarray, palette=VOC_PALETTE) -> None:
+    """A mode "P" PNG: pixel values are the indices, the palette only colours them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index_image(label, palette).save(path)
+
+
+def write_gray_png(path: Path, label: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(label.astype(np.uint8)).save(path)
+
+
+def random_label(rng: np.random.Generator, num_classes: int, size=(H, W), void: int | None = 255) -> np.ndarray:
+    label = rng.integers(0, num_classes, size, dtype=np.uint8)
+    if void is not None:
+        label[0, :] = void  # a void border, as VOC has around objects
+    return label
+
+
+@pytest.fixture
+def make_voc(tmp_path):
+    """make_voc(aug=False, splits=...) -> (root holding VOCdevkit, {id: label})."""
+
+    def make(*, splits=None, aug=False, aug_list="train_aug.txt"):
+        splits = splits or {"train": ["2007_000032", "2007_000033"], "val": ["2008_000001"]}
+        rng = np.random.default_rng(0)
+        base = tmp_path / "VOCdevkit" / "VOC2012"
+        labels = {}
+        lists = base / "ImageSets" / "Segmentation"
+        lists.mkdir(parents=True)
+        for split, ids in splits.items():
+            name = aug_list if split == "train_aug" else f"{split}.txt"
+            (lists / name).write_text("".join(f"{i}\n" for i in ids))
+            for i in ids:
+                write_image(base / "JPEGImages" / f"{i}.jpg", rng)
+                labels[i] = random_label(rng, 21)
+                folder = "SegmentationClassAug" if aug else "SegmentationClass"
+                write_index_png(base / folder / f"{i}.png", labels[i])
+        return tmp_path, labels
+
+    return make
+
+
+@pytest.fixture
+def make_cityscapes(tmp_path):
+    """make_cityscapes(kind="labelTrainIds"|"labelIds", labels=None) -> (root, {name: raw label})."""
+
+    def make(*, split="train", kind="labelTrainIds", labels=None):
+        rng = np.random.default_rng(1)
+        names = ["aachen/aachen_000000_000019", "aachen/aachen_000001_000019", "bremen/bremen_000000_000019"]
+        raw = {}
+        for k, name in enumerate(names):
+            write_image(tmp_path / "leftImg8bit" / split / f"{name}_leftImg8bit.png", rng)
+            if kind is None:
+                continue
+            label = labels[k] if labels is not None else random_label(rng, 19)
+            raw[name] = label
+            write_gray_png(tmp_path / "gtFine" / split / f"{name}_gtFine_{kind}.png", label)
+        return tmp_path, raw
+
+    return make
+
+
+@pytest.fixture
+def make_ade(tmp_path):
+    """make_ade(labels) -> (tmp_path holding ADEChallengeData2016, {stem: raw label})."""
+
+    def make(*, split="training", labels=None):
+        rng = np.random.default_rng(2)
+        base = tmp_path / "ADEChallengeData2016"
+        raw = {}
+        stems = ["ADE_train_00000001", "ADE_train_00000002"]
+        for k, stem in enumerate(stems):
+            write_image(base / "images" / split / f"{stem}.jpg", rng)
+            raw[stem] = labels[k] if labels is not None else rng.integers(0, 151, (H, W), dtype=np.uint8)
+            write_gray_png(base / "annotations" / split / f"{stem}.png", raw[stem])
+        return tmp_path, raw
+
+    return make
+
+
+@pytest.fixture
+def make_folder(tmp_path):
+    """make_folder(names, classes, palette) -> (root, {name: label}); images alternate .jpg/.png."""
+
+    def make(*, split="train", names=("a", "b", "sub/c"), classes=("sky", "road", "car"), palette=None):
+        rng = np.random.default_rng(3)
+        (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+        if palette is not None:
+            (tmp_path / "palette.txt").write_text("".join(f"{r} {g} {b}\n" for r, g, b in palette))
+        labels = {}
+        for k, name in enumerate(names):
+            suffix = ".jpg" if k % 2 == 0 else ".png"
+            write_image(tmp_path / "images" / split / f"{name}{suffix}", rng)
+            labels[name] = random_label(rng, len(classes))
+            write_index_png(tmp_path / "masks" / split / f"{name}.png", labels[name])
+        return tmp_path, labels
+
+    return make

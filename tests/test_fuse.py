@@ -1,0 +1,151 @@
+"""BatchNorm folding: same outputs, no BatchNorm left, on every backbone stem and head in the package."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.fuse import fold_batchnorm, prepare_for_inference
+
+TINY = dict(num_classes=3, channels=16, mid_channels=8, num_bases=4, output_stride=8, multi_grid=False)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> int:
+    """Random running stats and affine params, so folding is far from the identity. Returns the BN count."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                n += 1
+    return n
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    outs = [model(x)]
+    if getattr(model, "aux_head", None) is not None:  # eval mode skips the aux head: call it directly
+        outs.append(model.aux_head(model.backbone(x)[-2]))
+    return outs
+
+
+def check_fold(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.eval()
+    n_bn = randomize_bn(model)
+    with torch.no_grad():
+        before = outputs(model, x)
+        assert fold_batchnorm(model) == n_bn
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        after = outputs(model, x)
+    for a, b in zip(before, after):
+        rel = (a - b).abs().max() / a.abs().max()
+        assert rel < 1e-4, f"folded output differs by {rel:.2e} relative"
+    return model
+
+
+def images(h=33, w=41):
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("stem", ["standard", "deep", "v1c"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_fold_emanet_every_backbone_and_stem(backbone, stem):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="emanet", backbone=backbone, stem=stem, **TINY))
+    check_fold(model, images())
+    unit = model.head.context
+    assert isinstance(unit.bn_out, nn.Identity) and unit.conv_out.bias is not None
+    if stem == "deep":  # bn1 folded into the last conv of the conv1 Sequential
+        assert isinstance(model.backbone.bn1, nn.Identity) and model.backbone.conv1[-1].bias is not None
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(arch="nonlocal", backbone="resnet18"),
+        dict(arch="emanet", backbone="resnet18", head_layout="mmseg", aux=True),
+        dict(arch="fcn", backbone="resnet18", stem="deep", aux=True),
+    ],
+    ids=["nonlocal", "mmseg-aux", "fcn-aux"],
+)
+def test_fold_heads(cfg):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**cfg, **TINY))
+    check_fold(model, images())
+    if cfg["arch"] == "nonlocal":
+        assert isinstance(model.head.context.bn, nn.Identity)
+
+
+def test_fold_matches_in_float64_tightly():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", stem="deep", **TINY)).double().eval()
+    randomize_bn(model)
+    x = images(17, 19).double()
+    with torch.no_grad():
+        before = model(x)
+        fold_batchnorm(model)
+        torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
+def test_training_mode_is_refused_and_second_call_is_a_no_op():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", **TINY))
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model)
+    model.eval()
+    assert fold_batchnorm(model) > 0
+    assert fold_batchnorm(model) == 0
+
+
+def test_only_conv_then_bn_is_folded():
+    torch.manual_seed(0)
+    shared = nn.Conv2d(4, 4, 1)
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 4, 3, padding=1),
+            relu=nn.ReLU(),
+            bn=nn.BatchNorm2d(4),  # after a ReLU: not affine in the conv's output
+            c2=nn.Conv2d(4, 4, 1, bias=False),
+            bn2=nn.BatchNorm2d(4),  # folded
+            c3=shared,
+            bn3=nn.BatchNorm2d(4),  # the conv is used again below: folding would rescale both uses
+            c4=shared,
+            bn4=nn.BatchNorm2d(4, track_running_stats=False),  # batch statistics even in eval
+        )
+    ).eval()
+    randomize_bn(model)
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batchnorm(model) == 1
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.bn2, nn.Identity) and model.c2.bias is not None
+    assert [type(m) for m in (model.bn, model.bn3, model.bn4)] == [nn.BatchNorm2d] * 3
+
+
+def test_prepare_for_inference():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", stem="v1c", **TINY))
+    model.eval()
+    randomize_bn(model)
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    assert prepare_for_inference(model) is model
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        after = model(x.to(memory_format=torch.channels_last))
+    assert (after - before).abs().max() / before.abs().max() < 1e-4

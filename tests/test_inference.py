@@ -1,0 +1,178 @@
+"""Inference: whole, sliding window, multi-scale + flip, against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emanet.inference import InferenceConfig, infer, infer_slide, infer_whole, window_starts
+from emanet.models.emanet import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", stem="standard", num_classes=3, channels=16, mid_channels=8,
+                      num_bases=4, output_stride=8, multi_grid=False, align_corners=False)  # fmt: skip
+    return build_model(cfg).eval()
+
+
+def images(b=2, h=37, w=45, seed=0):
+    return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def pixelwise(seed=0):
+    """Per-pixel model (1x1 convs): translation-equivariant, flip-equivariant, blind to padding elsewhere."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+class Ones(nn.Module):
+    """Logits of 1 everywhere, and records every input size: sum / count must give exactly 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return x.new_ones(x.shape[0], 2, *x.shape[-2:])
+
+
+def test_one_scale_no_flip_is_softmax_of_forward_exactly(tiny):
+    x = images()
+    want = torch.softmax(tiny(x), dim=1)
+    got = infer(tiny, x)
+    assert got.shape == (2, 3, 37, 45)
+    assert torch.equal(got, want)
+    assert torch.equal(infer_whole(tiny, x), tiny(x))
+    assert not tiny.training  # infer never touches the mode
+
+
+def test_infer_keeps_training_mode():
+    model = pixelwise().train()
+    infer(model, images(), scales=(0.5, 1.0), flip=True)
+    assert model.training
+
+
+def test_single_window_of_image_size_equals_whole(tiny):
+    # B=1: CPU convs round differently for different batch sizes (~1e-6 relative), which is not under test
+    x = images(1)
+    got = infer_slide(tiny, x, crop_size=(37, 45), stride=(20, 30), num_classes=3)
+    torch.testing.assert_close(got, tiny(x), atol=1e-6, rtol=1e-6)
+
+
+def test_crop_larger_than_image_pads_and_crops_back():
+    model, x = pixelwise(), images()
+    got = infer_slide(model, x, crop_size=(48, 64), stride=(48, 64))
+    assert got.shape == (2, 4, 37, 45)
+    torch.testing.assert_close(got, model(x), atol=1e-6, rtol=1e-6)
+    ones = Ones()
+    infer_slide(ones, x, crop_size=(40, 32), stride=(8, 8))  # padded in H only, slides in W
+    assert set(ones.sizes) == {(40, 32)}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_overlapping_windows_on_pixelwise_model_equal_whole(batch_size):
+    model, x = pixelwise(), images()
+    got = infer_slide(model, x, crop_size=(16, 20), stride=(10, 12), batch_size=batch_size)
+    torch.testing.assert_close(got, model(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "size,crop,stride",
+    [((37, 45), (16, 20), (10, 12)), ((37, 45), (16, 16), (16, 16)), ((33, 65), (33, 17), (5, 9))],
+)
+def test_every_pixel_covered_and_windows_inside(size, crop, stride):
+    ones = Ones()
+    out = infer_slide(ones, images(1, *size), crop_size=crop, stride=stride)
+    assert torch.equal(out, torch.ones(1, 2, *size))  # a pixel with count 0 would be nan
+    assert set(ones.sizes) == {crop}  # every window full size: none crosses the border
+    n_windows = len(window_starts(size[0], crop[0], stride[0])) * len(window_starts(size[1], crop[1], stride[1]))
+    assert len(ones.sizes) == -(-n_windows // 4)  # one forward per chunk of batch_size=4 windows
+
+
+def test_window_starts():
+    assert window_starts(10, 4, 3) == [0, 3, 6]  # last snapped to 10 - 4
+    assert window_starts(10, 4, 2) == [0, 2, 4, 6]  # 6 reached by the stride: no duplicate
+    assert window_starts(4, 4, 2) == [0]
+    assert window_starts(3, 4, 2) == [0]
+    for length in range(5, 40):
+        starts = window_starts(length, 5, 3)
+        assert starts[-1] == length - 5 and all(b - a <= 3 for a, b in zip(starts, starts[1:]))
+
+
+def test_flip_on_flip_equivariant_model_changes_nothing():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)  # mirror-symmetric kernels
+    x = images()
+    torch.testing.assert_close(infer(conv, x, flip=True), infer(conv, x), atol=1e-6, rtol=1e-6)
+
+
+def test_flip_is_undone_before_averaging():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)  # not mirror-symmetric: both passes differ
+    x = images()
+    want = (torch.softmax(conv(x), 1) + torch.softmax(conv(x.flip(-1)).flip(-1), 1)) / 2
+    torch.testing.assert_close(infer(conv, x, flip=True), want)
+
+
+def test_multi_scale_flip_matches_manual(tiny):
+    x = images(h=33, w=41)
+    probs = []
+    for s in (0.75, 1.5):
+        size = (int(33 * s + 0.5), int(41 * s + 0.5))
+        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        for flip in (False, True):
+            logits = tiny(xs.flip(-1)).flip(-1) if flip else tiny(xs)
+            logits = F.interpolate(logits, size=(33, 41), mode="bilinear", align_corners=False)
+            probs.append(torch.softmax(logits, dim=1))
+    want = torch.stack(probs).mean(0)
+    got = infer(tiny, x, scales=(0.75, 1.5), flip=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(1), torch.ones(2, 33, 41))
+
+
+def test_slide_mode_with_scales(tiny):
+    x = images(h=33, w=41)
+    got = infer(tiny, x, mode="slide", scales=(0.75, 1.25), crop_size=(24, 24), stride=(16, 16), num_classes=3)
+    assert got.shape == (2, 3, 33, 41) and torch.isfinite(got).all()
+    torch.testing.assert_close(got.sum(1), torch.ones(2, 33, 41))
+
+
+def test_errors(tiny):
+    x = images(1, 17, 19)
+    with pytest.raises(ValueError, match="crop_size and stride"):
+        infer(tiny, x, mode="slide", stride=(8, 8))
+    with pytest.raises(ValueError, match="crop_size and stride"):
+        infer(tiny, x, mode="slide", crop_size=(8, 8))
+    for scales in [(0.0,), (1.0, -0.5), ()]:
+        with pytest.raises(ValueError, match="scales"):
+            infer(tiny, x, scales=scales)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        infer(tiny, x, mode="tiles")
+    with pytest.raises(ValueError, match="must not exceed crop_size"):
+        infer_slide(tiny, x, crop_size=(8, 8), stride=(9, 4))
+    with pytest.raises(ValueError, match="crop_size must be"):
+        infer_slide(tiny, x, crop_size=(8, 0), stride=(4, 4))
+    with pytest.raises(ValueError, match="num_classes=5"):
+        infer_slide(tiny, x, crop_size=8, stride=4, num_classes=5)
+
+
+def test_config_from_dict_and_into_infer(tiny):
+    cfg = InferenceConfig.from_dict({"mode": "slide", "scales": [1.0], "crop_size": 24, "stride": [16, 12]})
+    assert cfg.scales == (1.0,) and cfg.crop_size == (24, 24) and cfg.stride == (16, 12)
+    x = images(1, 33, 41)
+    want = torch.softmax(infer_slide(tiny, x, crop_size=24, stride=(16, 12)), dim=1)
+    torch.testing.assert_close(infer(tiny, x, **cfg.to_dict()), want)
+    assert InferenceConfig() == InferenceConfig.from_dict({})
+    with pytest.raises(ValueError, match="unknown inference config keys"):
+        InferenceConfig.from_dict({"scale": [1.0]})
+    with pytest.raises(ValueError, match="crop_size and stride"):
+        InferenceConfig(mode="slide")
+    with pytest.raises(ValueError, match="scales"):
+        InferenceConfig(scales=(0.5, 0))
