@@ -357,3 +357,13 @@ def test_missing_file_and_bad_prefix(tmp_path, r18_state):
     prefixed = {f"backbone.{k}": v for k, v in r18_state.items()}
     with pytest.raises(ValueError, match="pass prefix='backbone.'"):
         load_backbone_weights(blank(), prefixed)
+
+
+@pytest.mark.parametrize("stem", ["standard", "deep", "v1c"])
+def test_width_scales_every_stage(stem):
+    model = resnet50(stem=stem, output_stride=8, width=16)
+    assert [f["channels"] for f in model.feature_info] == [64, 128, 256, 512]
+    feats = model(torch.randn(1, 3, 33, 33))
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512]
+    with pytest.raises(ValueError, match="width"):
+        resnet18(width=0)

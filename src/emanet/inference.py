@@ -106,9 +106,7 @@ def infer_slide(
     return (out / count)[:, :, :h, :w]  # (B, C, H, W): crop the padding away
 
 
-def check_inference_args(
-    mode: str, scales: Sequence[float], crop_size: Any, stride: Any
-) -> None:  # fmt: skip
+def check_inference_args(mode: str, scales: Sequence[float], crop_size: Any, stride: Any) -> None:
     if mode not in MODES:
         raise ValueError(f"inference mode must be one of {MODES}, got {mode!r}")
     if len(scales) == 0 or any(not s > 0 for s in scales):

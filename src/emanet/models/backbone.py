@@ -145,8 +145,12 @@ class ResNet(nn.Module):
         layer4_dilations: Sequence[int] | None = None,
         norm_layer: NormLayer | None = None,
         in_channels: int = 3,
+        width: int = 64,
     ) -> None:
         super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        w = width  # layer1's planes; 64 in every published ResNet, smaller for CPU demos
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(map(repr, STEMS))}, got {stem!r}")
         if len(layers) != 4:
@@ -159,26 +163,26 @@ class ResNet(nn.Module):
 
         # Stem: /2 by the first conv, /2 by the max-pool -> stride 4 before layer1.
         if stem == "standard":
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-            self.bn1 = norm(64)
-            stem_out = 64
+            self.conv1 = nn.Conv2d(in_channels, w, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm(w)
+            stem_out = w
         elif stem == "deep":
             # The last conv has no norm inside the Sequential: its BN is `bn1`, so the keys line up with
             # PyTorch-Encoding's files (conv1.0/1/3/4/6, bn1).
             self.conv1 = nn.Sequential(
-                conv3x3(in_channels, 64, stride=2), norm(64), nn.ReLU(inplace=True),
-                conv3x3(64, 64), norm(64), nn.ReLU(inplace=True),
-                conv3x3(64, 128),
+                conv3x3(in_channels, w, stride=2), norm(w), nn.ReLU(inplace=True),
+                conv3x3(w, w), norm(w), nn.ReLU(inplace=True),
+                conv3x3(w, 2 * w),
             )  # fmt: skip
-            self.bn1 = norm(128)
-            stem_out = 128
+            self.bn1 = norm(2 * w)
+            stem_out = 2 * w
         else:  # v1c
             self.stem = nn.Sequential(
-                conv3x3(in_channels, 32, stride=2), norm(32), nn.ReLU(inplace=True),
-                conv3x3(32, 32), norm(32), nn.ReLU(inplace=True),
-                conv3x3(32, 64), norm(64), nn.ReLU(inplace=True),
+                conv3x3(in_channels, w // 2, stride=2), norm(w // 2), nn.ReLU(inplace=True),
+                conv3x3(w // 2, w // 2), norm(w // 2), nn.ReLU(inplace=True),
+                conv3x3(w // 2, w), norm(w), nn.ReLU(inplace=True),
             )  # fmt: skip
-            stem_out = 64
+            stem_out = w
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
@@ -196,7 +200,7 @@ class ResNet(nn.Module):
                 )
             per_block[3] = layer4_dilations
 
-        c_in, widths = stem_out, (64, 128, 256, 512)
+        c_in, widths = stem_out, (w, 2 * w, 4 * w, 8 * w)
         stages = []
         for planes, stride, dils in zip(widths, strides, per_block):
             stages.append(self._make_layer(block, c_in, planes, stride, dils, norm))
@@ -383,6 +387,7 @@ def _build(
     layer4_dilations: Sequence[int] | None,
     norm_layer: NormLayer | None,
     weights: str | os.PathLike | None,
+    width: int = 64,
 ) -> ResNet:
     model = ResNet(
         block,
@@ -391,6 +396,7 @@ def _build(
         output_stride=output_stride,
         layer4_dilations=layer4_dilations,
         norm_layer=norm_layer,
+        width=width,
     )
     if weights is not None:
         load_backbone_weights(model, weights, strict=True)
@@ -404,6 +410,7 @@ def resnet18(
     layer4_dilations: Sequence[int] | None = None,
     norm_layer: NormLayer | None = None,
     weights: str | os.PathLike | None = None,
+    width: int = 64,
 ) -> ResNet:
     return _build(
         BasicBlock,
@@ -413,6 +420,7 @@ def resnet18(
         layer4_dilations=layer4_dilations,
         norm_layer=norm_layer,
         weights=weights,
+        width=width,
     )
 
 
@@ -423,6 +431,7 @@ def resnet34(
     layer4_dilations: Sequence[int] | None = None,
     norm_layer: NormLayer | None = None,
     weights: str | os.PathLike | None = None,
+    width: int = 64,
 ) -> ResNet:
     return _build(
         BasicBlock,
@@ -432,6 +441,7 @@ def resnet34(
         layer4_dilations=layer4_dilations,
         norm_layer=norm_layer,
         weights=weights,
+        width=width,
     )
 
 
@@ -442,6 +452,7 @@ def resnet50(
     layer4_dilations: Sequence[int] | None = None,
     norm_layer: NormLayer | None = None,
     weights: str | os.PathLike | None = None,
+    width: int = 64,
 ) -> ResNet:
     return _build(
         Bottleneck,
@@ -451,6 +462,7 @@ def resnet50(
         layer4_dilations=layer4_dilations,
         norm_layer=norm_layer,
         weights=weights,
+        width=width,
     )
 
 
@@ -461,6 +473,7 @@ def resnet101(
     layer4_dilations: Sequence[int] | None = None,
     norm_layer: NormLayer | None = None,
     weights: str | os.PathLike | None = None,
+    width: int = 64,
 ) -> ResNet:
     return _build(
         Bottleneck,
@@ -470,6 +483,7 @@ def resnet101(
         layer4_dilations=layer4_dilations,
         norm_layer=norm_layer,
         weights=weights,
+        width=width,
     )
 
 
@@ -480,6 +494,7 @@ def resnet152(
     layer4_dilations: Sequence[int] | None = None,
     norm_layer: NormLayer | None = None,
     weights: str | os.PathLike | None = None,
+    width: int = 64,
 ) -> ResNet:
     return _build(
         Bottleneck,
@@ -489,6 +504,7 @@ def resnet152(
         layer4_dilations=layer4_dilations,
         norm_layer=norm_layer,
         weights=weights,
+        width=width,
     )
 
 

@@ -29,6 +29,7 @@ class ModelConfig:
     num_classes: int = 21  # PASCAL VOC
     backbone: str = "resnet101"  # a key of BACKBONES
     stem: str = "deep"  # "standard" (torchvision), "deep" (reference), "v1c" (mmsegmentation)
+    backbone_width: int = 64  # layer1's planes: 64 in published ResNets (ImageNet weights need it)
     output_stride: int = 8  # 8, 16 or 32
     multi_grid: bool = True  # layer4 dilations (d/2, 2d, 4d): the reference's (2, 8, 16) at OS8
     pretrained_backbone: str | None = None  # local .pth/.safetensors ImageNet weights (strict load)
@@ -57,7 +58,7 @@ class ModelConfig:
             raise ValueError(f"model.backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"model.output_stride must be 8, 16 or 32, got {self.output_stride}")
-        for name in ("num_classes", "channels", "mid_channels", "num_bases", "num_stages"):
+        for name in ("num_classes", "backbone_width", "channels", "mid_channels", "num_bases", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.head_layout not in ("reference", "mmseg"):
@@ -117,6 +118,7 @@ def build_model(cfg: ModelConfig) -> SegmentationModel:
         ),
         norm_layer=norm_layer,
         weights=cfg.pretrained_backbone,
+        width=cfg.backbone_width,
     )
     c4, c5 = (f["channels"] for f in backbone.feature_info[-2:])
     if cfg.arch == "emanet":
