@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from emanet.models.emanet import ARCHS, ModelConfig
 
@@ -68,6 +69,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    from emanet.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={args.device}")
+    if getattr(args, "precision", None):
+        overrides.append(f"train.precision={args.precision}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from emanet.engine import train
+    from emanet.metrics import format_table
+
+    cfg = _run_config(args)
+    out = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(format_table(out["results"], out["class_names"]))
+    print(f"run folder: {out['run']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from emanet.checkpoint import latest_checkpoint, load_checkpoint
+    from emanet.config import from_dict, Config
+    from emanet.engine import build_datasets, evaluate, select_device
+    from emanet.metrics import format_table
+    from emanet.models.emanet import build_model
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint (iter_*.pt) in {path}")
+        path = found
+    ckpt = load_checkpoint(path)
+    if args.config:
+        cfg = _run_config(args)
+    else:  # the run's own resolved config, with overrides on top
+        from emanet.config import load_config
+        import tempfile, yaml
+
+        base = from_dict(Config, ckpt["config"])
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(base.to_dict(), f)
+        cfg = load_config(f.name, list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+                          + ([f"train.precision={args.precision}"] if args.precision else []))
+    device = select_device(cfg.train.device)
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    _, val = build_datasets(cfg)
+    results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
+    from emanet.engine import _jsonable
+
+    results = _jsonable(results)
+    print(format_table(results, list(getattr(val, "classes", []))))
+    out = Path(args.out) if args.out else path.parent / f"eval_{path.stem}.json"
+    out.write_text(json.dumps({"checkpoint": str(path), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
+    print(f"written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-paper", action="store_true", help="skip the Table 1 comparison")
     p.set_defaults(func=cmd_flops)
 
+    p = sub.add_parser("train", help="train a model from a YAML config (+ section.key=value overrides)")
+    p.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the reference VOC recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=1000 model.num_bases=32")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")
+    p.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
+    p.add_argument("overrides", nargs="*", help="e.g. eval.scales=[0.5,0.75,1,1.25,1.5,1.75] eval.flip=true "
+                   "eval.eval_stages=5 data.root=/data/voc")
+    p.add_argument("--config", help="a YAML file instead of the checkpoint's own config")
+    p.add_argument("--device", help="cpu, cuda (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
     p.add_argument("--parts", nargs="+", default=("em", "model"), choices=("em", "model"), help="what to run")
@@ -88,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (`emanet eval RUN --device cpu eval.flip=true`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user mistakes: a message, not a traceback

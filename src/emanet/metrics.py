@@ -105,13 +105,13 @@ class ConfusionMatrix:
 def format_table(results: dict, class_names: Sequence[str]) -> str:
     """Per-class IoU/Acc in percent, then the summary line; classes with no pixels show '-'."""
 
-    def pct(x: float) -> str:
-        return "-" if math.isnan(x) else f"{100 * x:.2f}"
+    def pct(x: float | None) -> str:  # None: NaN after a JSON round trip
+        return "-" if x is None or math.isnan(float(x)) else f"{100 * float(x):.2f}"
 
     width = max([5, *(len(n) for n in class_names)])
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
     for name, iou, acc in zip(class_names, results["IoU"], results["Acc"]):
-        lines.append(f"{name:<{width}}  {pct(float(iou)):>6}  {pct(float(acc)):>6}")
+        lines.append(f"{name:<{width}}  {pct(iou):>6}  {pct(acc):>6}")
     lines.append("-" * (width + 16))
     lines.append("  ".join(f"{key} {pct(results[key])}" for key in ("aAcc", "mIoU", "mAcc", "fwIoU")))
     return "\n".join(lines)

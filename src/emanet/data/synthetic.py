@@ -44,6 +44,7 @@ class SceneConfig:
     tint_strength: float = 0.03  # a: length of the class tint in RGB (0..1 units)
     noise: float = 0.2  # sigma: per-pixel, per-channel Gaussian noise on object pixels
     tint_phase: float = 0.0  # rotation of the hue circle, radians
+    hue_jitter: float = 0.0  # std (radians) of a per-object hue offset: each object alone is ambiguous
     background_gray: float = 0.2  # background mean luminance
     background_texture: float = 0.08  # amplitude of the smooth grey background texture
     background_noise: float = 0.04  # per-pixel, per-channel noise on the background
@@ -70,15 +71,21 @@ class SceneConfig:
         """Blobs sit one per cell of a grid x grid layout (random cells, random offsets inside)."""
         return self.image_size // (self.max_size + self.min_gap)
 
-    def tints(self) -> np.ndarray:
-        """(num_classes, 3) unit tint directions; row 0 (background) is zero."""
+    def hue(self, cls: int) -> float:
+        return self.tint_phase + 2 * math.pi * (cls - 1) / (self.num_classes - 1)
+
+    @staticmethod
+    def tint(theta: float) -> np.ndarray:
+        """Unit RGB direction of hue ``theta`` in the chroma plane (orthogonal to grey)."""
         u = np.array([1.0, -1.0, 0.0]) / math.sqrt(2)
         v = np.array([1.0, 1.0, -2.0]) / math.sqrt(6)
-        k = self.num_classes - 1
+        return math.cos(theta) * u + math.sin(theta) * v
+
+    def tints(self) -> np.ndarray:
+        """(num_classes, 3) unit tint directions; row 0 (background) is zero."""
         tints = np.zeros((self.num_classes, 3))
         for c in range(1, self.num_classes):
-            theta = self.tint_phase + 2 * math.pi * (c - 1) / k
-            tints[c] = math.cos(theta) * u + math.sin(theta) * v
+            tints[c] = self.tint(self.hue(c))
         return tints
 
     def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
@@ -90,6 +97,7 @@ class SceneConfig:
         margin = (size - self.grid * cell) // 2  # centre the grid
         cells = rng.choice(self.grid**2, size=n, replace=False)
         label = np.zeros((size, size), dtype=np.uint8)
+        colour = np.zeros((size, size, 3))  # per-object tint
         yy, xx = np.mgrid[0:size, 0:size]
         for index in cells:
             side = int(rng.integers(self.min_size, self.max_size + 1))
@@ -98,9 +106,13 @@ class SceneConfig:
             left = margin + (index % self.grid) * cell + int(rng.integers(cell - self.min_gap - side + 1))
             if disc:
                 cy, cx, r = top + (side - 1) / 2, left + (side - 1) / 2, side / 2
-                label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = cls
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
             else:
-                label[top : top + side, left : left + side] = cls
+                mask = np.zeros((size, size), dtype=bool)
+                mask[top : top + side, left : left + side] = True
+            label[mask] = cls
+            jitter = rng.normal(0, self.hue_jitter) if self.hue_jitter > 0 else 0.0
+            colour[mask] = self.tint(self.hue(cls) + jitter)
 
         texture = np.zeros((size, size))
         for _ in range(self.texture_waves):
@@ -111,7 +123,7 @@ class SceneConfig:
         texture *= self.background_texture / max(1, self.texture_waves) ** 0.5
         background = self.background_gray + texture[..., None]
         background = background + rng.normal(0, self.background_noise, (size, size, 3))
-        objects = self.object_gray + self.tint_strength * self.tints()[cls]
+        objects = self.object_gray + self.tint_strength * colour
         objects = objects + rng.normal(0, self.noise, (size, size, 3))
         image = np.where((label > 0)[..., None], objects, background)  # (H, W, 3)
         image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)

@@ -1,0 +1,87 @@
+"""Training and evaluation loops: a CLI run on the synthetic set, eval from its checkpoint, resume,
+parameter groups, the poly schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from emanet.checkpoint import latest_checkpoint, load_checkpoint
+from emanet.cli import main
+from emanet.engine import param_groups, poly_factor
+from emanet.models.emanet import ModelConfig, build_model
+
+TINY = [
+    "model.backbone=resnet18", "model.backbone_width=8", "model.stem=standard", "model.num_classes=5",
+    "model.channels=16", "model.mid_channels=8", "model.num_bases=4",
+    "data.dataset=synthetic", "data.crop_size=48", "data.scales=[1.0]", "data.num_workers=0",
+    "data.eval_pad_multiple=0", "data.options={length: 8, val_length: 3, image_size: 48, max_objects: 6, "
+    "min_objects: 2}",
+    "train.batch_size=2", "train.log_interval=1", "train.device=cpu",
+]  # fmt: skip
+
+
+def test_two_iterations_then_eval_from_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", *TINY, "train.iterations=2", f"train.out_dir={run}"]) == 0
+    assert (run / "config.yaml").is_file() and (run / "eval.json").is_file()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines if x["kind"] == "train"] == [1, 2]
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert ckpt["iteration"] == 2 and ckpt["config"]["model"]["num_bases"] == 4
+    capsys.readouterr()
+    assert main(["eval", str(run), "--no-progress", "eval.eval_stages=5"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out
+    res = json.loads((run / "eval_iter_0000002.json").read_text())
+    assert res["eval"]["eval_stages"] == 5 and 0 <= res["mIoU"] <= 1 and res["images"] == 3
+
+
+def test_resume_continues_from_the_saved_iteration(tmp_path):
+    run = tmp_path / "run"
+    common = ["--no-progress", *TINY, f"train.out_dir={run}", "train.checkpoint_interval=1"]
+    assert main(["train", *common, "train.iterations=2"]) == 0
+    assert main(["train", *common, "train.iterations=4", "--resume"]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4]  # 3 and 4 only after resume
+    assert load_checkpoint(latest_checkpoint(run))["iteration"] == 4
+
+
+def test_bad_override_is_an_error_message(tmp_path, capsys):
+    assert main(["train", *TINY, "model.num_base=3", f"train.out_dir={tmp_path}"]) == 2
+    assert "did you mean 'model.num_bases'" in capsys.readouterr().err
+
+
+def test_reference_param_groups():
+    model = build_model(ModelConfig(backbone="resnet18", backbone_width=8, stem="standard", num_classes=3,
+                                    channels=16, mid_channels=8, num_bases=4))  # fmt: skip
+    groups = param_groups(model, lr=0.01, weight_decay=1e-4, reference=True)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    conv_w, bn_w = named["backbone.conv1.weight"], named["backbone.bn1.weight"]
+    bias = named["head.classifier.bias"]
+    assert by_id[id(conv_w)]["weight_decay"] == 1e-4 and by_id[id(conv_w)]["lr"] == 0.01
+    assert by_id[id(bn_w)]["weight_decay"] == 0.0 and by_id[id(bn_w)]["lr"] == 0.01
+    assert by_id[id(bias)]["weight_decay"] == 0.0 and by_id[id(bias)]["lr"] == 0.02
+    assert id(named["head.context.conv_in.weight"]) not in by_id  # frozen: in no group
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == n_trainable
+
+
+def test_poly_schedule():
+    assert poly_factor(0, 100, 0.9) == 1.0
+    assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+    assert poly_factor(100, 100, 0.9) == 0.0
+    assert poly_factor(0, 100, 0.9, warmup=10) == pytest.approx(0.1)
+
+
+def test_accumulated_batch_feeds_the_bases_once_per_step(tmp_path):
+    # accum_steps=2: the EMA unit defers its update to the optimizer step
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", *TINY, "train.iterations=1", "train.accum_steps=2",
+                 f"train.out_dir={run}"]) == 0  # fmt: skip
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    init = build_model(ModelConfig(**ckpt["config"]["model"]))
+    assert not torch.equal(ckpt["model"]["head.context.bases"], init.head.context.bases)
