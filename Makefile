@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test lint flops bench clean
+.PHONY: setup test lint demo flops bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# The main job: trains EMANet and the FCN baseline on the synthetic context set (CPU) and writes a report.
+demo: setup
+	$(PY) -m pip install -q -e ".[report]"
+	$(VENV)/bin/emanet demo --out reports/demo
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

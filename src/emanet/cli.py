@@ -132,6 +132,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from emanet.demo import run_demo
+
+    run_demo(args.out, args.overrides, args.config, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train EMANet and FCN on the synthetic context set (CPU) and write a report")
+    p.add_argument("--out", default="reports/demo", help="report folder (default: reports/demo)")
+    p.add_argument("--config", help="a YAML file instead of the built-in demo settings")
+    p.add_argument("overrides", nargs="*", help="section.key=value on top, e.g. train.iterations=100")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")

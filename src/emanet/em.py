@@ -55,20 +55,31 @@ def em_attention(x: Tensor, bases: Tensor, num_stages: int, eps: float = 1e-6) -
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     b, c, h, w = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 when given float64
+    track_grad = torch.is_grad_enabled() and (x.requires_grad or bases.requires_grad)
     with _no_autocast(x.device.type):
-        feats = x.reshape(b, c, h * w).to(dtype)  # (B, C, N)
-        feats_t = feats.transpose(1, 2)  # (B, N, C), a view: BLAS reads the transpose in place
-        mu = bases.to(dtype)  # (1|B, C, K); matmul broadcasts a shared (1, C, K)
+        feats_t = x.reshape(b, c, h * w).to(dtype).transpose(-1, -2)  # (B, N, C), a view of the NCHW input
+        # The bases are kept transposed, (B, K, C): both products then read the features as (N, C) and
+        # write small row-major outputs, which measured ~10% faster than the (C, K) orientation here.
+        mu_t = bases.to(dtype).transpose(-1, -2)  # (1|B, K, C); matmul broadcasts a shared (1, K, C)
+        if b == 1:  # plain 2-D GEMMs: a few % faster than batched ones for one image
+            feats_t, mu_t = feats_t[0], mu_t[0]
         for _ in range(num_stages):
-            z = torch.softmax(feats_t @ mu, dim=2)  # (B, N, K)  E-step
+            z = torch.softmax(feats_t @ mu_t.transpose(-1, -2), dim=-1)  # (B, N, K)  E-step
             # M-step. z_bar = z / (eps + sum_n z) then x . z_bar equals (x . z) / (eps + sum_n z):
-            # dividing the small (C, K) product instead of the (N, K) responsibilities saves a full pass.
-            mu = feats @ z  # (B, C, K)
-            mu = mu / (eps + z.sum(dim=1, keepdim=True))
-            mu = mu / (eps + torch.linalg.vector_norm(mu, dim=1, keepdim=True))
-        recon = mu @ z.transpose(1, 2)  # (B, C, N), with the last raw z as the reference does
+            # dividing the small (K, C) product instead of the (N, K) responsibilities saves a full pass.
+            mu_t = z.transpose(-1, -2) @ feats_t  # (B, K, C)
+            if track_grad:
+                mu_t = mu_t / (eps + z.sum(dim=-2).unsqueeze(-1))
+                mu_t = mu_t / (eps + torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True))
+            else:  # in place: no allocations in the common (no-gradient) path
+                mu_t.div_(z.sum(dim=-2).add_(eps).unsqueeze(-1))
+                mu_t.div_(torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True).add_(eps))
+        recon = mu_t.transpose(-1, -2) @ z.transpose(-1, -2)  # (B, C, N), with the last raw z (the reference's)
+    if b == 1:
+        recon, mu_t, z = recon[None], mu_t[None], z[None]
     recon = recon.view(b, c, h, w).to(x.dtype)
     resp = z.transpose(1, 2).unflatten(2, (h, w))  # (B, K, H, W), a view of z
+    mu = mu_t.transpose(1, 2)  # (B, C, K)
     return recon, mu.to(x.dtype), resp.to(x.dtype)
 
 
@@ -191,7 +202,9 @@ class EMAUnit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x
-        feats = self.conv_in(x)
+        # conv_in feeds the E-step's unscaled dot products: it runs in float32 too under autocast
+        with _no_autocast(x.device.type):
+            feats = self.conv_in(x.to(torch.promote_types(x.dtype, torch.float32)))
         if self.bases_update == "learned":
             bases = self.bases / (self.eps + torch.linalg.vector_norm(self.bases, dim=1, keepdim=True))
             # Bases learn by back-propagation; conv_in learns only in differentiable mode.

@@ -317,4 +317,4 @@ def train(cfg: Config, *, resume: bool = False, log: Log = print, progress: bool
     metrics_log.close()
     results = _jsonable(results)
     (run / "eval.json").write_text(json.dumps(results, indent=2))
-    return {"run": str(run), "results": results, "class_names": list(getattr(val_set, "classes", []))}
+    return {"run": str(run), "results": results, "class_names": list(getattr(val_set, "classes", [])), "model": model}

@@ -45,6 +45,7 @@ class SceneConfig:
     noise: float = 0.2  # sigma: per-pixel, per-channel Gaussian noise on object pixels
     tint_phase: float = 0.0  # rotation of the hue circle, radians
     hue_jitter: float = 0.0  # std (radians) of a per-object hue offset: each object alone is ambiguous
+    colour_prob: float = 1.0  # chance that an object shows the class tint; the others are plain grey
     background_gray: float = 0.2  # background mean luminance
     background_texture: float = 0.08  # amplitude of the smooth grey background texture
     background_noise: float = 0.04  # per-pixel, per-channel noise on the background
@@ -99,7 +100,7 @@ class SceneConfig:
         label = np.zeros((size, size), dtype=np.uint8)
         colour = np.zeros((size, size, 3))  # per-object tint
         yy, xx = np.mgrid[0:size, 0:size]
-        for index in cells:
+        for j, index in enumerate(cells):
             side = int(rng.integers(self.min_size, self.max_size + 1))
             disc = bool(rng.random() < self.disc_prob)
             top = margin + (index // self.grid) * cell + int(rng.integers(cell - self.min_gap - side + 1))
@@ -112,7 +113,9 @@ class SceneConfig:
                 mask[top : top + side, left : left + side] = True
             label[mask] = cls
             jitter = rng.normal(0, self.hue_jitter) if self.hue_jitter > 0 else 0.0
-            colour[mask] = self.tint(self.hue(cls) + jitter)
+            shows_colour = j == 0 or self.colour_prob >= 1 or rng.random() < self.colour_prob  # >= 1 coloured
+            if shows_colour:
+                colour[mask] = self.tint(self.hue(cls) + jitter)
 
         texture = np.zeros((size, size))
         for _ in range(self.texture_waves):

@@ -1,0 +1,145 @@
+"""`emanet demo`: EMANet vs the FCN baseline on the synthetic long-range-context set, on CPU, with a report.
+
+Both models share the backbone, the surrounding convs, the data, the schedule and the budget; the only
+difference is the EMA unit between the reduction conv and the classifier. The report shows per-class IoU,
+training curves, predictions beside the ground truth, and the responsibilities of the bases that carry the
+most mass (which pixels each base gathers: the objects of one image end up sharing bases, so each object's
+reconstruction carries the image-wide evidence).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emanet.config import Config, load_config
+from emanet.engine import build_datasets, evaluate, select_device, train
+
+Log = Callable[[str], None]
+
+DEMO_OVERRIDES = [
+    # a narrow ResNet-18 at output stride 8: 8x8 feature maps for 64x64 scenes
+    "model.backbone=resnet18", "model.backbone_width=16", "model.stem=standard", "model.output_stride=8",
+    "model.num_classes=5", "model.channels=64", "model.mid_channels=32", "model.num_bases=4",
+    "model.num_stages=3", "model.bn_momentum=0.1", "model.align_corners=false",
+    "data.dataset=synthetic", "data.crop_size=64", "data.scales=[1.0]", "data.flip=true",
+    "data.eval_pad_multiple=0", "data.num_workers=1",
+    "data.options={length: 9600, val_length: 300, image_size: 64, min_objects: 5, max_objects: 10, "
+    "tint_strength: 0.25, noise: 0.03, hue_jitter: 0.9}",
+    "optim.lr=0.05", "optim.reference_groups=true", "loss.reduction=valid",
+    "train.iterations=600", "train.batch_size=16", "train.seed=0", "train.log_interval=10",
+    "train.eval_interval=200", "train.checkpoint_interval=600", "train.keep_checkpoints=1",
+    "train.device=cpu", "train.max_eval_images=0",
+]  # fmt: skip
+
+
+def demo_config(overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None) -> Config:
+    return load_config(config_path, ([] if config_path else DEMO_OVERRIDES) + list(overrides))
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, image: torch.Tensor) -> np.ndarray:
+    return model.eval()(image[None]).argmax(1)[0].numpy().astype(np.uint8)
+
+
+def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[str, ...] = (),
+             config_path: str | None = None, *, progress: bool = True, log: Log = print) -> dict[str, Any]:  # fmt: skip
+    from emanet import report
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = demo_config(overrides, config_path)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, arch in (("EMANet", "emanet"), ("FCN", "fcn")):
+        cfg = copy.deepcopy(base)
+        cfg.model = dataclasses.replace(cfg.model, arch=arch)
+        cfg.train.out_dir = str(out / "runs" / arch)
+        log(f"== training {name} ({cfg.train.iterations} iterations, batch {cfg.train.batch_size})")
+        t0 = time.perf_counter()
+        runs[name] = train(cfg, log=log, progress=progress)
+        runs[name]["seconds"] = time.perf_counter() - t0
+        runs[name]["config"] = cfg
+
+    # EMANet evaluated again under bfloat16 autocast (the EM iterations stay in float32)
+    ema = runs["EMANet"]
+    bf16_cfg = copy.deepcopy(ema["config"])
+    bf16_cfg.train.precision = "bf16"
+    _, val = build_datasets(ema["config"])
+    bf16 = evaluate(ema["model"], val, bf16_cfg, select_device("cpu"))
+    miou32, miou16 = 100 * ema["results"]["mIoU"], 100 * float(bf16["mIoU"])
+
+    # figures
+    curves = report.plot_curves({n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()},
+                                out / "curves.png")  # fmt: skip
+    samples = list(range(6))
+    raw = [val.read(i) for i in samples]
+    images = [np.asarray(img) for img, _ in raw]
+    truths = [lbl for _, lbl in raw]
+    preds = {n: [_predict(r["model"], val[i][0]) for i in samples] for n, r in runs.items()}
+    report.plot_samples(images, truths, preds, val.palette, val.classes, out / "samples.png")
+    unit = ema["model"].head.context
+    unit.store_attention = True
+    _predict(ema["model"], val[0][0])
+    resp = unit.last_responsibilities[0].float().numpy()  # (K, h, w)
+    unit.store_attention = False
+    _, chosen = report.plot_responsibilities(images[0], truths[0], resp, out / "responsibilities.png",
+                                             top=min(6, resp.shape[0]), palette=val.palette)  # fmt: skip
+
+    # report
+    names = list(runs)
+    rows = []
+    for c, cls in enumerate(val.classes):
+        rows.append([cls] + [_pct(runs[n]["results"]["IoU"][c]) for n in names])
+    rows.append(["**mIoU**"] + [f"**{_pct(runs[n]['results']['mIoU'])}**" for n in names])
+    rows.append(["aAcc"] + [_pct(runs[n]["results"]["aAcc"]) for n in names])
+    gap = miou32 - 100 * runs["FCN"]["results"]["mIoU"]
+    wall = time.perf_counter() - t_start
+    summary = (
+        f"EMANet {miou32:.2f} mIoU vs FCN {100 * runs['FCN']['results']['mIoU']:.2f}: **{gap:+.2f} points** on "
+        f"{len(val)} held-out scenes. Same backbone, convs, data, schedule and budget "
+        f"({base.train.iterations} iterations of batch {base.train.batch_size}); the only difference is the EMA "
+        f"unit (K={base.model.num_bases}, T={base.model.num_stages}).\n\n"
+        f"EMANet under bfloat16 autocast (EM in float32): {miou16:.2f} mIoU ({miou16 - miou32:+.2f} vs float32).\n\n"
+        f"Training time: EMANet {runs['EMANet']['seconds']:.0f} s, FCN {runs['FCN']['seconds']:.0f} s; "
+        f"whole demo {wall:.0f} s on {torch.get_num_threads()} CPU threads."
+    )
+    why = (
+        "Every scene holds several blobs of one class; each blob's hue is drawn around the class hue with a "
+        "large spread, so one blob alone is ambiguous while the average over all blobs of the image decides the "
+        "class. A model that sees one blob at a time (FCN) is capped near the single-blob accuracy. The EMA "
+        "unit's bases are means over the pixels they are responsible for, over the whole image: below, the "
+        f"bases carrying the most mass in a validation scene (bases {chosen}). The blobs, wherever they lie, "
+        "share a base, whose mean hue is the image-wide average that each blob's reconstruction then carries."
+    )
+    sections = [
+        ("Result", summary),
+        ("Per-class IoU (%)", report.markdown_table(["class", *names], rows)),
+        ("Training curves", "![training curves](curves.png)"),
+        ("Predictions", "image | ground truth | " + " | ".join(names) + "\n\n![predictions](samples.png)"),
+        ("What the bases gather", why + "\n\n![responsibilities](responsibilities.png)"),
+    ]
+    path = report.write_report(out, title="EMANet vs FCN on the synthetic long-range-context set", sections=sections)
+    summary_json = {
+        "mIoU": {n: runs[n]["results"]["mIoU"] for n in names},
+        "IoU": {n: runs[n]["results"]["IoU"] for n in names},
+        "emanet_bf16_mIoU": float(bf16["mIoU"]),
+        "train_seconds": {n: runs[n]["seconds"] for n in names},
+        "wall_seconds": wall,
+    }
+    (out / "summary.json").write_text(json.dumps(summary_json, indent=2))
+    log(summary.replace("**", ""))
+    log(f"report: {path.resolve()} (and report.html)")
+    return summary_json
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
