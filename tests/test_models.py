@@ -14,7 +14,9 @@ from emanet.models.emanet import (
     layer4_dilations,
 )
 
-TINY = dict(backbone="resnet18", backbone_width=16, stem="standard", num_classes=3, channels=16, mid_channels=8, num_bases=4)
+TINY = dict(
+    backbone="resnet18", backbone_width=16, stem="standard", num_classes=3, channels=16, mid_channels=8, num_bases=4
+)
 
 
 @pytest.mark.parametrize("arch", ["emanet", "fcn", "nonlocal"])

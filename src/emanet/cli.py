@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from emanet.checkpoint import latest_checkpoint, load_checkpoint
-    from emanet.config import from_dict, Config
+    from emanet.config import Config, from_dict
     from emanet.engine import build_datasets, evaluate, select_device
     from emanet.metrics import format_table
     from emanet.models.emanet import build_model
@@ -108,14 +108,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.config:
         cfg = _run_config(args)
     else:  # the run's own resolved config, with overrides on top
+        import tempfile
+
+        import yaml
+
         from emanet.config import load_config
-        import tempfile, yaml
 
         base = from_dict(Config, ckpt["config"])
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             yaml.safe_dump(base.to_dict(), f)
-        cfg = load_config(f.name, list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-                          + ([f"train.precision={args.precision}"] if args.precision else []))
+        cfg = load_config(
+            f.name,
+            list(args.overrides)
+            + ([f"train.device={args.device}"] if args.device else [])
+            + ([f"train.precision={args.precision}"] if args.precision else []),
+        )
     device = select_device(cfg.train.device)
     model = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])
@@ -161,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")
     p.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
-    p.add_argument("overrides", nargs="*", help="e.g. eval.scales=[0.5,0.75,1,1.25,1.5,1.75] eval.flip=true "
-                   "eval.eval_stages=5 data.root=/data/voc")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="e.g. eval.scales=[0.5,0.75,1,1.25,1.5,1.75] eval.flip=true eval.eval_stages=5 data.root=/data/voc",
+    )
     p.add_argument("--config", help="a YAML file instead of the checkpoint's own config")
     p.add_argument("--device", help="cpu, cuda (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")

@@ -78,7 +78,7 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
     miou32, miou16 = 100 * ema["results"]["mIoU"], 100 * float(bf16["mIoU"])
 
     # figures
-    curves = report.plot_curves({n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()},
+    report.plot_curves({n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()},
                                 out / "curves.png")  # fmt: skip
     samples = list(range(6))
     raw = [val.read(i) for i in samples]
