@@ -115,11 +115,15 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
     why = (
         "Every scene holds several blobs of one class; each blob's hue is drawn around the class hue with a "
         "large spread, so one blob alone is ambiguous while the average over all blobs of the image decides the "
-        "class. A model that sees one blob at a time (FCN) is capped near the single-blob accuracy. The EMA "
-        "unit's bases are means over the pixels they are responsible for, over the whole image: below, the "
-        f"bases carrying the most mass in a validation scene (bases {chosen}). The blobs, wherever they lie, "
-        "share a base, whose mean hue is the image-wide average that each blob's reconstruction then carries."
+        "class. The EMA unit's bases are means over the pixels they are responsible for, over the whole image; "
+        f"below, the bases carrying the most mass in a validation scene (bases {chosen})."
     )
+    if gap < 15:  # say so plainly: the figure shows the mechanism, not that it paid off here
+        why += (
+            f" In this run EMANet is {gap:+.2f} points from the FCN, short of the 15-point gap this demo aims at: "
+            "at this size the FCN's receptive field covers the whole scene, and the bases do not pool the "
+            "blobs of an image into one mean."
+        )
     sections = [
         ("Result", summary),
         ("Per-class IoU (%)", report.markdown_table(["class", *names], rows)),
