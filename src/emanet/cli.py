@@ -69,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace):
+def _run_config(args: argparse.Namespace, base: dict | None = None):
     from emanet.config import load_config
 
     overrides = list(args.overrides)
@@ -77,7 +77,7 @@ def _run_config(args: argparse.Namespace):
         overrides.append(f"train.device={args.device}")
     if getattr(args, "precision", None):
         overrides.append(f"train.precision={args.precision}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, base=base)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -93,8 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from emanet.checkpoint import latest_checkpoint, load_checkpoint
-    from emanet.config import Config, from_dict
-    from emanet.engine import build_datasets, evaluate, select_device
+    from emanet.engine import _jsonable, build_datasets, evaluate, select_device
     from emanet.metrics import format_table
     from emanet.models.emanet import build_model
 
@@ -105,32 +104,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no checkpoint (iter_*.pt) in {path}")
         path = found
     ckpt = load_checkpoint(path)
-    if args.config:
-        cfg = _run_config(args)
-    else:  # the run's own resolved config, with overrides on top
-        import tempfile
-
-        import yaml
-
-        from emanet.config import load_config
-
-        base = from_dict(Config, ckpt["config"])
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(base.to_dict(), f)
-        cfg = load_config(
-            f.name,
-            list(args.overrides)
-            + ([f"train.device={args.device}"] if args.device else [])
-            + ([f"train.precision={args.precision}"] if args.precision else []),
-        )
+    # a --config file replaces the run's own resolved config; overrides go on top of either
+    cfg = _run_config(args, base=None if args.config else ckpt["config"])
     device = select_device(cfg.train.device)
     model = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])
     model.to(device)
     _, val = build_datasets(cfg)
     results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
-    from emanet.engine import _jsonable
-
     results = _jsonable(results)
     print(format_table(results, list(getattr(val, "classes", []))))
     out = Path(args.out) if args.out else path.parent / f"eval_{path.stem}.json"

@@ -194,9 +194,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (or start from the defaults) and apply `section.key=value` overrides."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: dict[str, Any] | None = None
+) -> Config:
+    """Read a YAML file (or start from ``base``, e.g. a checkpoint's saved config, or the defaults) and apply
+    `section.key=value` overrides."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
