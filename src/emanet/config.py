@@ -37,6 +37,7 @@ class DataConfig:
     eval_pad_offset: int = 1
     num_workers: int = 2
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (e.g. synthetic scenes)
+    on_bad_sample: str = "raise"  # raise: stop naming the file; skip: use another sample and count it
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     out_dir: str = "runs/voc"
     max_eval_images: int = 0  # 0 = the whole validation split
+    on_nonfinite: str = "stop"  # stop: end the run naming the iteration; skip: drop the step and count it
+    sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA (plain BN on CPU/gloo)
 
 
 @dataclass
@@ -109,6 +112,8 @@ class Config:
             (self.eval.mode != "slide" or (self.eval.crop_size and self.eval.stride),
              "eval.mode=slide needs eval.crop_size and eval.stride"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
+            (self.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
+            (self.data.on_bad_sample in ("raise", "skip"), "data.on_bad_sample must be 'raise' or 'skip'"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
