@@ -1,0 +1,167 @@
+"""Shareable model folders and one loader for every kind of model source.
+
+A model folder holds ``model.safetensors`` (the state dict, buffers included: the EM bases travel with the
+weights) and ``config.json`` (the resolved run config, class names and palette). Nothing needs a network.
+
+``load_model(source)`` accepts a model folder, a checkpoint file or a run folder (its newest checkpoint);
+predict, eval and export all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emanet.checkpoint import latest_checkpoint, load_checkpoint
+from emanet.config import Config, from_dict
+from emanet.data.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES, Palette
+from emanet.data.palettes import distinct_palette, voc_palette
+from emanet.models.emanet import build_model
+
+FORMAT = "emanet-model"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on the requested device
+    config: Config
+    class_names: list[str]
+    palette: Palette
+    source: Path
+
+
+def default_class_names(cfg: Config) -> list[str]:
+    n = cfg.model.num_classes
+    known = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "ade20k": ADE20K_CLASSES}
+    names = known.get(cfg.data.dataset)
+    if names is not None and len(names) == n:
+        return list(names)
+    return ["background" if i == 0 and cfg.data.dataset == "synthetic" else f"class_{i}" for i in range(n)]
+
+
+def default_palette(cfg: Config) -> Palette:
+    n = cfg.model.num_classes
+    if cfg.data.dataset == "cityscapes" and n == len(CITYSCAPES_PALETTE):
+        return list(CITYSCAPES_PALETTE)
+    if cfg.data.dataset == "voc":
+        return voc_palette(n)
+    return distinct_palette(n)
+
+
+def save_pretrained(
+    model: nn.Module,
+    config: Config,
+    folder: str | Path,
+    *,
+    class_names: list[str] | None = None,
+    palette: Palette | None = None,
+) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(class_names) if class_names is not None else default_class_names(config)
+    colours = [tuple(int(v) for v in c) for c in (palette if palette is not None else default_palette(config))]
+    if len(names) != config.model.num_classes:
+        raise ValueError(f"class_names has {len(names)} entries for {config.model.num_classes} classes")
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
+    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "class_names": names,
+            "palette": [list(c) for c in colours]}  # fmt: skip
+    (folder / CONFIG).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def is_model_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+
+
+def _read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{folder / CONFIG}: not an emanet model folder config (expected format '{FORMAT}')")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ValueError(f"{folder}: model folder version {meta['version']} is newer than this emanet ({VERSION})")
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from None
+    return state, meta
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"{source}: weights do not match the config's model: {key} has shape "
+                             f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")  # fmt: skip
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config's model; missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")  # fmt: skip
+
+
+def load_model(
+    source: str | Path, *, device: str | torch.device = "cpu", overrides: list[str] | tuple[str, ...] = ()
+) -> LoadedModel:
+    """A model folder, a checkpoint file, or a run folder -> the model in eval mode plus its config.
+
+    ``overrides`` (``section.key=value``) apply on top of the saved config, e.g. ``model.eval_stages=5``.
+    """
+    from emanet.config import load_config
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"model source not found: {source} (expected a model folder, a checkpoint "
+                                "file or a run folder)")  # fmt: skip
+    class_names = palette = None
+    if is_model_folder(source):
+        state, meta = _read_folder(source)
+        saved = meta["config"]
+        class_names, palette = meta.get("class_names"), meta.get("palette")
+    else:
+        path = source
+        if source.is_dir():
+            found = latest_checkpoint(source)
+            if found is None:
+                raise FileNotFoundError(f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
+                                        "folder with checkpoints (iter_*.pt)")  # fmt: skip
+            path = found
+        ckpt = load_checkpoint(path)
+        state, saved = ckpt["model"], ckpt.get("config")
+        if saved is None:
+            raise ValueError(f"{path}: checkpoint has no saved config; cannot rebuild its model")
+        source = path
+    cfg = load_config(None, overrides, base=saved) if overrides else from_dict(Config, saved)
+    # the saved weights replace everything; the ImageNet file named at training time need not exist here
+    model = build_model(dataclasses.replace(cfg.model, pretrained_backbone=None))
+    _load_state(model, state, source)
+    model.to(device).eval()
+    names = list(class_names) if class_names else default_class_names(cfg)
+    colours = [tuple(int(v) for v in c) for c in palette] if palette else default_palette(cfg)
+    return LoadedModel(model=model, config=cfg, class_names=names, palette=colours, source=source)
+
+
+def from_pretrained(folder: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The model saved by ``save_pretrained`` (eval mode). Use ``load_model`` for its config and names too."""
+    if not is_model_folder(folder):
+        raise FileNotFoundError(f"{folder}: not a model folder (expected {WEIGHTS} and {CONFIG})")
+    return load_model(folder, device=device).model

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from emanet.checkpoint import save_checkpoint
+from emanet.config import Config
+from emanet.models.emanet import ModelConfig, build_model
+from emanet.pretrained import from_pretrained, load_model, save_pretrained
+
+
+def _config(**model):
+    cfg = Config()
+    cfg.model = ModelConfig(backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4,
+                            num_classes=3, stem="standard", **model)  # fmt: skip
+    cfg.data.dataset = "synthetic"
+    return cfg
+
+
+def _trained_like(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.train()
+    with torch.no_grad():  # move BN statistics and the EM bases away from their initial values
+        model(torch.randn(2, 3, 33, 33))
+    return model.eval()
+
+
+def test_round_trip_gives_equal_outputs(tmp_path):
+    cfg = _config()
+    model = _trained_like(cfg)
+    save_pretrained(model, cfg, tmp_path / "m", class_names=["bg", "a", "b"])
+    again = from_pretrained(tmp_path / "m")
+    x = torch.randn(1, 3, 41, 37)
+    assert torch.equal(model(x), again(x))
+    loaded = load_model(tmp_path / "m")
+    assert loaded.class_names == ["bg", "a", "b"] and len(loaded.palette) == 3
+    assert loaded.config.model == cfg.model
+
+
+def test_load_model_from_checkpoint_and_run_folder_with_overrides(tmp_path):
+    cfg = _config()
+    model = _trained_like(cfg)
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "iteration": 1}, tmp_path, 1)
+    x = torch.randn(1, 3, 33, 33)
+    from_run = load_model(tmp_path, overrides=["model.eval_stages=5"])
+    assert from_run.source.name == "iter_0000001.pt"
+    assert from_run.config.model.eval_stages == 5
+    assert torch.equal(load_model(tmp_path / "iter_0000001.pt").model(x), model(x))
+
+
+def test_mismatched_or_foreign_folders_are_clear_errors(tmp_path):
+    cfg = _config()
+    save_pretrained(_trained_like(cfg), cfg, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["config"]["model"]["num_bases"] = 8
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(tmp_path / "missing")
