@@ -20,8 +20,15 @@ from torch import nn
 
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.config import Config, from_dict
-from emanet.data.palettes import ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES, Palette
-from emanet.data.palettes import distinct_palette, voc_palette
+from emanet.data.palettes import (
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    VOC_CLASSES,
+    Palette,
+    distinct_palette,
+    voc_palette,
+)
 from emanet.models.emanet import build_model
 
 FORMAT = "emanet-model"
