@@ -1,0 +1,432 @@
+"""Checkpoint import. Source checkpoints are synthesised here from a description of each format's key names
+and shapes (emanet.md sections 3 and 5), not from our own state dict, and the converted models are compared
+with independent functional re-implementations of the source networks."""
+
+import argparse
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emanet.cli import main
+from emanet.convert import convert, convert_checkpoint, parse_mmseg_meta
+from emanet.models.backbone import BACKBONES
+from emanet.models.emanet import ModelConfig, build_model
+from emanet.pretrained import load_model
+
+W, CH, MID, K, CLS = 8, 16, 8, 4, 5  # backbone width (64 in real files), EMA width, fuse width, bases, classes
+R50 = (3, 4, 6, 3)
+
+# ----------------------------------------------------------------------------- synthetic source files
+
+
+def _conv(sd, key, cout, cin, k, g, bias=False):
+    sd[key + "weight"] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+    if bias:
+        sd[key + "bias"] = torch.randn(cout, generator=g) * 0.1
+
+
+def _bn(sd, key, c, g, tracked=True):
+    sd[key + "weight"] = 0.5 + torch.rand(c, generator=g)
+    sd[key + "bias"] = torch.randn(c, generator=g) * 0.1
+    sd[key + "running_mean"] = torch.randn(c, generator=g) * 0.1
+    sd[key + "running_var"] = 0.5 + torch.rand(c, generator=g)
+    if tracked:
+        sd[key + "num_batches_tracked"] = torch.tensor(1234)
+
+
+def _trunk(sd, g, *, stem, stages, blocks, bottleneck=True, tracked=True, fc=False):
+    """ResNet keys: stem = "deep:<conv Sequential>:<bn1>" | "v1c:<Sequential>" | "standard"; stages = 4 prefixes."""
+    kind, *names = stem.split(":")
+    if kind == "deep":  # 3x3 3->w s2, BN, ReLU, 3x3 w->w, BN, ReLU, 3x3 w->2w; then bn1 = BN(2w)
+        seq, bn1 = names
+        _conv(sd, seq + "0.", W, 3, 3, g), _bn(sd, seq + "1.", W, g, tracked)
+        _conv(sd, seq + "3.", W, W, 3, g), _bn(sd, seq + "4.", W, g, tracked)
+        _conv(sd, seq + "6.", 2 * W, W, 3, g), _bn(sd, bn1, 2 * W, g, tracked)
+        c = 2 * W
+    elif kind == "v1c":  # three conv-BN-ReLU: 3->w/2 s2, w/2->w/2, w/2->w
+        (seq,) = names
+        for i, (co, ci) in enumerate([(W // 2, 3), (W // 2, W // 2), (W, W // 2)]):
+            _conv(sd, f"{seq}{3 * i}.", co, ci, 3, g), _bn(sd, f"{seq}{3 * i + 1}.", co, g, tracked)
+        c = W
+    else:  # torchvision: 7x7 conv1, bn1
+        _conv(sd, "conv1.", W, 3, 7, g), _bn(sd, "bn1.", W, g, tracked)
+        c = W
+    exp = 4 if bottleneck else 1
+    for s, (prefix, n) in enumerate(zip(stages, blocks)):
+        planes = W * 2**s
+        for i in range(n):
+            p = f"{prefix}{i}."
+            if bottleneck:
+                _conv(sd, p + "conv1.", planes, c, 1, g), _bn(sd, p + "bn1.", planes, g, tracked)
+                _conv(sd, p + "conv2.", planes, planes, 3, g), _bn(sd, p + "bn2.", planes, g, tracked)
+                _conv(sd, p + "conv3.", planes * 4, planes, 1, g), _bn(sd, p + "bn3.", planes * 4, g, tracked)
+                sd[p + "conv3.weight"] *= 0.2  # small residual branches keep 16 blocks' activations O(1)
+            else:
+                _conv(sd, p + "conv1.", planes, c, 3, g), _bn(sd, p + "bn1.", planes, g, tracked)
+                _conv(sd, p + "conv2.", planes, planes, 3, g), _bn(sd, p + "bn2.", planes, g, tracked)
+                sd[p + "conv2.weight"] *= 0.2
+            if i == 0 and (s > 0 or c != planes * exp):
+                _conv(sd, p + "downsample.0.", planes * exp, c, 1, g), _bn(sd, p + "downsample.1.", planes * exp, g)
+            c = planes * exp
+    if fc:
+        sd["fc.weight"], sd["fc.bias"] = torch.randn(10, c, generator=g), torch.randn(10, generator=g)
+    return c
+
+
+def _bases(c, k, g):
+    mu = torch.randn(1, c, k, generator=g)
+    return mu / mu.norm(dim=1, keepdim=True)
+
+
+def reference_state(seed=0, tracked=True):
+    """The reference's EMANet(n_classes, n_layers=50) state dict: extractor.*, fc0, emau, fc1, fc2."""
+    g, sd = torch.Generator().manual_seed(seed), {}
+    c5 = _trunk(sd, g, stem="deep:extractor.0.:extractor.1.", stages=[f"extractor.{i}." for i in (4, 5, 6, 7)],
+                blocks=R50, tracked=tracked)  # fmt: skip
+    _conv(sd, "fc0.conv.", CH, c5, 3, g), _bn(sd, "fc0.bn.", CH, g, tracked)
+    sd["emau.mu"] = _bases(CH, K, g)
+    _conv(sd, "emau.conv1.", CH, CH, 1, g, bias=True)
+    _conv(sd, "emau.conv2.0.", CH, CH, 1, g), _bn(sd, "emau.conv2.1.", CH, g, tracked)
+    _conv(sd, "fc1.0.conv.", MID, CH, 3, g), _bn(sd, "fc1.0.bn.", MID, g, tracked)
+    _conv(sd, "fc2.", CLS, MID, 1, g, bias=True)
+    return sd
+
+
+def mmseg_state(seed=1, *, concat=True, aux=True, blocks=R50, bottleneck=True):
+    """mmseg EncoderDecoder(ResNetV1c, EMAHead, FCNHead aux) state dict."""
+    g, sd = torch.Generator().manual_seed(seed), {}
+    c5 = _trunk(sd, g, stem="v1c:backbone.stem.", stages=[f"backbone.layer{i}." for i in range(1, 5)],
+                blocks=blocks, bottleneck=bottleneck)  # fmt: skip
+    h = "decode_head."
+    sd[h + "ema_module.bases"] = _bases(CH, K, g)
+    _conv(sd, h + "ema_in_conv.conv.", CH, c5, 3, g), _bn(sd, h + "ema_in_conv.bn.", CH, g)
+    _conv(sd, h + "ema_mid_conv.conv.", CH, CH, 1, g, bias=True)
+    _conv(sd, h + "ema_out_conv.conv.", CH, CH, 1, g), _bn(sd, h + "ema_out_conv.bn.", CH, g)
+    _conv(sd, h + "bottleneck.conv.", MID, CH, 3, g), _bn(sd, h + "bottleneck.bn.", MID, g)
+    if concat:
+        _conv(sd, h + "conv_cat.conv.", MID, c5 + MID, 3, g), _bn(sd, h + "conv_cat.bn.", MID, g)
+    _conv(sd, h + "conv_seg.", CLS, MID, 1, g, bias=True)
+    if aux:
+        c4 = c5 // 2
+        _conv(sd, "auxiliary_head.convs.0.conv.", 6, c4, 3, g), _bn(sd, "auxiliary_head.convs.0.bn.", 6, g)
+        _conv(sd, "auxiliary_head.conv_seg.", CLS, 6, 1, g, bias=True)
+    return sd
+
+
+MMSEG_CONFIG = """norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder',
+    backbone=dict(type='ResNetV1c', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+        strides=(1, 2, 1, 1), norm_cfg=norm_cfg, norm_eval=False, style='pytorch', contract_dilation=True),
+    decode_head=dict(type='EMAHead', in_channels=2048, in_index=3, channels=256, ema_channels=512, num_bases=64,
+        num_stages=3, momentum=0.1, dropout_ratio=0.1, num_classes=19, norm_cfg=norm_cfg, align_corners=False),
+    auxiliary_head=dict(type='FCNHead', in_channels=1024, align_corners=False),
+    train_cfg=dict(),
+    test_cfg=dict(mode='slide', crop_size=(769, 769), stride=(513, 513)))
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=TO_RGB)
+"""
+
+# ----------------------------------------------------------------------------- independent source forwards
+
+
+def _bnf(x, sd, p):
+    w, b, m, v = (sd[p + n] for n in ("weight", "bias", "running_mean", "running_var"))
+    return F.batch_norm(x, m, v, w, b, False, 0.0, 1e-5)
+
+
+def _resnet_f(x, sd, stages, dilations):
+    """Bottleneck stages with the first block's stride on its 3x3 conv; dilations per block."""
+    for s, (prefix, dils) in enumerate(zip(stages, dilations)):
+        for i, d in enumerate(dils):
+            p, stride = f"{prefix}{i}.", (2 if s == 1 and i == 0 else 1)
+            out = F.relu(_bnf(F.conv2d(x, sd[p + "conv1.weight"]), sd, p + "bn1."))
+            out = F.relu(_bnf(F.conv2d(out, sd[p + "conv2.weight"], None, stride, d, d), sd, p + "bn2."))
+            out = _bnf(F.conv2d(out, sd[p + "conv3.weight"]), sd, p + "bn3.")
+            idn = x
+            if p + "downsample.0.weight" in sd:
+                idn = _bnf(F.conv2d(x, sd[p + "downsample.0.weight"], None, stride), sd, p + "downsample.1.")
+            x = F.relu(out + idn)
+    return x
+
+
+def _em(feats, mu, stages, l1, l2):
+    b, c, h, w = feats.shape
+    f = feats.reshape(b, c, h * w)
+    mu = mu.repeat(b, 1, 1)
+    for _ in range(stages):
+        z = torch.softmax(torch.bmm(f.transpose(1, 2), mu), dim=2)  # (B, N, K)
+        mu = l2(torch.bmm(f, l1(z)))  # (B, C, K)
+    return torch.bmm(mu, z.transpose(1, 2)).reshape(b, c, h, w)
+
+
+def reference_forward(sd, x):
+    """EMANet as the reference computes it at OS8: layer3 dilations (1, 2, ...), layer4 (2, 8, 16)."""
+    y = F.relu(_bnf(F.conv2d(x, sd["extractor.0.0.weight"], None, 2, 1), sd, "extractor.0.1."))
+    y = F.relu(_bnf(F.conv2d(y, sd["extractor.0.3.weight"], None, 1, 1), sd, "extractor.0.4."))
+    y = F.relu(_bnf(F.conv2d(y, sd["extractor.0.6.weight"], None, 1, 1), sd, "extractor.1."))
+    y = F.max_pool2d(y, 3, 2, 1)
+    dil = [(1,) * 3, (1,) * 4, (1,) + (2,) * 5, (2, 8, 16)]
+    c5 = _resnet_f(y, sd, [f"extractor.{i}." for i in (4, 5, 6, 7)], dil)
+    idn = F.relu(_bnf(F.conv2d(c5, sd["fc0.conv.weight"], None, 1, 1), sd, "fc0.bn."))
+    feats = F.conv2d(idn, sd["emau.conv1.weight"], sd["emau.conv1.bias"])
+    rec = _em(feats, sd["emau.mu"], 3, lambda z: z / (1e-6 + z.sum(1, keepdim=True)),
+              lambda m: m / (1e-6 + m.norm(dim=1, keepdim=True)))  # fmt: skip
+    y = F.relu(_bnf(F.conv2d(F.relu(rec), sd["emau.conv2.0.weight"]), sd, "emau.conv2.1.") + idn)
+    y = F.relu(_bnf(F.conv2d(y, sd["fc1.0.conv.weight"], None, 1, 1), sd, "fc1.0.bn."))
+    y = F.conv2d(y, sd["fc2.weight"], sd["fc2.bias"])
+    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def mmseg_forward(sd, x):
+    """mmseg's EncoderDecoder with ResNetV1c-d8 (contract_dilation) and EMAHead, in test mode."""
+    y = x
+    for i in range(3):
+        y = F.conv2d(y, sd[f"backbone.stem.{3 * i}.weight"], None, 2 if i == 0 else 1, 1)
+        y = F.relu(_bnf(y, sd, f"backbone.stem.{3 * i + 1}."))
+    y = F.max_pool2d(y, 3, 2, 1)
+    dil = [(1,) * 3, (1,) * 4, (1,) + (2,) * 5, (2, 4, 4)]  # contract_dilation: first block at half
+    c5 = _resnet_f(y, sd, [f"backbone.layer{i}." for i in range(1, 5)], dil)
+    h = "decode_head."
+    idn = F.relu(_bnf(F.conv2d(c5, sd[h + "ema_in_conv.conv.weight"], None, 1, 1), sd, h + "ema_in_conv.bn."))
+    feats = F.conv2d(idn, sd[h + "ema_mid_conv.conv.weight"], sd[h + "ema_mid_conv.conv.bias"])
+    rec = _em(feats, sd[h + "ema_module.bases"], 3, lambda z: F.normalize(z, dim=1, p=1),
+              lambda m: F.normalize(m, dim=1, p=2))  # fmt: skip
+    y = F.relu(idn + _bnf(F.conv2d(F.relu(rec), sd[h + "ema_out_conv.conv.weight"]), sd, h + "ema_out_conv.bn."))
+    y = F.relu(_bnf(F.conv2d(y, sd[h + "bottleneck.conv.weight"], None, 1, 1), sd, h + "bottleneck.bn."))
+    if h + "conv_cat.conv.weight" in sd:
+        y = torch.cat([c5, y], dim=1)
+        y = F.relu(_bnf(F.conv2d(y, sd[h + "conv_cat.conv.weight"], None, 1, 1), sd, h + "conv_cat.bn."))
+    y = F.conv2d(y, sd[h + "conv_seg.weight"], sd[h + "conv_seg.bias"])
+    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# hand-written renames (regex), the test's own account of where each source tensor belongs
+HAND = {
+    "reference": [(r"^extractor\.0\.", "backbone.conv1."), (r"^extractor\.1\.", "backbone.bn1."),
+                  (r"^extractor\.([4-7])\.", lambda m: f"backbone.layer{int(m.group(1)) - 3}."),
+                  (r"^fc0\.", "head.reduce."), (r"^emau\.mu$", "head.context.bases"),
+                  (r"^emau\.conv1\.", "head.context.conv_in."), (r"^emau\.conv2\.0\.", "head.context.conv_out."),
+                  (r"^emau\.conv2\.1\.", "head.context.bn_out."), (r"^fc1\.0\.", "head.fuse."),
+                  (r"^fc2\.", "head.classifier.")],
+    "mmseg": [(r"^decode_head\.ema_module\.bases$", "head.context.bases"),
+              (r"^decode_head\.ema_in_conv\.", "head.reduce."),
+              (r"^decode_head\.ema_mid_conv\.conv\.", "head.context.conv_in."),
+              (r"^decode_head\.ema_out_conv\.conv\.", "head.context.conv_out."),
+              (r"^decode_head\.ema_out_conv\.bn\.", "head.context.bn_out."),
+              (r"^decode_head\.bottleneck\.", "head.fuse."), (r"^decode_head\.conv_cat\.", "head.cat."),
+              (r"^decode_head\.conv_seg\.", "head.classifier."), (r"^auxiliary_head\.convs\.0\.", "aux_head.conv."),
+              (r"^auxiliary_head\.conv_seg\.", "aux_head.classifier.")],
+}  # fmt: skip
+
+
+def hand_map(sd, source):
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in HAND[source]:
+            new = re.sub(pattern, repl, k)
+            if new != k:
+                k = new
+                break
+        out[k] = v
+    return out
+
+
+X = torch.randn(2, 3, 33, 33, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these tiny convs run ~10x faster on one thread than on two busy cores (per-op threading overhead)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- full models
+
+
+def test_reference_checkpoint_computes_what_the_reference_computes(tmp_path):
+    sd = reference_state()
+    torch.save({"net": sd, "step": 30000}, tmp_path / "final.pth")
+    res = convert(tmp_path / "final.pth", tmp_path / "model", "reference")
+    assert sorted(s for s, _ in res.mapped) == sorted(sd) and not res.dropped and not res.filled
+    m = res.model_config
+    assert (m.backbone, m.backbone_width, m.stem, m.channels, m.mid_channels, m.num_bases, m.num_classes) == (
+        "resnet50", W, "deep", CH, MID, K, CLS)  # fmt: skip
+    assert (m.head_layout, m.aux, m.align_corners, m.multi_grid, m.renormalize, m.bn_momentum) == (
+        "reference", False, True, True, False, 3e-4)  # fmt: skip
+    loaded = load_model(tmp_path / "model")
+    assert loaded.config.data.std == pytest.approx([0.485, 0.456, 0.406])  # the reference divides by the mean
+    assert (loaded.config.data.eval_pad_multiple, loaded.config.data.eval_pad_offset) == (8, 1)
+    with torch.no_grad():
+        out, expected = loaded.model(X), reference_forward(sd, X)
+        # the same tensors loaded by hand into a hand-configured model give bit-identical logits
+        by_hand = build_model(ModelConfig(backbone="resnet50", backbone_width=W, channels=CH, mid_channels=MID,
+                                          num_bases=K, num_classes=CLS, bn_momentum=3e-4))  # fmt: skip
+        by_hand.load_state_dict(hand_map(sd, "reference"), strict=True)
+        assert torch.equal(by_hand.eval()(X), out)
+    assert out.shape == (2, CLS, 33, 33) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dataparallel_prefix_and_files_without_bn_counters(tmp_path):
+    sd = reference_state(tracked=False)
+    sd["fc2.weight"] = sd["fc2.weight"].half()  # a half-precision tensor: cast (exactly) to float32
+    wrapped = {"module." + k: v for k, v in sd.items()}
+    res = convert_checkpoint({"net": wrapped, "step": 5}, "reference")
+    assert len(res.mapped) == len(sd) and not res.dropped
+    assert res.state_dict["head.classifier.weight"].dtype == torch.float32
+    assert any("torch.float16 -> torch.float32" in n for n in res.notes)
+    assert res.filled and all(k.endswith("num_batches_tracked") for k, _ in res.filled)
+    assert torch.equal(res.state_dict["head.context.bases"], sd["emau.mu"])
+    sd["fc2.weight"] = sd["fc2.weight"].float()
+    torch.testing.assert_close(res.model(X), reference_forward(sd, X), atol=1e-4, rtol=1e-4)
+
+
+def test_mmseg_checkpoint_computes_what_mmseg_computes(tmp_path):
+    sd = mmseg_state()
+    meta = {"CLASSES": [f"c{i}" for i in range(CLS)], "PALETTE": [[i, 2 * i, 3 * i] for i in range(CLS)],
+            "config": MMSEG_CONFIG.replace("TO_RGB", "True")}  # fmt: skip
+    torch.save({"state_dict": sd, "meta": meta}, tmp_path / "iter_80000.pth")
+    res = convert(tmp_path / "iter_80000.pth", tmp_path / "model", "mmseg")
+    assert sorted(s for s, _ in res.mapped) == sorted(sd) and not res.dropped
+    m = res.model_config
+    assert (m.stem, m.head_layout, m.aux, m.aux_channels, m.align_corners, m.multi_grid, m.renormalize) == (
+        "v1c", "mmseg", True, 6, False, False, True)  # fmt: skip
+    loaded = load_model(tmp_path / "model")
+    assert loaded.class_names == [f"c{i}" for i in range(CLS)] and loaded.palette[2] == (2, 4, 6)
+    assert (loaded.config.eval.mode, loaded.config.eval.crop_size, loaded.config.eval.stride) == (
+        "slide", [769, 769], [513, 513])  # fmt: skip
+    assert loaded.config.data.mean == pytest.approx([0.485, 0.456, 0.406])
+    with torch.no_grad():
+        out = loaded.model(X)
+        by_hand = build_model(ModelConfig(backbone="resnet50", backbone_width=W, stem="v1c", multi_grid=False,
+                                          head_layout="mmseg", channels=CH, mid_channels=MID, num_bases=K,
+                                          num_classes=CLS, aux=True, aux_channels=6, align_corners=False,
+                                          renormalize=True))  # fmt: skip
+        by_hand.load_state_dict(hand_map(sd, "mmseg"), strict=True)
+        assert torch.equal(by_hand.eval()(X), out)
+    torch.testing.assert_close(out, mmseg_forward(sd, X), atol=1e-4, rtol=1e-4)
+
+
+def test_mmseg_without_concat_or_aux_and_a_bgr_model():
+    sd = mmseg_state(concat=False, aux=False)
+    meta = {"config": MMSEG_CONFIG.replace("TO_RGB", "False")}
+    res = convert_checkpoint({"state_dict": sd, "meta": meta}, "mmseg")
+    assert (res.model_config.head_layout, res.model_config.aux) == ("reference", False)
+    # the BGR network fed BGR input == the converted network fed the same pixels as RGB
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(X), mmseg_forward(sd, X.flip(1)), atol=1e-4, rtol=1e-4)
+
+
+def test_aux_head_can_be_left_out_and_overrides_apply():
+    sd = mmseg_state()
+    res = convert_checkpoint({"state_dict": sd}, "mmseg", overrides=["model.aux=false", "model.eval_stages=5"])
+    assert res.model_config.aux is False and res.model_config.eval_stages == 5
+    aux = {k for k in sd if k.startswith("auxiliary_head.")}
+    assert {k for k, _ in res.dropped} == aux and all("aux" in why for _, why in res.dropped)
+    assert {k for k, _ in res.mapped} | aux == set(sd)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+@pytest.mark.parametrize(
+    "source, stem, name, builder",
+    [
+        ("torchvision", "standard", "resnet18", lambda sd, g: _trunk(
+            sd, g, stem="standard", stages=[f"layer{i}." for i in range(1, 5)], blocks=(2, 2, 2, 2),
+            bottleneck=False, fc=True)),
+        # PyTorch-Encoding's deep-stem files, from before BN counted its batches
+        ("reference-backbone", "deep", "resnet50", lambda sd, g: _trunk(
+            sd, g, stem="deep:conv1.:bn1.", stages=[f"layer{i}." for i in range(1, 5)], blocks=R50, tracked=False,
+            fc=True)),
+        # an mmcls/mmpretrain ImageNet checkpoint: backbone.* plus a classifier head
+        ("mmseg-backbone", "v1c", "resnet50", lambda sd, g: _trunk(
+            sd, g, stem="v1c:backbone.stem.", stages=[f"backbone.layer{i}." for i in range(1, 5)], blocks=R50)),
+    ],
+)  # fmt: skip
+def test_backbone_conversions_load_strictly(tmp_path, source, stem, name, builder):
+    sd = {}
+    builder(sd, torch.Generator().manual_seed(3))
+    if source == "mmseg-backbone":
+        sd["head.fc.weight"], sd["head.fc.bias"] = torch.randn(10, 8 * W * 4), torch.randn(10)
+    res = convert(sd, tmp_path / "bb.safetensors", source)
+    assert res.backbone == {"backbone": name, "backbone_width": W, "stem": stem}
+    assert {k for k, _ in res.mapped} | {k for k, _ in res.dropped} == set(sd)
+    assert {k for k, _ in res.dropped} == {k for k in sd if "fc." in k}
+    backbone = BACKBONES[name](stem=stem, width=W)
+    backbone.load_state_dict(res.state_dict, strict=True)
+    for src_key, dst_key in res.mapped:
+        assert torch.equal(backbone.state_dict()[dst_key], sd[src_key])
+    # the written file is what model.pretrained_backbone loads (strictly)
+    model = build_model(ModelConfig(backbone=name, backbone_width=W, stem=stem, channels=CH, mid_channels=MID,
+                                    num_bases=K, pretrained_backbone=str(tmp_path / "bb.safetensors")))  # fmt: skip
+    src_key, dst_key = res.mapped[-1]
+    assert torch.equal(model.backbone.state_dict()[dst_key], sd[src_key])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_checkpoints_are_errors_naming_the_key():
+    sd = reference_state()
+    with pytest.raises(ValueError, match=r"extractor\.9\.weight"):
+        convert_checkpoint({**sd, "extractor.9.weight": torch.zeros(1)}, "reference")
+    bad = dict(sd, **{"emau.conv2.0.weight": torch.zeros(CH, CH + 1, 1, 1)})
+    with pytest.raises(ValueError, match=r"emau\.conv2\.0\.weight -> head\.context\.conv_out\.weight: source "
+                                         r"\(16, 17, 1, 1\) vs model \(16, 16, 1, 1\)"):  # fmt: skip
+        convert_checkpoint(bad, "reference")
+    with pytest.raises(ValueError, match=r"head\.fuse\.bn\.running_var \(source key fc1\.0\.bn\.running_var\)"):
+        convert_checkpoint({k: v for k, v in sd.items() if k != "fc1.0.bn.running_var"}, "reference")
+    with pytest.raises(ValueError, match="look like a 'mmseg' checkpoint"):
+        convert_checkpoint(mmseg_state(), "reference")
+    with pytest.raises(ValueError, match="use --from reference-backbone"):
+        convert_checkpoint({k: v for k, v in sd.items() if k.startswith("extractor.")}, "torchvision")
+    deep = {}
+    _trunk(deep, torch.Generator(), stem="deep:conv1.:bn1.", stages=[f"layer{i}." for i in range(1, 5)], blocks=R50)
+    with pytest.raises(ValueError, match="'deep' stem: use --from reference-backbone"):
+        convert_checkpoint(deep, "torchvision")
+
+
+def test_mmseg_dilated_basic_block_is_refused():
+    sd = mmseg_state(blocks=(2, 2, 2, 2), bottleneck=False, concat=False, aux=False)
+    with pytest.raises(ValueError, match="BasicBlock dilates only its first"):
+        convert_checkpoint({"state_dict": sd}, "mmseg")
+    res = convert_checkpoint({"state_dict": sd}, "mmseg", overrides=["model.output_stride=32"])
+    assert res.model_config.backbone == "resnet18"
+
+
+def test_cli_convert(tmp_path, capsys):
+    torch.save({"net": reference_state()}, tmp_path / "ref.pth")
+    assert main(["convert", "--from", "reference", str(tmp_path / "ref.pth"), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "mapped " in printed and "resnet50" in printed and (tmp_path / "out" / "config.json").is_file()
+    # an existing destination is not overwritten without --overwrite; a missing source is a message
+    assert main(["convert", "--from", "reference", str(tmp_path / "ref.pth"), str(tmp_path / "out")]) == 2
+    assert main(["convert", "--from", "mmseg", str(tmp_path / "nope.pth"), str(tmp_path / "o2")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_mmseg_1x_meta_and_unsupported_backbone_layouts():
+    cfg = MMSEG_CONFIG.replace("to_rgb=TO_RGB", "bgr_to_rgb=True").replace("img_norm_cfg", "data_preprocessor")
+    meta = {"dataset_meta": {"classes": ("road", "car"), "palette": [[1, 2, 3], [4, 5, 6]]}, "cfg": cfg}
+    out = parse_mmseg_meta(meta)
+    assert out["class_names"] == ["road", "car"] and out["palette"] == [(1, 2, 3), (4, 5, 6)]
+    assert out["model"] == {"num_stages": 3, "momentum": 0.1, "dropout": 0.1, "align_corners": False,
+                            "output_stride": 8} and "bgr" not in out  # fmt: skip
+    assert out["data"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+    with pytest.raises(ValueError, match="contract_dilation"):
+        parse_mmseg_meta({"cfg": cfg.replace("contract_dilation=True", "contract_dilation=False")})
+    with pytest.raises(ValueError, match="only the d8/d16/d32 layouts"):
+        parse_mmseg_meta({"cfg": cfg.replace("dilations=(1, 1, 2, 4)", "dilations=(1, 1, 1, 4)")})
+
+
+def test_pickled_objects_need_allow_pickle(tmp_path):
+    torch.save({"net": reference_state(), "args": argparse.Namespace(lr=0.009)}, tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        convert_checkpoint(tmp_path / "ckpt.pth", "reference")
+    assert convert_checkpoint(tmp_path / "ckpt.pth", "reference", allow_pickle=True).model_config.num_bases == K
