@@ -62,3 +62,18 @@ def test_out_of_range_train_id_names_file(make_cityscapes):
     root, _ = make_cityscapes(labels=[bad, bad, bad])
     with pytest.raises(ValueError, match=r"aachen_000000_000019_gtFine_labelTrainIds\.png.*\[19\]"):
         CityscapesDataset(root, "train").read(0)
+
+
+def test_lenient_build_lists_unpaired_files(make_cityscapes):
+    root, _ = make_cityscapes()
+    (root / "gtFine/train/aachen/aachen_000001_000019_gtFine_labelTrainIds.png").unlink()
+    orphan = root / "gtFine/train/bremen/bremen_000009_000019_gtFine_labelTrainIds.png"
+    orphan.write_bytes(b"")
+    ds = CityscapesDataset(root, "train", strict=False)
+    assert [ds.name(i) for i in range(len(ds))] == ["aachen/aachen_000000_000019", "bremen/bremen_000000_000019"]
+    assert [(e.kind, e.path.rsplit("/", 1)[-1]) for e in ds.problems] == [
+        ("missing_pair", "aachen_000001_000019_leftImg8bit.png"),
+        ("missing_pair", "bremen_000009_000019_gtFine_labelTrainIds.png"),
+    ]
+    assert ds.problems[0].reason.startswith("image without a label")
+    assert ds.problems[1].reason.startswith("label without an image")

@@ -65,8 +65,9 @@ def test_missing_pieces(make_folder, tmp_path):
         FolderDataset(root, "val")
     (root / "images/val").mkdir()
     (root / "masks/val").mkdir()
-    with pytest.raises(ValueError, match=r"empty.*images/val"):
+    with pytest.raises(DataError, match=r"images/val: split 'val' is empty") as info:
         FolderDataset(root, "val")
+    assert info.value.kind == "empty_split"
     (root / "palette.txt").write_text("1 2 3\n")
     with pytest.raises(ValueError, match="1 colours for 3 classes"):
         FolderDataset(root, "train")

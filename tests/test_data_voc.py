@@ -103,15 +103,26 @@ def test_out_of_range_label_names_file_and_values(make_voc):
     label[3, 4], label[5, 6] = 21, 40
     write_gray_png(root / "VOCdevkit/VOC2012/SegmentationClass/2007_000033.png", label)
     ds = VOCDataset(root, "train")
-    with pytest.raises(ValueError, match=r"2007_000033\.png.*\[21, 40\]"):
+    with pytest.raises(DataError, match=r"2007_000033\.png: label values \[21, 40\] on \[1, 1\] pixels") as info:
         ds.read(1)
+    assert info.value.kind == "label_values" and info.value.details == {"values": [21, 40], "counts": [1, 1]}
+
+
+def test_file_removed_after_listing_is_a_data_error(make_voc):
+    root, _ = make_voc()
+    ds = VOCDataset(root, "train")
+    (root / "VOCdevkit/VOC2012/JPEGImages/2007_000032.jpg").unlink()
+    with pytest.raises(DataError, match=r"2007_000032\.jpg: file not found") as info:
+        ds.read(0)
+    assert info.value.kind == "missing_pair"
 
 
 def test_size_mismatch_names_both_files(make_voc):
     root, _ = make_voc()
     write_image(root / "VOCdevkit/VOC2012/JPEGImages/2007_000032.jpg", np.random.default_rng(0), size=(20, 23))
-    with pytest.raises(DataError, match=r"2007_000032\.png.*2007_000032\.jpg"):
+    with pytest.raises(DataError, match=r"2007_000032\.png.*2007_000032\.jpg") as info:
         VOCDataset(root, "train").read(0)
+    assert info.value.kind == "size_mismatch"
 
 
 def test_build_dataset_by_name(make_voc):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .ade import ADE20KDataset
-from .base import DataError, SegmentationDataset, read_image, read_label, worker_init_fn
+from .base import KINDS, DataError, SegmentationDataset, SkipBadSamples, read_image, read_label, worker_init_fn
+from .check import Problem, Report, check_data_config, check_dataset, check_split, colour_mask_to_index
 from .cityscapes import CityscapesDataset, cityscapes_label_lut
 from .folder import FolderDataset
 from .palettes import (
@@ -58,7 +59,11 @@ def build_dataset(
     transform=None,
     **kwargs,
 ) -> SegmentationDataset:
-    """``DATASETS[name](root, split, transform=..., **kwargs)``; "synthetic" takes no root."""
+    """``DATASETS[name](root, split, transform=..., **kwargs)``; "synthetic" takes no root.
+
+    The folder datasets take ``strict=False`` to drop unpaired files into ``dataset.problems`` instead of
+    raising (``check_dataset`` does that).
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     cls = DATASETS[name]
@@ -84,21 +89,29 @@ __all__ = [
     "FolderDataset",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "KINDS",
     "PadToMultiple",
     "PadToSize",
+    "Problem",
     "REFERENCE_SCALES",
     "RandomCrop",
     "RandomHorizontalFlip",
     "RandomScale",
+    "Report",
     "Resize",
     "SceneConfig",
     "SegmentationDataset",
+    "SkipBadSamples",
     "SyntheticContextDataset",
     "ToTensorNormalize",
     "VOCDataset",
     "VOC_CLASSES",
     "VOC_PALETTE",
     "build_dataset",
+    "check_data_config",
+    "check_dataset",
+    "check_split",
+    "colour_mask_to_index",
     "cityscapes_label_lut",
     "distinct_palette",
     "eval_transform",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import PairTransform, SegmentationDataset, missing_files_error, require_dir
+from .base import DataError, PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
 from .palettes import ADE20K_CLASSES, ADE20K_PALETTE
 
 ADE_LAYOUT = "ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}/*.jpg|*.png"
@@ -22,7 +22,11 @@ def reduce_zero_label_lut(ignore_index: int = 255) -> np.ndarray:
 
 
 class ADE20KDataset(SegmentationDataset):
-    """ADE20K with "reduce zero label". ``root`` is ADEChallengeData2016 or the folder that holds it."""
+    """ADE20K with "reduce zero label". ``root`` is ADEChallengeData2016 or the folder that holds it.
+
+    ``strict=False`` drops images without annotations and records them, and annotations without images,
+    in ``problems`` (``emanet check-data``); the default raises, listing them.
+    """
 
     def __init__(
         self,
@@ -31,6 +35,7 @@ class ADE20KDataset(SegmentationDataset):
         *,
         transform: PairTransform | None = None,
         seed: int = 0,
+        strict: bool = True,
     ):
         if split not in ADE_SPLITS:
             raise ValueError(f"ADE20K split must be one of {sorted(ADE_SPLITS)}, got {split!r}")
@@ -41,18 +46,25 @@ class ADE20KDataset(SegmentationDataset):
         label_dir = require_dir(base / "annotations" / folder, ADE_LAYOUT)
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not images:
-            raise ValueError(f"no images in {image_dir}; expected {ADE_LAYOUT}")
+            raise DataError(image_dir, f"split {split!r} is empty: no images; expected {ADE_LAYOUT}",
+                            kind="empty_split")  # fmt: skip
         labels = [label_dir / f"{p.stem}.png" for p in images]
-        missing = [p for p in labels if not p.is_file()]
-        if missing:
-            raise missing_files_error("annotations", missing, f"one PNG per image of {image_dir}")
+        missing = {p for p in labels if not p.is_file()}
+        if missing and strict:
+            raise missing_files_error("annotations", sorted(missing), f"one PNG per image of {image_dir}")
+        problems = [unpaired_error(img, lbl, "paired by name") for img, lbl in zip(images, labels) if lbl in missing]
+        if not strict:
+            stems = {p.stem for p in images}
+            orphans = sorted(p for p in label_dir.glob("*.png") if p.stem not in stems)
+            problems += [unpaired_error(image_dir / f"{p.stem}.jpg", p, "paired by name") for p in orphans]
         super().__init__(
-            list(zip(images, labels)),
+            [(img, lbl) for img, lbl in zip(images, labels) if lbl not in missing],
             classes=ADE20K_CLASSES,
             palette=ADE20K_PALETTE,
             lut=reduce_zero_label_lut(),
             transform=transform,
             seed=seed,
         )
+        self.problems = problems
         self.root = base
         self.split = folder

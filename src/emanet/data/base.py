@@ -24,30 +24,95 @@ PairTransform = Callable[[Image.Image, np.ndarray, np.random.Generator], tuple]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class DataError(ValueError):
-    """A problem with one data file; ``path`` names it so callers can report or skip it."""
+# The kinds of data problem, shared by the error raised at training time and `emanet check-data`'s report.
+KINDS = {
+    "unreadable": "not an image file Pillow can decode",
+    "truncated": "the file ends early (an interrupted copy or download)",
+    "size_mismatch": "image and label sizes differ",
+    "label_values": "label values outside 0..C-1 that are not the ignore index",
+    "label_mode": "the label is not a single-channel 8-bit PNG (colour-coded, 16-bit, alpha)",
+    "missing_pair": "an image without a label, a label without an image, or a listed id without files",
+    "duplicate": "two files share a sample name",
+    "empty_split": "the split has no samples",
+    "layout": "a folder, class list or split list is missing",
+    "num_classes": "the dataset's class count differs from model.num_classes",
+    "dataset": "the dataset cannot be built (see the message)",
+}
 
-    def __init__(self, path: str | Path, message: str):
-        super().__init__(f"{path}: {message}")
+
+class DataError(ValueError):
+    """A problem with one data file: ``path`` names it, ``reason`` says what is wrong, ``kind`` is a key of
+    ``KINDS`` and ``details`` holds figures (bad values and counts, sizes) for reports.
+
+    ``str(e)`` is ``"path: reason"``. One argument (``DataError(message)``) is accepted too, so that
+    DataLoader workers can re-raise it in the main process as a ``DataError`` with the full message.
+    """
+
+    def __init__(self, path: str | Path, reason: str | None = None, *, kind: str = "unreadable", details=None):
+        if reason is None:
+            path, reason = _from_worker(str(path))
+        super().__init__(f"{path}: {reason}" if path else reason)
         self.path = str(path)
+        self.reason = reason
+        self.kind = kind
+        self.details = dict(details or {})
+
+    def __reduce__(self):  # keep kind and details through pickling (multiprocessing)
+        return type(self), (self.path, self.reason), {"kind": self.kind, "details": self.details}
+
+
+def _from_worker(message: str) -> tuple[str, str]:
+    """Split a one-argument message into (path, reason). DataLoader re-raises a worker's error as
+    ``DataError("Caught DataError in DataLoader worker process N.\\nOriginal Traceback ...")``: keep the
+    original last line ("path: reason") and say where it came from, without the traceback text."""
+    lines = message.strip().splitlines()
+    if len(lines) < 2 or "Original Traceback" not in message or "DataError: " not in lines[-1]:
+        return "", message
+    path, _, reason = lines[-1].split("DataError: ", 1)[1].partition(": ")
+    where = lines[0].removeprefix("Caught DataError in ").rstrip(".")
+    if not reason or not Path(path).exists():
+        return "", f"{path}: {reason} (in {where})" if reason else f"{path} (in {where})"
+    return path, f"{reason} (in {where})"
+
+
+def decode_error(path: str | Path, what: str, error: BaseException) -> DataError:
+    """A Pillow failure on ``path`` as a DataError: "truncated" when the file ends early, else "unreadable"."""
+    text = str(error)
+    if "truncated" in text.lower():  # Pillow words it differently in verify() and load(): one message for both
+        return DataError(path, f"{what} file is truncated: it ends before its pixel data does; copy or download it "
+                         "again", kind="truncated", details={"pillow": text})  # fmt: skip
+    return DataError(path, f"cannot read {what} ({type(error).__name__}: {text})", kind="unreadable")
+
+
+# What Pillow raises on a broken file: OSError (UnidentifiedImageError, "image file is truncated"),
+# SyntaxError/ValueError from some decoders, DecompressionBombError for absurd sizes.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, applying its EXIF orientation (as viewers and phones do)."""
+    """Open an image as RGB, applying its EXIF orientation (as viewers and phones do).
+
+    The pixels are decoded here, so a truncated file raises ``DataError`` (kind "truncated") instead of
+    coming back padded; that relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` staying False (the default).
+    """
     try:
         with Image.open(path) as img:
             return ImageOps.exif_transpose(img).convert("RGB")
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot read image ({e})") from e
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "image", e) from e
+
+
+LABEL_EXPECTED = "expected a single-channel 8-bit PNG (mode 'P' or 'L') whose pixel values are class indices"
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV", "LAB")
 
 
 def read_label(path: str | Path) -> np.ndarray:
     """Read a label PNG as a (H, W) uint8 array of class indices.
 
     Only single-channel 8-bit files are labels: mode "P" (palette; ``np.array`` gives the indices, never the
-    colours) or "L". Colour or 16-bit files are rejected rather than guessed at.
+    colours) or "L". Colour, 16-bit or alpha files are rejected (kind "label_mode") rather than guessed at.
     """
     try:
         with Image.open(path) as img:
@@ -58,18 +123,32 @@ def read_label(path: str | Path) -> np.ndarray:
             img.load()
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot read label ({e})") from e
-    expected = "expected a single-channel 8-bit PNG (mode 'P' or 'L') whose pixel values are class indices"
-    if mode in ("RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "HSV"):
-        raise DataError(
-            path,
-            f"label is a colour image (mode {mode!r}); {expected}. Convert colour-coded masks to indices "
-            "with the dataset palette first.",
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "label", e) from e
+    raise label_mode_error(path, mode)
+
+
+def label_mode_error(path: str | Path, mode: str) -> DataError:
+    if mode in COLOUR_MODES:
+        reason = (
+            f"label is a colour image (mode {mode!r}): it looks like a colour-coded mask; {LABEL_EXPECTED}. "
+            "Convert it to class indices with the dataset palette (emanet.data.colour_mask_to_index, "
+            "see docs/check-data.md) and save it as a mode 'P' PNG (emanet.data.index_image)"
         )
-    if mode.startswith("I") or mode == "F":
-        raise DataError(path, f"label is a 16/32-bit image (mode {mode!r}); {expected} (0..254, 255 = ignore)")
-    raise DataError(path, f"label has unsupported mode {mode!r}; {expected}")
+    elif mode.startswith("I") or mode == "F":
+        reason = (
+            f"label is a 16/32-bit image (mode {mode!r}); {LABEL_EXPECTED} (0..254, 255 = ignore). If its values "
+            "are class indices below 256, re-save it as 8-bit: "
+            "Image.fromarray(np.array(Image.open(path)).astype(np.uint8)).save(path)"
+        )
+    elif mode in ("LA", "PA", "La"):
+        reason = (
+            f"label has an alpha channel (mode {mode!r}); {LABEL_EXPECTED}. Keep the index channel: "
+            "Image.open(path).getchannel(0).save(path)"
+        )
+    else:
+        reason = f"label has unsupported mode {mode!r}; {LABEL_EXPECTED}"
+    return DataError(path, reason, kind="label_mode", details={"mode": mode})
 
 
 def _describe_names(names: Sequence[str], limit: int = 10) -> str:
@@ -113,6 +192,8 @@ class SegmentationDataset(Dataset):
         self._names = None if names is None else list(names)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        # problems tolerated while building (unpaired files dropped with strict=False), for check_dataset
+        self.problems: list[DataError] = []
 
     @property
     def num_classes(self) -> int:
@@ -135,33 +216,55 @@ class SegmentationDataset(Dataset):
         self.rng = np.random.default_rng(seed)
 
     def read(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        """The raw pair before transforms: PIL RGB image and (H, W) uint8 label (LUT applied, checked)."""
+        """The raw pair before transforms: PIL RGB image and (H, W) uint8 label (LUT applied, checked).
+
+        Every problem raises ``DataError`` naming the file, with the same messages as ``emanet check-data``.
+        """
         image_path, label_path = self.samples[index]
-        image = read_image(image_path)
+        image = _read_listed(read_image, image_path)
         if label_path is None:
             return image, np.full((image.height, image.width), self.ignore_index, dtype=np.uint8)
-        label = read_label(label_path)
+        label = _read_listed(read_label, label_path)
+        self.check_size(image, label, image_path, label_path)
+        return image, self.map_label(label, label_path)
+
+    def check_size(self, image: Image.Image, label: np.ndarray, image_path, label_path) -> None:
         if label.shape != (image.height, image.width):
             raise DataError(
                 label_path,
                 f"label is {label.shape[1]}x{label.shape[0]} (WxH) but its image {image_path} is "
                 f"{image.width}x{image.height}; image and label must have the same size",
+                kind="size_mismatch",
+                details={"image_size": [image.width, image.height], "label_size": [label.shape[1], label.shape[0]]},
             )
-        if self.lut is not None:
-            label = self.lut[label]
-        self.check_label(label, label_path)
-        return image, label
 
-    def check_label(self, label: np.ndarray, path: str | Path) -> None:
-        """Raise ``DataError`` naming the file if a value is >= num_classes and not the ignore index."""
+    def map_label(self, label: np.ndarray, path: str | Path) -> np.ndarray:
+        """Apply the label LUT (if any) and check the range; errors quote the values as stored in the file."""
+        mapped = label if self.lut is None else self.lut[label]
+        self.check_label(mapped, path, raw=None if self.lut is None else label)
+        return mapped
+
+    def check_label(self, label: np.ndarray, path: str | Path, raw: np.ndarray | None = None) -> None:
+        """Raise ``DataError`` naming the file (with the bad values and their pixel counts) if a value is
+        >= num_classes and not the ignore index. ``raw``: the file's values before the LUT, for the message."""
         bad = (label >= self.num_classes) & (label != self.ignore_index)
-        if bad.any():
-            values = np.unique(label[bad]).tolist()
-            raise DataError(
-                path,
-                f"label values {values} are out of range for {self.num_classes} classes "
-                f"(valid: 0..{self.num_classes - 1}, {self.ignore_index} = ignore)",
-            )
+        if not bad.any():
+            return
+        values, counts = np.unique(label[bad], return_counts=True)
+        reason = f"label values {values.tolist()}"
+        details = {"values": values.tolist(), "counts": counts.tolist()}
+        if raw is not None:
+            raw_values, raw_counts = np.unique(raw[bad], return_counts=True)
+            reason = f"label file values {raw_values.tolist()} (after the dataset's label mapping: {values.tolist()})"
+            details = {"values": raw_values.tolist(), "counts": raw_counts.tolist(), "mapped": values.tolist()}
+            counts = raw_counts
+        raise DataError(
+            path,
+            f"{reason} on {counts.tolist()} pixels are out of range for {self.num_classes} classes "
+            f"(valid: 0..{self.num_classes - 1}, {self.ignore_index} = ignore)",
+            kind="label_values",
+            details=details,
+        )
 
     def __getitem__(self, index: int):
         image, label = self.read(index)
@@ -171,6 +274,15 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(len={len(self)}, num_classes={self.num_classes})"
+
+
+def _read_listed(reader, path: Path):
+    """A listed file that has disappeared since the dataset was built is a DataError too (skippable)."""
+    try:
+        return reader(path)
+    except FileNotFoundError as e:
+        raise DataError(path, f"file not found ({e.strerror}); it was listed when the dataset was built",
+                        kind="missing_pair") from e  # fmt: skip
 
 
 def _find_datasets(dataset) -> list:
@@ -200,6 +312,63 @@ def worker_init_fn(worker_id: int) -> None:
             ds.reseed(seed)
 
 
+class SkipBadSamples(Dataset):
+    """Opt-in skip-and-count: a sample whose files raise ``DataError`` is replaced by the next one.
+
+    For index i that fails, ``path<TAB>reason`` is appended to ``log_path`` (opened in append mode for each
+    line, so DataLoader workers can share the file and nothing already written is lost), ``skipped`` grows by
+    one (a count for this process: each worker keeps its own) and index (i + 1) % len is tried, then the
+    next, deterministically. After ``max_tries`` samples in a row (the requested one included) fail, the
+    last error is raised as a ``DataError`` saying so: a dataset that bad needs ``emanet check-data``.
+    """
+
+    def __init__(self, dataset, log_path: str | Path | None = None, max_tries: int = 16):
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        self.dataset = dataset
+        self.log_path = None if log_path is None else Path(log_path)
+        self.max_tries = max_tries
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # classes, palette, name(), ... of the wrapped dataset
+        if name == "dataset":  # not set yet (unpickling): avoid recursing into ourselves
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def log(self, error: DataError) -> None:
+        self.skipped += 1
+        if self.log_path is not None:
+            reason = " ".join(error.reason.split())  # one line per sample, tabs and newlines flattened
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(f"{error.path}\t{reason}\n")
+
+    def __getitem__(self, index: int):
+        n = len(self.dataset)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        i = index % n
+        for _ in range(min(self.max_tries, n)):
+            try:
+                return self.dataset[i]
+            except DataError as e:
+                self.log(e)
+                error = e
+            i = (i + 1) % n
+        raise DataError(
+            error.path,
+            f"too many consecutive bad samples: {min(self.max_tries, n)} in a row from index {index} failed "
+            f"(max_tries={self.max_tries}); the last: {error.reason}. Run `emanet check-data` on this dataset",
+            kind=error.kind,
+            details=error.details,
+        ) from error
+
+    def __repr__(self) -> str:
+        return f"SkipBadSamples({self.dataset!r}, skipped={self.skipped})"
+
+
 def find_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Files under ``folder`` (recursively) with one of ``suffixes`` (case-insensitive), sorted."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
@@ -215,10 +384,19 @@ def read_split_file(path: Path) -> list[str]:
     """Ids from a split list: first token per line, reduced to its stem ('JPEGImages/x.jpg ...' works)."""
     ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
     if not ids:
-        raise ValueError(f"split list {path} is empty")
+        raise DataError(path, "split list is empty; expected one image id per line", kind="empty_split")
     return ids
 
 
 def missing_files_error(what: str, missing: Sequence[Path], where: str) -> FileNotFoundError:
     names = [str(p) for p in missing]
     return FileNotFoundError(f"{len(names)} {what} not found ({where}): {_describe_names(names)}")
+
+
+def unpaired_error(image: Path, label: Path, source: str) -> DataError:
+    """The "missing_pair" problem for an expected (image, label) pair where one or both files are absent."""
+    if not image.is_file() and not label.is_file():
+        return DataError(image, f"{source}: neither the image nor its label {label} exists", kind="missing_pair")
+    if not label.is_file():
+        return DataError(image, f"image without a label: {label} not found ({source})", kind="missing_pair")
+    return DataError(label, f"label without an image: {image} not found ({source})", kind="missing_pair")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import PairTransform, SegmentationDataset, missing_files_error, require_dir
+from .base import DataError, PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
 from .palettes import CITYSCAPES_CLASSES, CITYSCAPES_EVAL_LABEL_IDS, CITYSCAPES_PALETTE
 
 CITYSCAPES_LAYOUT = (
@@ -28,7 +28,8 @@ class CityscapesDataset(SegmentationDataset):
 
     Uses ``*_gtFine_labelTrainIds.png`` (made by cityscapesScripts) when every image has one, otherwise the
     raw ``*_gtFine_labelIds.png`` mapped to train ids with a lookup table. The "test" split, whose labels are
-    not public, may have no gtFine folder; its masks read as all-ignore.
+    not public, may have no gtFine folder; its masks read as all-ignore. ``strict=False`` drops images
+    without labels and records them, and labels without images, in ``problems`` (``emanet check-data``).
     """
 
     def __init__(
@@ -38,29 +39,42 @@ class CityscapesDataset(SegmentationDataset):
         *,
         transform: PairTransform | None = None,
         seed: int = 0,
+        strict: bool = True,
     ):
         root = Path(root)
         image_dir = require_dir(root / "leftImg8bit" / split, CITYSCAPES_LAYOUT)
         images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         if not images:
-            raise ValueError(f"no */*_leftImg8bit.png images in {image_dir}; expected {CITYSCAPES_LAYOUT}")
+            raise DataError(image_dir, f"split {split!r} is empty: no */*_leftImg8bit.png images; expected "
+                            f"{CITYSCAPES_LAYOUT}", kind="empty_split")  # fmt: skip
         stems = [p.name[: -len("_leftImg8bit.png")] for p in images]
         names = [f"{p.parent.name}/{s}" for p, s in zip(images, stems)]
         label_dir = root / "gtFine" / split
         lut = None
+        problems: list[DataError] = []
         if not label_dir.is_dir() and split == "test":
             labels = [None] * len(images)
         else:
             require_dir(label_dir, CITYSCAPES_LAYOUT)
             train_ids = [label_dir / f"{n}_gtFine_labelTrainIds.png" for n in names]
             label_ids = [label_dir / f"{n}_gtFine_labelIds.png" for n in names]
+            unlabelled = [
+                k for k, (p, q) in enumerate(zip(train_ids, label_ids)) if not p.is_file() and not q.is_file()
+            ]
+            if unlabelled and not strict:  # drop them, then pick the label kind among the rest
+                problems = [unpaired_error(images[k], train_ids[k], "or _labelIds.png") for k in unlabelled]
+                keep = [k for k in range(len(images)) if k not in set(unlabelled)]
+                images, names = [images[k] for k in keep], [names[k] for k in keep]
+                train_ids, label_ids = [train_ids[k] for k in keep], [label_ids[k] for k in keep]
+                unlabelled = []
+            if not strict:
+                problems += self._orphan_labels(label_dir, image_dir, set(names))
             if all(p.is_file() for p in train_ids):
                 labels = train_ids
             elif all(p.is_file() for p in label_ids):
                 labels, lut = label_ids, cityscapes_label_lut()
             else:
-                missing = [p for p, q in zip(train_ids, label_ids) if not p.is_file() and not q.is_file()]
-                if not missing:
+                if not unlabelled:
                     missing = [p for p in train_ids if not p.is_file()]
                     raise FileNotFoundError(
                         f"{label_dir} has labelTrainIds for some images and only labelIds for others; "
@@ -69,7 +83,7 @@ class CityscapesDataset(SegmentationDataset):
                     )
                 raise missing_files_error(
                     "label files",
-                    missing,
+                    [train_ids[k] for k in unlabelled],
                     "each image needs <name>_gtFine_labelTrainIds.png or _labelIds.png",
                 )
         super().__init__(
@@ -81,5 +95,17 @@ class CityscapesDataset(SegmentationDataset):
             names=names,
             seed=seed,
         )
+        self.problems = problems
         self.root = root
         self.split = split
+
+    @staticmethod
+    def _orphan_labels(label_dir: Path, image_dir: Path, names: set[str]) -> list[DataError]:
+        found, seen = [], set(names)
+        for suffix in ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png"):
+            for path in sorted(label_dir.glob(f"*/*{suffix}")):
+                name = f"{path.parent.name}/{path.name[: -len(suffix)]}"
+                if name not in seen:  # one report per name, even with both label kinds
+                    seen.add(name)
+                    found.append(unpaired_error(image_dir / f"{name}_leftImg8bit.png", path, "paired by name"))
+        return found

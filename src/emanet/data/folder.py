@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
+from .base import DataError, PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
 from .palettes import distinct_palette, read_palette_file
 
 FOLDER_LAYOUT = (
@@ -25,7 +25,11 @@ def read_classes_file(path: Path) -> list[str]:
 
 
 class FolderDataset(SegmentationDataset):
-    """Images paired with index masks by relative path without suffix; masks are mode "P" or "L" PNGs."""
+    """Images paired with index masks by relative path without suffix; masks are mode "P" or "L" PNGs.
+
+    ``strict=False`` drops unpaired or duplicate files and records them in ``problems`` (``emanet
+    check-data``); the default raises, listing them.
+    """
 
     def __init__(
         self,
@@ -34,29 +38,44 @@ class FolderDataset(SegmentationDataset):
         *,
         transform: PairTransform | None = None,
         seed: int = 0,
+        strict: bool = True,
     ):
         root = Path(root)
         classes = read_classes_file(root / "classes.txt")
         image_dir = require_dir(root / "images" / split, FOLDER_LAYOUT)
         mask_dir = require_dir(root / "masks" / split, FOLDER_LAYOUT)
+        problems: list[DataError] = []
         images: dict[str, Path] = {}
         for path in find_images(image_dir):
             key = path.relative_to(image_dir).with_suffix("").as_posix()
             if key in images:
-                raise ValueError(f"two images share the name {key!r}: {images[key]} and {path}")
+                error = DataError(path, f"another image has the sample name {key!r}: {images[key]}; rename one",
+                                  kind="duplicate")  # fmt: skip
+                if strict:
+                    raise error
+                problems.append(error)
+                continue
             images[key] = path
         masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in find_images(mask_dir, (".png",))}
         if not images and not masks:
-            raise ValueError(f"split {split!r} is empty: no images in {image_dir}; expected {FOLDER_LAYOUT}")
+            raise DataError(image_dir, f"split {split!r} is empty: no images; expected {FOLDER_LAYOUT}",
+                            kind="empty_split")  # fmt: skip
         no_mask = sorted(images.keys() - masks.keys())
         no_image = sorted(masks.keys() - images.keys())
-        if no_mask or no_image:
+        if (no_mask or no_image) and strict:
             parts = []
             if no_mask:
                 parts.append(f"{len(no_mask)} image(s) in {image_dir} without a mask: {_describe_names(no_mask)}")
             if no_image:
                 parts.append(f"{len(no_image)} mask(s) in {mask_dir} without an image: {_describe_names(no_image)}")
-            raise ValueError("unpaired files; " + "; ".join(parts))
+            raise DataError(root, "unpaired files; " + "; ".join(parts), kind="missing_pair")
+        for key in no_mask:
+            problems.append(DataError(images[key], f"image without a mask: {mask_dir / key}.png not found",
+                                      kind="missing_pair"))  # fmt: skip
+        for key in no_image:
+            problems.append(DataError(masks[key], f"mask without an image: no {image_dir / key}.jpg/.jpeg/.png",
+                                      kind="missing_pair"))  # fmt: skip
+        images = {k: v for k, v in images.items() if k in masks}
         names = sorted(images)
         palette_file = root / "palette.txt"
         if palette_file.is_file():
@@ -73,5 +92,6 @@ class FolderDataset(SegmentationDataset):
             names=names,
             seed=seed,
         )
+        self.problems = problems
         self.root = root
         self.split = split

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import PairTransform, SegmentationDataset, missing_files_error, read_split_file
+from .base import PairTransform, SegmentationDataset, missing_files_error, read_split_file, unpaired_error
 from .palettes import VOC_CLASSES, VOC_PALETTE
 
 VOC_LAYOUT = (
@@ -29,6 +29,8 @@ class VOCDataset(SegmentationDataset):
 
     ``aug=True`` reads labels from SegmentationClassAug (the SBD-augmented set); split "train_aug" (or
     "trainaug") implies it and reads the 10,582-id list ImageSets/Segmentation/train_aug.txt.
+    ``strict=False`` drops listed ids whose files are missing and records them in ``problems``
+    (``emanet check-data``); the default raises, listing them.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class VOCDataset(SegmentationDataset):
         aug: bool = False,
         transform: PairTransform | None = None,
         seed: int = 0,
+        strict: bool = True,
     ):
         base = find_voc_root(root)
         aug = aug or split in AUG_SPLITS
@@ -65,8 +68,16 @@ class VOCDataset(SegmentationDataset):
         ids = read_split_file(list_file)
         samples = [(base / "JPEGImages" / f"{i}.jpg", label_dir / f"{i}.png") for i in ids]
         missing = [p for pair in samples for p in pair if not p.is_file()]
-        if missing:
+        if missing and strict:
             raise missing_files_error("files", missing, f"ids listed in {list_file}")
+        problems = [
+            unpaired_error(img, lbl, f"id {name!r} listed in {list_file.name}")
+            for name, (img, lbl) in zip(ids, samples)
+            if not (img.is_file() and lbl.is_file())
+        ]
+        if problems:
+            keep = [k for k, (img, lbl) in enumerate(samples) if img.is_file() and lbl.is_file()]
+            samples, ids = [samples[k] for k in keep], [ids[k] for k in keep]
         super().__init__(
             samples,
             classes=VOC_CLASSES,
@@ -75,5 +86,6 @@ class VOCDataset(SegmentationDataset):
             names=ids,
             seed=seed,
         )
+        self.problems = problems
         self.root = base
         self.split = split
