@@ -1,22 +1,35 @@
-"""Checkpoint files: atomic writes, the latest pointer, keeping k, clear errors for damaged files."""
+"""Checkpoint files: atomic writes, the latest pointer, keeping k, clear errors, fallback past damaged files."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from emanet.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint, save_checkpoint
+from emanet.checkpoint import (
+    FORMAT_VERSION,
+    RESUME_KEYS,
+    atomic_torch_save,
+    checkpoint_candidates,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+
+
+def _state(it: int) -> dict:
+    return {"model": {"w": torch.full((64,), float(it))}, "optimizer": {}, "iteration": it}
 
 
 def test_save_keeps_the_newest_k_and_points_at_the_latest(tmp_path):
     for it in (1, 2, 3, 4):
-        save_checkpoint({"model": {"w": torch.tensor([float(it)])}, "iteration": it}, tmp_path, it, keep=2)
+        save_checkpoint(_state(it), tmp_path, it, keep=2)
     assert sorted(p.name for p in tmp_path.glob("iter_*.pt")) == ["iter_0000003.pt", "iter_0000004.pt"]
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "iter_0000004.pt"
     ckpt = load_checkpoint(latest)
-    assert ckpt["iteration"] == 4 and ckpt["format_version"] == 1 and ckpt["model"]["w"].item() == 4.0
-    assert not list(tmp_path.glob("*.tmp"))
+    assert ckpt["iteration"] == 4 and ckpt["format_version"] == FORMAT_VERSION and ckpt["model"]["w"][0] == 4.0
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_a_failing_save_leaves_the_previous_file_intact(tmp_path):
@@ -33,6 +46,57 @@ def test_a_failing_save_leaves_the_previous_file_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
 
 
+def test_a_save_dying_midway_keeps_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(_state(1), tmp_path, 1)
+
+    def half_written(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial zip")  # some bytes reach the disk, then the process "crashes"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(_state(2), tmp_path, 2)
+    monkeypatch.undo()
+    assert (tmp_path / "latest.txt").read_text().strip() == "iter_0000001.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001.pt", "latest.txt"]
+    assert latest_checkpoint(tmp_path).name == "iter_0000001.pt"
+    assert load_checkpoint(latest_checkpoint(tmp_path))["iteration"] == 1
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_message(tmp_path):
+    for it in (1, 2, 3):
+        save_checkpoint(_state(it), tmp_path, it)
+    newest = tmp_path / "iter_0000003.pt"
+    newest.write_bytes(newest.read_bytes()[:200])  # truncated (e.g. a copy cut short)
+    messages: list[str] = []
+    path, ckpt = load_latest_checkpoint(tmp_path, required=RESUME_KEYS, log=messages.append)
+    assert path.name == "iter_0000002.pt" and ckpt["iteration"] == 2
+    assert len(messages) == 1 and "iter_0000003.pt" in messages[0] and "not a readable checkpoint" in messages[0]
+    with pytest.warns(UserWarning, match="iter_0000003.pt"):  # cli eval / load_model go through this
+        assert latest_checkpoint(tmp_path).name == "iter_0000002.pt"
+
+    # not a zip at all, and a readable file that lacks the keys a resume needs: both skipped
+    (tmp_path / "iter_0000002.pt").write_bytes(b"garbage" * 10)
+    torch.save({"model": {}, "format_version": FORMAT_VERSION}, tmp_path / "iter_0000004.pt")
+    messages.clear()
+    path, _ = load_latest_checkpoint(tmp_path, required=RESUME_KEYS, log=messages.append)
+    assert path.name == "iter_0000001.pt"
+    assert any("missing ['optimizer', 'iteration']" in m for m in messages) and len(messages) == 3
+
+    for p in tmp_path.glob("iter_*.pt"):
+        p.write_bytes(b"")
+    with pytest.warns(UserWarning):
+        assert load_latest_checkpoint(tmp_path) is None
+
+
+def test_candidates_put_the_pointer_first_then_newest_to_oldest(tmp_path):
+    for it in (9, 10, 11):
+        atomic_torch_save(_state(it), tmp_path / f"iter_{it:07d}.pt")
+    (tmp_path / "latest.txt").write_text("iter_0000010.pt\n")
+    names = [p.name for p in checkpoint_candidates(tmp_path)]
+    assert names == ["iter_0000010.pt", "iter_0000011.pt", "iter_0000009.pt"]
+
+
 def test_damaged_and_foreign_files_give_clear_errors(tmp_path):
     path = tmp_path / "iter_0000001.pt"
     atomic_torch_save({"model": {"a": torch.ones(1000)}}, path)
@@ -45,6 +109,10 @@ def test_damaged_and_foreign_files_give_clear_errors(tmp_path):
         load_checkpoint(foreign)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+    future = tmp_path / "future.pt"
+    torch.save({"model": {}, "format_version": FORMAT_VERSION + 1}, future)
+    with pytest.raises(ValueError, match="newer"):
+        load_checkpoint(future)
 
 
 def test_latest_without_pointer_and_empty_folder(tmp_path):

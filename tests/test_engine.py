@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import emanet.data
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.cli import main
 from emanet.engine import param_groups, poly_factor
@@ -21,6 +22,15 @@ TINY = [
     "min_objects: 2}",
     "train.batch_size=2", "train.log_interval=1", "train.device=cpu",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: on a shared 2-core machine the intra-op thread pool costs ~20x more than it saves
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_two_iterations_then_eval_from_the_checkpoint(tmp_path, capsys):
@@ -85,3 +95,25 @@ def test_accumulated_batch_feeds_the_bases_once_per_step(tmp_path):
     ckpt = load_checkpoint(latest_checkpoint(run))
     init = build_model(ModelConfig(**ckpt["config"]["model"]))
     assert not torch.equal(ckpt["model"]["head.context.bases"], init.head.context.bases)
+
+
+def test_bad_samples_are_skipped_and_counted_per_file(make_folder, tmp_path, capsys):
+    root, _ = make_folder(split="train")
+    make_folder(split="val", names=("v",))
+    (root / "images" / "train" / "a.jpg").write_bytes(b"not a jpeg")  # a corrupt training image
+    run = tmp_path / "run"
+    args = ["train", "--no-progress", *TINY, "model.num_classes=3", "data.dataset=folder", f"data.root={root}",
+            "data.train_split=train", "data.crop_size=16", "data.options={}", "data.on_bad_sample=skip",
+            "train.batch_size=3", "train.iterations=2", f"train.out_dir={run}"]  # fmt: skip
+    assert main(args) == 0
+    lines = (run / "bad_samples.txt").read_text().splitlines()
+    assert len(lines) == 2 and all(line.startswith(str(root / "images" / "train" / "a.jpg")) for line in lines)
+    assert json.loads((run / "eval.json").read_text())["train"]["bad_samples"] == 1  # read twice, one file
+    assert "bad training files: 1" in capsys.readouterr().out
+
+
+def test_bad_sample_skipping_without_its_wrapper_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr(emanet.data, "SkipBadSamples", raising=False)
+    args = ["train", *TINY, "data.on_bad_sample=skip", "train.iterations=1", f"train.out_dir={tmp_path}"]
+    assert main(args) == 2
+    assert "needs emanet.data.SkipBadSamples" in capsys.readouterr().err

@@ -1,21 +1,33 @@
-"""Checkpoint files: plain dicts loaded with weights_only=True, written atomically.
+"""Checkpoint files: plain dicts loaded with weights_only=True, written atomically, read with fallback.
 
 A save writes a temporary file in the target folder, fsyncs it, renames it over the target (atomic on
 POSIX) and only then moves the "latest" pointer, so a crash mid-save never leaves a half-written
-checkpoint behind the pointer. The last k checkpoints are kept.
+checkpoint behind the pointer. The last k checkpoints are kept. When the newest checkpoint of a run folder
+is damaged anyway (truncated copy, disk error, not a zip, keys missing), loading reports it and falls back
+to the next older one.
+
+A training checkpoint (format 2) holds: model, optimizer, scaler, schedule, iteration, rng (one state per
+rank), data (epoch and batches consumed), config (resolved), skipped_steps, replicas (per-rank digests).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: model/optimizer/scaler/iteration/config and rank 0's torch RNG only
 LATEST = "latest.txt"
+MODEL_KEYS = ("model",)
+RESUME_KEYS = ("model", "optimizer", "iteration")
+
+Log = Callable[[str], None]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -54,27 +66,83 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path, iteration: int, k
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, required: Sequence[str] = MODEL_KEYS, mmap=False
+) -> dict[str, Any]:
+    """Read a checkpoint; ValueError naming the file when it is damaged, foreign or lacks ``required`` keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or foreign files
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path}: not an emanet checkpoint (expected a dict with 'model'); "
                          "convert checkpoints from other code bases with `emanet convert`")  # fmt: skip
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: damaged or incomplete checkpoint, missing {missing}")
+    version = int(ckpt.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {version} is newer than this emanet reads ({FORMAT_VERSION})")
     return ckpt
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint in a run folder, or None."""
+def _iteration(path: Path) -> int:
+    m = re.fullmatch(r"iter_(\d+)\.pt", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def checkpoint_candidates(folder: str | Path) -> list[Path]:
+    """Checkpoints of a run folder, most preferred first: latest.txt's target, then newest to oldest."""
     folder = Path(folder)
+    found = sorted(folder.glob("iter_*.pt"), key=_iteration, reverse=True)
     pointer = folder / LATEST
     if pointer.is_file():
-        candidate = folder / pointer.read_text().strip()
-        if candidate.is_file():
-            return candidate
-    found = sorted(folder.glob("iter_*.pt"))
-    return found[-1] if found else None
+        target = folder / pointer.read_text().strip()
+        if target in found:
+            found.remove(target)
+            found.insert(0, target)
+    return found
+
+
+def _report(message: str, log: Log | None) -> None:
+    if log is not None:
+        log(message)
+    else:
+        warnings.warn(message, stacklevel=3)
+
+
+def load_latest_checkpoint(
+    folder: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    required: Sequence[str] = MODEL_KEYS,
+    log: Log | None = None,
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``folder`` that loads and has ``required`` keys, or None if there is none.
+
+    Each damaged newer one is reported (``log``, else a warning) and skipped.
+    """
+    for path in checkpoint_candidates(folder):
+        try:
+            return path, load_checkpoint(path, map_location, required=required)
+        except (ValueError, OSError) as e:
+            _report(f"skipping damaged checkpoint: {e}; trying an older one", log)
+    return None
+
+
+def latest_checkpoint(folder: str | Path, *, log: Log | None = None) -> Path | None:
+    """The newest readable checkpoint in a run folder, or None.
+
+    Damaged newer files are reported and skipped. The check reads the file's index and pickled structure
+    memory-mapped, so it costs little even for large checkpoints.
+    """
+    for path in checkpoint_candidates(folder):
+        try:
+            load_checkpoint(path, required=MODEL_KEYS, mmap=True)
+            return path
+        except (ValueError, OSError) as e:
+            _report(f"skipping damaged checkpoint: {e}; trying an older one", log)
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class TrainConfig:
     max_eval_images: int = 0  # 0 = the whole validation split
     on_nonfinite: str = "stop"  # stop: end the run naming the iteration; skip: drop the step and count it
     sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA (plain BN on CPU/gloo)
+    max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row (0 = never)
+    freeze_bn: bool = False  # BN layers in eval mode: running statistics used, never updated (small batches)
 
 
 @dataclass
@@ -99,28 +102,167 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Refuse impossible combinations before anything runs."""
-        checks = [
-            (self.train.iterations >= 1, "train.iterations must be >= 1"),
-            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
-            (self.train.accum_steps >= 1, "train.accum_steps must be >= 1"),
-            (self.train.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
-            (self.data.crop_size >= 1, "data.crop_size must be >= 1"),
-            (len(self.data.scales) >= 1 and min(self.data.scales) > 0, "data.scales must be positive"),
-            (self.loss.reduction in ("all", "valid"), "loss.reduction must be 'all' or 'valid'"),
-            (self.eval.mode in ("whole", "slide"), "eval.mode must be 'whole' or 'slide'"),
-            (self.eval.mode != "slide" or (self.eval.crop_size and self.eval.stride),
-             "eval.mode=slide needs eval.crop_size and eval.stride"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
-            (self.train.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
-            (self.data.on_bad_sample in ("raise", "skip"), "data.on_bad_sample must be 'raise' or 'skip'"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        """Refuse impossible values before anything runs: every problem found, each naming its key and what
+        is expected (one problem: its message; several: one per line)."""
+        errors = validation_errors(self)
+        if len(errors) == 1:
+            raise ValueError(errors[0])
+        if errors:
+            raise ValueError(f"{len(errors)} config problems:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _option_errors(cfg: Config) -> list[str]:
+    """data.options against the dataset's own keywords (synthetic: SceneConfig fields, length, val_length)."""
+    import inspect
+
+    from emanet.data import DATASETS
+    from emanet.data.synthetic import SceneConfig
+
+    d, options = cfg.data, cfg.data.options
+    if d.dataset == "synthetic":
+        scene_fields = [f.name for f in dataclasses.fields(SceneConfig)]
+        valid = scene_fields + ["length", "val_length"]
+    else:
+        params = inspect.signature(DATASETS[d.dataset].__init__).parameters.values()
+        valid = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("transform", "seed", "strict")]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        what = f"the {d.dataset} dataset" + ("" if valid else " (it takes no options)")
+        return [f"unknown key 'data.options.{k}' for {what}{_suggest(k, valid, 'data.options.')}" for k in unknown]
+    errors = []
+    if d.dataset == "synthetic":
+        for key in ("length", "val_length"):
+            value = options.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"data.options.{key} must be an int >= 1 (scenes per split), got {value!r}")
+        scene = {k: v for k, v in options.items() if k in scene_fields}
+        try:
+            SceneConfig(**scene)
+        except (TypeError, ValueError) as e:
+            errors.append(f"data.options (synthetic scenes): {e}")
+    return errors
+
+
+MODEL_SIZES = ("num_classes", "backbone_width", "channels", "mid_channels", "aux_channels", "num_bases", "num_stages")
+
+
+def validation_errors(cfg: Config) -> list[str]:
+    """Every impossible value in ``cfg``, as messages naming the key, the expected range and the value.
+
+    Sizes: training pads each scaled image up to ``data.crop_size`` before cropping, and slide inference
+    pads images smaller than its window, so a crop larger than an image is never an error. What is refused
+    is a crop smaller than the output stride (no feature-map pixel) and a slide stride larger than the
+    window (pixels that no window covers). Whether the dataset's class count matches model.num_classes is
+    known only once the data is read: ``emanet check-data`` reports it (configs also serve inference).
+    """
+    from emanet.data import DATASETS
+
+    m, d, o, lo, t, e = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.train, cfg.eval
+    errors: list[str] = []
+
+    def need(ok: bool, key: str, expected: str, value: Any) -> None:
+        if not ok:
+            errors.append(f"{key} must be {expected}, got {value!r}")
+
+    def positive_list(values: list, key: str, n: int | None = None) -> None:
+        size_ok = len(values) >= 1 if n is None else len(values) == n
+        need(size_ok and all(v > 0 for v in values), key,
+             f"{n} positive numbers" if n else "a non-empty list of positive numbers", values)  # fmt: skip
+
+    # model (ModelConfig checks its own fields on construction; these catch later assignments too)
+    need(m.output_stride in (8, 16, 32), "model.output_stride", "8, 16 or 32", m.output_stride)
+    for name in MODEL_SIZES:
+        need(getattr(m, name) >= 1, f"model.{name}", ">= 1", getattr(m, name))
+    need(m.eval_stages is None or m.eval_stages >= 1, "model.eval_stages", ">= 1 or null (= num_stages)", m.eval_stages)
+    need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    need(0 <= m.momentum <= 1, "model.momentum", "in [0, 1] (weight of the new bases estimate)", m.momentum)
+    need(0 <= m.bn_momentum <= 1, "model.bn_momentum", "in [0, 1]", m.bn_momentum)
+    need(m.bases_update in ("ema", "none", "learned"), "model.bases_update", "'ema', 'none' or 'learned'",
+         m.bases_update)  # fmt: skip
+    need(m.residual in ("conv", "gamma"), "model.residual", "'conv' or 'gamma'", m.residual)
+
+    # data
+    if d.dataset not in DATASETS:
+        close = difflib.get_close_matches(d.dataset, list(DATASETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        errors.append(f"data.dataset must be one of {', '.join(sorted(DATASETS))}, got {d.dataset!r}{hint}")
+    else:
+        errors += _option_errors(cfg)
+    need(d.crop_size >= m.output_stride, "data.crop_size",
+         f">= model.output_stride ({m.output_stride}) so the feature map has a pixel", d.crop_size)  # fmt: skip
+    positive_list(d.scales, "data.scales")
+    need(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B in [0, 1])", d.mean)
+    positive_list(d.std, "data.std", 3)
+    need(d.jitter >= 0, "data.jitter", ">= 0 (0 = off)", d.jitter)
+    need(d.eval_pad_multiple >= 0, "data.eval_pad_multiple", ">= 0 (0 = no padding)", d.eval_pad_multiple)
+    need(d.eval_pad_offset >= 0, "data.eval_pad_offset", ">= 0", d.eval_pad_offset)
+    need(d.num_workers >= 0, "data.num_workers", ">= 0 (0 = load in the main process)", d.num_workers)
+    need(d.on_bad_sample in ("raise", "skip"), "data.on_bad_sample", "'raise' or 'skip'", d.on_bad_sample)
+
+    # optim, loss
+    need(o.lr > 0, "optim.lr", "> 0", o.lr)
+    need(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(o.power >= 0, "optim.power", ">= 0", o.power)
+    need(0 <= o.warmup_iters <= t.iterations, "optim.warmup_iters", f"in 0..train.iterations ({t.iterations})",
+         o.warmup_iters)  # fmt: skip
+    need(lo.reduction in ("all", "valid"), "loss.reduction", "'all' or 'valid'", lo.reduction)
+    need(lo.aux_weight >= 0, "loss.aux_weight", ">= 0", lo.aux_weight)
+    need(m.num_classes <= lo.ignore_index <= 255, "loss.ignore_index",
+         f"in {m.num_classes}..255 (labels are 8-bit; not a class index)", lo.ignore_index)  # fmt: skip
+
+    # train
+    for name in ("iterations", "batch_size", "accum_steps", "log_interval", "checkpoint_interval"):
+        need(getattr(t, name) >= 1, f"train.{name}", ">= 1", getattr(t, name))
+    need(t.eval_interval >= 0, "train.eval_interval", ">= 0 (0 = only at the end)", t.eval_interval)
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0 (0 = keep all)", t.keep_checkpoints)
+    need(t.max_eval_images >= 0, "train.max_eval_images", ">= 0 (0 = the whole split)", t.max_eval_images)
+    need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16", t.precision)
+    need(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "'stop' or 'skip'", t.on_nonfinite)
+    need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)",
+         t.max_consecutive_skips)  # fmt: skip
+    need(bool(t.out_dir), "train.out_dir", "a folder", t.out_dir)
+    if t.device != "auto":
+        import torch
+
+        try:
+            torch.device(t.device)
+        except (RuntimeError, ValueError):
+            errors.append(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+    # eval
+    need(e.mode in ("whole", "slide"), "eval.mode", "'whole' or 'slide'", e.mode)
+    positive_list(e.scales, "eval.scales")
+    need(e.eval_stages is None or e.eval_stages >= 1, "eval.eval_stages", ">= 1 or null (= the model's)",
+         e.eval_stages)  # fmt: skip
+    if e.mode == "slide" and (e.crop_size is None or e.stride is None):
+        errors.append("eval.mode=slide needs eval.crop_size and eval.stride, e.g. eval.crop_size=[769,769] "
+                      f"eval.stride=[513,513]; got crop_size={e.crop_size!r}, stride={e.stride!r}")  # fmt: skip
+    for key, value in (("eval.crop_size", e.crop_size), ("eval.stride", e.stride)):
+        if value is not None:
+            positive_list(value, key, 2)
+    if e.crop_size is not None and len(e.crop_size) == 2:
+        need(min(e.crop_size) >= m.output_stride, "eval.crop_size",
+             f">= model.output_stride ({m.output_stride}) on both sides", e.crop_size)  # fmt: skip
+        if e.stride is not None and len(e.stride) == 2:
+            need(all(s <= c for s, c in zip(e.stride, e.crop_size)), "eval.stride",
+                 f"<= eval.crop_size {e.crop_size} (a larger stride leaves pixels no window covers)",
+                 e.stride)  # fmt: skip
+    return errors
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -154,6 +296,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):

@@ -1,0 +1,173 @@
+"""Distributed plumbing: sampler shards and offsets, per-sample augmentation seeds, RNG states, stop signals,
+and a real 2-process torchrun (gloo) run compared with one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from emanet.checkpoint import latest_checkpoint, load_checkpoint
+from emanet.config import load_config
+from emanet.distributed import (
+    DistEnv,
+    PerSampleSeed,
+    ResumableSampler,
+    StopSignals,
+    agree,
+    rng_state,
+    set_rng_state,
+    state_digest,
+)
+from emanet.engine import train
+from emanet.models.emanet import ModelConfig, build_model
+
+TINY = [
+    "model.backbone=resnet18", "model.backbone_width=8", "model.stem=standard", "model.num_classes=5",
+    "model.channels=16", "model.mid_channels=8", "model.num_bases=4", "model.dropout=0.0",
+    "data.dataset=synthetic", "data.crop_size=32", "data.scales=[0.75, 1.25]", "data.num_workers=0",
+    "data.eval_pad_multiple=0", "data.options={length: 8, val_length: 2, image_size: 32, max_objects: 6, "
+    "min_objects: 2, min_size: 4, max_size: 6}", "train.log_interval=1", "train.device=cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: on a shared 2-core machine the intra-op thread pool costs ~20x more than it saves
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Draws(Dataset):
+    """Returns (index, a draw from its generator): shows which generator state a sample was read with."""
+
+    def __init__(self, n: int):
+        self.n, self.rng = n, np.random.default_rng(0)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return i, float(self.rng.random())
+
+
+class Wrapper(Dataset):  # like Subset / SkipBadSamples: the reseedable dataset sits inside
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def test_sampler_shards_are_disjoint_and_skip_resumes_the_same_order():
+    ds = Draws(11)
+    shards = [list(ResumableSampler(ds, num_replicas=3, rank=r, seed=5)) for r in range(3)]
+    indices = [i for shard in shards for i, _ in shard]
+    assert len(indices) == len(set(indices)) == 9  # 11 -> 9: the tail that does not divide is dropped
+    assert all(e == 0 for shard in shards for _, e in shard)
+    s = ResumableSampler(ds, num_replicas=1, rank=0, seed=5)
+    s.start(2)
+    full = list(s)
+    s.start(2, skip=4)
+    assert list(s) == full[4:] and len(s) == len(full) - 4 and full[0][1] == 2
+    s.start(3)
+    assert [i for i, _ in s] != [i for i, _ in full]  # a new order every epoch
+
+
+def test_per_sample_seed_ignores_read_order_and_wrappers():
+    a, b = PerSampleSeed(Wrapper(Draws(6)), seed=1), PerSampleSeed(Draws(6), seed=1)
+    assert a.seeded and b.seeded
+    keys = [(i, 0) for i in range(6)]
+    forward = [a[k] for k in keys]
+    backward = [b[k] for k in reversed(keys)][::-1]
+    assert forward == backward  # same draw per (epoch, index), whatever was read before
+    assert a[(2, 1)] != a[(2, 0)]  # another epoch, another augmentation
+    assert not PerSampleSeed(list(range(3)), seed=1).seeded
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    state = rng_state(torch.device("cpu"))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    torch.save({"rng": [state]}, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)["rng"][0]
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    set_rng_state(loaded, torch.device("cpu"))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_stop_signals_set_a_flag_then_abort_and_restore_handlers():
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        assert stop.installed and not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # handled synchronously at the next bytecode
+        assert stop.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal does not wait for the loop
+    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_digest_sees_bases_and_single_process_collectives_are_identity():
+    model = build_model(ModelConfig(backbone="resnet18", backbone_width=8, stem="standard", num_classes=3,
+                                    channels=16, mid_channels=8, num_bases=4))  # fmt: skip
+    d0 = state_digest(model)
+    model.head.context.bases[0, 0, 0] += 1e-7
+    d1 = state_digest(model)
+    assert d1["bases"] != d0["bases"] and d1["parameters"] == d0["parameters"]
+    assert agree([1.5, 0, 1], DistEnv()) == [1.5, 0.0, 1.0]
+
+
+def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    # 2 processes x batch 1 x 2 accumulated micro-batches vs 1 process x batch 4. BN statistics frozen
+    # (train.freeze_bn) and no dropout: the two runs then compute the same function of the same 4 samples.
+    common = [*TINY, "train.freeze_bn=true", "train.iterations=2", "train.checkpoint_interval=1"]
+    ddp_run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "emanet",
+           "train", "--no-progress", *common, "train.batch_size=1", "train.accum_steps=2",
+           f"train.out_dir={ddp_run}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "global batch = per-process batch x processes x accumulation = 1 x 2 x 2 = 4" in proc.stdout
+    assert proc.stdout.count("run folder:") == 1  # only rank 0 reports
+
+    ddp = load_checkpoint(latest_checkpoint(ddp_run))
+    assert ddp["iteration"] == 2 and ddp["world_size"] == 2 and len(ddp["rng"]) == 2
+    rank0, rank1 = ddp["replicas"]
+    assert rank0 == rank1  # parameters, EM bases and other buffers bitwise equal on both ranks
+    assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])  # per-rank streams, both saved
+
+    single = train(load_config(None, [*common, "train.batch_size=4", f"train.out_dir={tmp_path / 'one'}"]),
+                   progress=False, log=lambda _: None)  # fmt: skip
+    ref = single["model"].state_dict()
+    first = load_checkpoint(ddp_run / "iter_0000001.pt")
+    assert not torch.equal(ddp["model"]["head.context.bases"], first["model"]["head.context.bases"])  # they move
+    # evaluation sharded over the two ranks (one image each), matrices summed once: no image counted twice
+    ddp_eval = json.loads((ddp_run / "eval.json").read_text())
+    assert ddp_eval["images"] == single["results"]["images"] == 2
+    assert ddp_eval["aAcc"] == pytest.approx(single["results"]["aAcc"], abs=1e-3)
+    for key, value in ref.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(ddp["model"][key], value), key
