@@ -241,14 +241,14 @@ def test_forward_backward_reaches_stem():
 
 
 def test_builders_registry():
-    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
-    expected = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+    assert set(BACKBONES) == {"resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+    expected = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
     expected |= {"resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
     with torch.device("meta"):
         for name, builder in BACKBONES.items():
             model = builder()
             assert tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5)) == expected[name]
-            block = BasicBlock if name in ("resnet18", "resnet34") else Bottleneck
+            block = BasicBlock if name in ("resnet10", "resnet18", "resnet34") else Bottleneck
             assert isinstance(model.layer1[0], block)
     with pytest.raises(TypeError):
         resnet50("deep")  # keyword-only

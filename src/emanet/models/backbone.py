@@ -403,6 +403,29 @@ def _build(
     return model
 
 
+def resnet10(
+    *,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
+    width: int = 64,
+) -> ResNet:
+    """One BasicBlock per stage: a small receptive field and a quarter of ResNet-18's blocks (no published
+    ImageNet weights; used by the CPU demo)."""
+    return _build(
+        BasicBlock,
+        (1, 1, 1, 1),
+        stem=stem,
+        output_stride=output_stride,
+        layer4_dilations=layer4_dilations,
+        norm_layer=norm_layer,
+        weights=weights,
+        width=width,
+    )
+
+
 def resnet18(
     *,
     stem: str = "standard",
@@ -509,6 +532,7 @@ def resnet152(
 
 
 BACKBONES: dict[str, Callable[..., ResNet]] = {
+    "resnet10": resnet10,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,

@@ -76,7 +76,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-LAYER4_BLOCKS = {"resnet18": 2}  # every other ResNet has 3 blocks in layer4
+LAYER4_BLOCKS = {"resnet10": 1, "resnet18": 2}  # every other ResNet has 3 blocks in layer4
 
 
 def layer4_dilations(output_stride: int, blocks: int = 3) -> tuple[int, ...]:
