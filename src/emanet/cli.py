@@ -69,53 +69,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, base: dict | None = None):
-    from emanet.config import load_config
-
+def _run_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if getattr(args, "device", None):
         overrides.append(f"train.device={args.device}")
     if getattr(args, "precision", None):
         overrides.append(f"train.precision={args.precision}")
-    return load_config(args.config, overrides, base=base)
+    return overrides
+
+
+def _run_config(args: argparse.Namespace, base: dict | None = None):
+    from emanet.config import load_config
+
+    return load_config(args.config, _run_overrides(args), base=base)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emanet.engine import train
+    from emanet.engine import TrainingStopped, train
     from emanet.metrics import format_table
 
     cfg = _run_config(args)
-    out = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(format_table(out["results"], out["class_names"]))
-    print(f"run folder: {out['run']}")
+    try:
+        out = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except TrainingStopped as e:  # signal (exit 3) or non-finite loss (exit 4): rank 0 says why
+        if e.rank == 0:
+            print(f"emanet train: {e}", file=sys.stderr)
+        return e.exit_code
+    if out["rank"] == 0:
+        print(format_table(out["results"], out["class_names"]))
+        if out["skipped_steps"] or out["bad_samples"]:
+            print(f"skipped steps (non-finite loss): {out['skipped_steps']}; bad training files: {out['bad_samples']}")
+        print(f"run folder: {out['run']}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from emanet.checkpoint import latest_checkpoint, load_checkpoint
     from emanet.engine import _jsonable, build_datasets, evaluate, select_device
     from emanet.metrics import format_table
-    from emanet.models.emanet import build_model
+    from emanet.pretrained import load_model
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint (iter_*.pt) in {path}")
-        path = found
-    ckpt = load_checkpoint(path)
-    # a --config file replaces the run's own resolved config; overrides go on top of either
-    cfg = _run_config(args, base=None if args.config else ckpt["config"])
+    # the source's own config (a --config file replaces it); overrides go on top of either
+    file_cfg = _run_config(args) if args.config else None
+    overrides = [] if file_cfg else _run_overrides(args)
+    loaded = load_model(args.checkpoint, overrides=overrides, config=file_cfg)
+    cfg = loaded.config
     device = select_device(cfg.train.device)
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
+    model = loaded.model.to(device)
     _, val = build_datasets(cfg)
     results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
     results = _jsonable(results)
-    print(format_table(results, list(getattr(val, "classes", []))))
-    out = Path(args.out) if args.out else path.parent / f"eval_{path.stem}.json"
-    out.write_text(json.dumps({"checkpoint": str(path), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
+    print(format_table(results, list(getattr(val, "classes", [])) or loaded.class_names))
+    source = loaded.source
+    default = source / "eval.json" if source.is_dir() else source.parent / f"eval_{source.stem}.json"
+    out = Path(args.out) if args.out else default
+    out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
     print(f"written: {out}")
     return 0
 
@@ -125,6 +132,117 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, args.overrides, args.config, progress=not args.no_progress)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from emanet.predict import PredictOptions, Predictor, collect_inputs, predict_files
+
+    def report(message: str) -> None:  # tqdm.write keeps the progress bar intact
+        tqdm.write(message, file=sys.stderr)
+
+    for flag, value in (("--crop-size", args.crop_size), ("--stride", args.stride)):
+        if value is not None and len(value) not in (1, 2):
+            raise ValueError(f"{flag} takes one size or H W, got {' '.join(map(str, value))}")
+
+    def pair(value: list[int] | None) -> tuple[int, int] | None:  # N -> (N, N); H W -> (H, W)
+        return None if value is None else (value[0], value[-1])
+
+    options = PredictOptions(alpha=args.alpha, attention=args.attention or args.save_arrays,
+                             attention_bases=args.attention_bases, save_arrays=args.save_arrays)  # fmt: skip
+    predictor = Predictor.from_source(
+        args.source,
+        device=args.device,
+        precision=args.precision,
+        mode=args.mode,
+        scales=args.scales,
+        flip=args.flip,
+        crop_size=pair(args.crop_size),
+        stride=pair(args.stride),
+        eval_stages=args.eval_stages,
+        batch_size=args.batch_size,
+    )
+    if options.attention:
+        predictor.require_attention()  # before reading any image
+    files, problems = collect_inputs(args.inputs, exclude=args.out)
+    for problem in problems:
+        report(problem)
+    if not files and not problems:
+        raise ValueError("no input images given")
+    failures = predict_files(predictor, files, args.out, options=options, progress=not args.no_progress, log=report)
+    failed = len(failures) + len(problems)
+    print(f"{len(files) - len(failures)} of {len(files)} images predicted into {args.out}"
+          + (f"; {failed} input(s) failed (listed above)" if failed else ""))  # fmt: skip
+    return 1 if failed else 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from emanet.data.check import check_data_config
+
+    if args.max_files is not None and args.max_files < 1:
+        raise ValueError(f"--max-files must be >= 1, got {args.max_files}")
+    cfg = _run_config(args)
+    splits = ("train", "val") if args.split == "both" else (args.split,)
+    reports = check_data_config(cfg.data, splits=splits, num_classes=cfg.model.num_classes,
+                                max_files=args.max_files, progress=not args.no_progress)  # fmt: skip
+    for report in reports:
+        print(report.format(limit=args.show))
+    found = sum(len(r.problems) for r in reports)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"config": args.config, "ok": found == 0,
+                                   "reports": [r.to_dict() for r in reports]}, indent=2))  # fmt: skip
+        print(f"written: {out}")
+    print(f"check-data: {found} problem(s) found" if found else "check-data: no problems found")
+    return 1 if found else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from emanet.convert import convert
+
+    result = convert(args.src, args.dst, args.source, overrides=args.overrides, allow_pickle=args.allow_pickle,
+                     overwrite=args.overwrite)  # fmt: skip
+    print(result.summary())
+    kind = "model folder" if result.model_config is not None else "backbone weights"
+    print(f"written: {args.dst} ({kind})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from emanet.export import OnnxNotInstalled, export_onnx, model_metadata, onnx_parity, require_onnx
+    from emanet.pretrained import load_model
+
+    if not args.tolerance > 0:
+        raise ValueError(f"--tolerance must be > 0, got {args.tolerance}")
+    if args.size is not None and min(args.size) < 32:
+        raise ValueError(f"--size H W must be at least 32 pixels each (the backbone downsamples by up to 32), "
+                         f"got {args.size[0]} {args.size[1]}")  # fmt: skip
+    needed = ["onnx"] + (["onnxruntime"] if args.check else []) + (["onnxscript"] if args.exporter == "dynamo" else [])
+    try:
+        require_onnx(*needed)  # before loading a large model
+    except OnnxNotInstalled as e:
+        raise ValueError(str(e)) from None
+    loaded = load_model(args.source, device="cpu", overrides=args.overrides)
+    h, w = args.size if args.size is not None else (loaded.config.data.crop_size,) * 2
+    meta = model_metadata(loaded.config, loaded.class_names, loaded.palette)
+    path = export_onnx(loaded.model, args.out, opset=args.opset, height=h, width=w, fold_bn=args.fold_bn,
+                       exporter=args.exporter, metadata=meta)  # fmt: skip
+    print(f"written: {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.exporter} exporter, "
+          f"input 'image' (B, 3, H, W) normalised float32, output 'logits')")  # fmt: skip
+    if not args.check:
+        return 0
+    # batch 1 at the export size, batch 2 at another size: both dynamic axes are exercised
+    sizes = ((1, 3, h, w), (2, 3, max(32, h // 2 + 1), max(32, w // 2 + 3)))
+    parity = onnx_parity(loaded.model, path, sizes)
+    ok = parity.max_abs_diff < args.tolerance
+    print(f"check: max |onnxruntime - pytorch| logits = {parity.max_abs_diff:.3g} (largest |logit| "
+          f"{parity.max_abs_logit:.3g}), same argmax on {100 * parity.label_agreement:.3f}% of pixels, inputs "
+          f"{sizes[0]} and {sizes[1]}: {'ok' if ok else 'FAILED'} (tolerance {args.tolerance:g})")  # fmt: skip
+    if not ok:
+        print("  float32 rounding alone can exceed 1e-4 on large EMANets (near one-hot E-step): see docs/export.md")
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")
-    p.add_argument("checkpoint", help="a checkpoint file or a run folder (its newest checkpoint)")
+    p.add_argument("checkpoint", help="a model folder, a checkpoint file or a run folder (its newest checkpoint)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -169,11 +287,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("predict", help="label maps, colour images and overlays (+ EM attention maps) for images")
+    p.add_argument("source", help="a model folder (save_pretrained), a checkpoint file or a run folder")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or quoted globs")
+    p.add_argument("--out", required=True, help="output folder; names mirror the inputs (NAME.png, NAME_color.png...)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward; same-size images batch (default: 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (EM stays fp32)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding window (default: the config's)")
+    p.add_argument("--crop-size", type=int, nargs="+", metavar="N", help="sliding window size: N or H W")
+    p.add_argument("--stride", type=int, nargs="+", metavar="N", help="sliding window stride: N or H W")
+    p.add_argument("--scales", type=float, nargs="+", help="multi-scale factors, e.g. 0.75 1 1.25 (default: config's)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="also predict the mirrored image (averaged)")
+    p.add_argument("--eval-stages", type=int, help="EM iterations T at test time (default: the model's)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in NAME_overlay.png (default: 0.5)")
+    p.add_argument("--attention", action="store_true", help="write NAME_attention.png: the heaviest EM bases' maps")
+    p.add_argument("--attention-bases", type=int, default=6, help="bases shown with --attention (default: 6)")
+    p.add_argument("--save-arrays", action="store_true", help="also NAME_attention.npz, raw responsibilities (K, h, w)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
     p.add_argument("--parts", nargs="+", default=("em", "model"), choices=("em", "model"), help="what to run")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")
+    p.add_argument("--config", help="YAML file (configs/*.yaml); its data section names the dataset")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=/data/voc")
+    p.add_argument("--split", choices=("train", "val", "both"), default="both",
+                   help="data.train_split, data.val_split or both (default: both)")  # fmt: skip
+    p.add_argument("--json", metavar="OUT", help="write the full report (every problem, with details) to OUT")
+    p.add_argument("--max-files", type=int, metavar="N", help="scan only the first N samples of each split")
+    p.add_argument("--show", type=int, default=50, metavar="N", help="problems printed per split (default: 50)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("convert", help="import a checkpoint from the EMANet reference, mmsegmentation or an "
+                       "ImageNet backbone file (docs/convert.md)")  # fmt: skip
+    p.add_argument("--from", dest="source", required=True,
+                   choices=("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone"),
+                   help="source format: full models (reference, mmseg) or ImageNet backbones")  # fmt: skip
+    p.add_argument("src", help="the checkpoint to convert (.pth/.pt/.safetensors)")
+    p.add_argument("dst", help="a model folder (full models) or a .safetensors file (backbones)")
+    p.add_argument("overrides", nargs="*", help="section.key=value on the inferred config, e.g. model.output_stride=16")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load with weights_only=False (runs pickled code: only for files you trust)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch/H/W), optionally checked against "
+                       "PyTorch with onnxruntime (docs/export.md)")  # fmt: skip
+    p.add_argument("source", help="a model folder (save_pretrained), a checkpoint file or a run folder")
+    p.add_argument("overrides", nargs="*", help="section.key=value on the saved config, e.g. model.eval_stages=5")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="(default: onnx)")
+    p.add_argument("--out", default="model.onnx", help="the ONNX file to write (default: model.onnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17 torchscript, 18 dynamo)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="example input size; the graph stays dynamic (default: the config's crop size)")  # fmt: skip
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch.onnx exporter: tracing (fast) or torch.export based (default: torchscript)")  # fmt: skip
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding convolutions")
+    p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs; "
+                   "exit 1 if the max diff >= --tolerance")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=1e-4,  # emanet.export.TOLERANCE
+                   help="largest accepted absolute logit difference for --check (default: 1e-4)")  # fmt: skip
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -127,11 +127,16 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) 
 
 
 def load_model(
-    source: str | Path, *, device: str | torch.device = "cpu", overrides: list[str] | tuple[str, ...] = ()
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    overrides: list[str] | tuple[str, ...] = (),
+    config: Config | None = None,
 ) -> LoadedModel:
     """A model folder, a checkpoint file, or a run folder -> the model in eval mode plus its config.
 
-    ``overrides`` (``section.key=value``) apply on top of the saved config, e.g. ``model.eval_stages=5``.
+    ``overrides`` (``section.key=value``) apply on top of the saved config, e.g. ``model.eval_stages=5``;
+    ``config`` replaces the saved config altogether (its model must match the weights).
     """
     from emanet.config import load_config
 
@@ -157,7 +162,10 @@ def load_model(
         if saved is None:
             raise ValueError(f"{path}: checkpoint has no saved config; cannot rebuild its model")
         source = path
-    cfg = load_config(None, overrides, base=saved) if overrides else from_dict(Config, saved)
+    if config is not None:
+        cfg = config
+    else:
+        cfg = load_config(None, overrides, base=saved) if overrides else from_dict(Config, saved)
     # the saved weights replace everything; the ImageNet file named at training time need not exist here
     model = build_model(dataclasses.replace(cfg.model, pretrained_backbone=None))
     _load_state(model, state, source)
