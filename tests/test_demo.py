@@ -20,7 +20,7 @@ TINY = [
 
 def test_demo_config_is_valid_and_cpu_sized():
     cfg = demo_config()
-    assert cfg.data.dataset == "synthetic" and cfg.train.device == "cpu" and cfg.model.backbone == "resnet18"
+    assert cfg.data.dataset == "synthetic" and cfg.train.device == "cpu" and cfg.model.backbone == "resnet10"
 
 
 def test_demo_writes_the_report(tmp_path):
