@@ -26,14 +26,14 @@ from emanet.engine import build_datasets, evaluate, select_device, train
 Log = Callable[[str], None]
 
 DEMO_OVERRIDES = [
-    # ResNet-10 (one block per stage), width 16, output stride 8: 16x16 feature maps for 128x128 scenes; its
+    # ResNet-10 (one block per stage), width 16, output stride 8: 22x22 feature maps for 176x176 scenes; its
     # receptive field is a fraction of the scene, so the FCN sees only the blobs near each pixel
     "model.backbone=resnet10", "model.backbone_width=16", "model.stem=standard", "model.output_stride=8",
     "model.num_classes=5", "model.channels=64", "model.mid_channels=32", "model.num_bases=2",
     "model.num_stages=3", "model.differentiable=true", "model.bn_momentum=0.1", "model.align_corners=false",
-    "data.dataset=synthetic", "data.crop_size=128", "data.scales=[1.0]", "data.flip=true",
+    "data.dataset=synthetic", "data.crop_size=176", "data.scales=[1.0]", "data.flip=true",
     "data.eval_pad_multiple=0", "data.num_workers=1",
-    "data.options={length: 4800, val_length: 200, image_size: 128, min_objects: 8, max_objects: 16, "
+    "data.options={length: 4800, val_length: 200, image_size: 176, min_objects: 12, max_objects: 24, "
     "min_size: 12, max_size: 20, tint_strength: 0.25, noise: 0.03, hue_jitter: 1.2}",
     "optim.lr=0.05", "optim.reference_groups=true", "loss.reduction=valid",
     "train.iterations=600", "train.batch_size=8", "train.seed=0", "train.log_interval=10",
