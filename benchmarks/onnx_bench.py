@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/onnx_bench.py [--quick] [--out benchmarks]
 
-Cases: the demo model (src/emanet/demo.py DEMO_OVERRIDES) at its 64x64 image size, and EMANet-ResNet-50
+Cases: the demo model (src/emanet/demo.py DEMO_OVERRIDES) at its crop size (data.crop_size), and EMANet-ResNet-50
 (reference layout: deep stem, OS8, 512 channels, K=64, T=3, 21 classes) at 512x512; batch 1, random weights
 with BN statistics calibrated on one random batch (so activations have a trained network's scale).
 Variants: eager float32 (inference_mode), eager with BatchNorm folded into the convs (models/fuse.py), and
@@ -197,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
     load_before = os.getloadavg()
-    demo = demo_config().model
+    demo_cfg = demo_config()
+    demo, side = demo_cfg.model, demo_cfg.data.crop_size
     # (name, model, input, repeats, warm-up calls, threads); the demo also on one thread, where a busy
     # machine cannot stall a parallel region waiting for a second core
-    cases = [("demo", demo, (1, 3, 64, 64), 10 if args.quick else 30, 3, args.threads)]
+    cases = [("demo", demo, (1, 3, side, side), 10 if args.quick else 30, 3, args.threads)]
     if not args.quick:
-        cases.append(("demo", demo, (1, 3, 64, 64), 30, 3, 1))
+        cases.append(("demo", demo, (1, 3, side, side), 30, 3, 1))
         r50 = ModelConfig(arch="emanet", backbone="resnet50", num_classes=21)
         cases.append(("emanet_resnet50", r50, (1, 3, 512, 512), 5, 1, args.threads))
     with tempfile.TemporaryDirectory() as tmp:
