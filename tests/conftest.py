@@ -6,11 +6,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from emanet.data.palettes import VOC_PALETTE, index_image
 
 H, W = 17, 23
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: on a shared 2-core machine the thread pool's
+    synchronisation costs far more than it saves (measured 10-20x on these shapes). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_image(path: Path, rng: np.random.Generator, size=(H, W)) -> None:

@@ -23,14 +23,7 @@ from emanet.models.emanet import ModelConfig, build_model
 from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: two intra-op threads only add synchronisation, which is slow on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(arch: str = "emanet") -> Config:

@@ -236,13 +236,7 @@ def hand_map(sd, source):
 X = torch.randn(2, 3, 33, 33, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tiny convs run ~10x faster on one thread than on two busy cores (per-op threading overhead)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- full models
