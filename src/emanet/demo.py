@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emanet.attention_maps import capture_attention
 from emanet.config import Config, load_config
 from emanet.engine import build_datasets, evaluate, select_device, train
 
@@ -60,26 +61,21 @@ def _pooling_figures(models: dict[str, torch.nn.Module], val, n: int) -> dict[st
     scenes in which at least 95% of the pixels the model calls an object get the same class, as the scene's
     blobs all have one class.
     """
-    unit = models["EMANet"].head.context
-    unit.store_attention = True
     shares, consistent = [], {name: 0 for name in models}
-    try:
-        for i in range(n):
-            image, label = val[i]
+    for i in range(n):
+        image, label = val[i]
+        with capture_attention(models["EMANet"]) as captured:  # the only model with an EM unit
             for name, model in models.items():
                 pred = model.eval()(image[None]).argmax(1)[0]
                 objects = pred[pred > 0]
                 if objects.numel() and torch.bincount(objects).max() >= 0.95 * objects.numel():
                     consistent[name] += 1
-            resp = unit.last_responsibilities[0]  # from the EMANet forward above: (K, h, w)
-            small = torch.nn.functional.interpolate(label[None, None].float(), size=resp.shape[-2:], mode="nearest")
-            mask = small[0, 0] > 0
-            if mask.any():
-                mass = resp[:, mask].sum(dim=1)
-                shares.append(float(mass.max() / mass.sum()))
-    finally:
-        unit.store_attention = False
-        unit.last_responsibilities = unit.last_bases = None
+        resp = captured.responsibilities[0]  # (K, h, w)
+        small = torch.nn.functional.interpolate(label[None, None].float(), size=resp.shape[-2:], mode="nearest")
+        mask = small[0, 0] > 0
+        if mask.any():
+            mass = resp[:, mask].sum(dim=1)
+            shares.append(float(mass.max() / mass.sum()))
     out = {"object_base_share": float(np.mean(shares)) if shares else float("nan"), "n": n}
     out.update({f"consistent_{name}": consistent[name] / n for name in models})
     return out
@@ -121,11 +117,9 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
     truths = [lbl for _, lbl in raw]
     preds = {n: [_predict(r["model"], val[i][0]) for i in samples] for n, r in runs.items()}
     report.plot_samples(images, truths, preds, val.palette, val.classes, out / "samples.png")
-    unit = ema["model"].head.context
-    unit.store_attention = True
-    _predict(ema["model"], val[0][0])
-    resp = unit.last_responsibilities[0].float().numpy()  # (K, h, w)
-    unit.store_attention = False
+    with capture_attention(ema["model"]) as captured:
+        _predict(ema["model"], val[0][0])
+    resp = captured.responsibilities[0].float().numpy()  # (K, h, w)
     _, chosen = report.plot_responsibilities(images[0], truths[0], resp, out / "responsibilities.png",
                                              top=min(6, resp.shape[0]), palette=val.palette)  # fmt: skip
 
