@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from emanet.data.base import reseedable_datasets
 from emanet.data.base import worker_init_fn as data_worker_init_fn
 
 
@@ -219,22 +220,6 @@ def worker_init(worker_id: int) -> None:
     data_worker_init_fn(worker_id)
 
 
-def _reseedable(dataset: Any) -> list[Any]:
-    """Datasets with ``reseed(seed)`` inside ``dataset`` (through .dataset / .datasets wrappers)."""
-    found, stack, seen = [], [dataset], set()
-    while stack:
-        ds = stack.pop()
-        if id(ds) in seen:
-            continue
-        seen.add(id(ds))
-        if callable(getattr(type(ds), "reseed", None)):  # defined by the class, not forwarded by a wrapper
-            found.append(ds)
-        if hasattr(ds, "dataset"):
-            stack.append(ds.dataset)
-        stack.extend(getattr(ds, "datasets", ()))
-    return found
-
-
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
@@ -247,7 +232,7 @@ class PerSampleSeed(Dataset):
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.targets = _reseedable(dataset)
+        self.targets = reseedable_datasets(dataset)
 
     @property
     def seeded(self) -> bool:

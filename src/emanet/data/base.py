@@ -285,12 +285,18 @@ def _read_listed(reader, path: Path):
                         kind="missing_pair") from e  # fmt: skip
 
 
-def _find_datasets(dataset) -> list:
-    """The dataset plus anything it wraps (Subset.dataset, ConcatDataset.datasets)."""
-    found, stack = [], [dataset]
+def reseedable_datasets(dataset) -> list:
+    """The datasets inside ``dataset`` (itself, Subset.dataset, ConcatDataset.datasets, our wrappers) whose
+    class defines ``reseed``: the ones holding an augmentation generator. Wrappers that merely forward
+    attributes are looked through, not counted."""
+    found, stack, seen = [], [dataset], set()
     while stack:
         ds = stack.pop()
-        found.append(ds)
+        if id(ds) in seen:
+            continue
+        seen.add(id(ds))
+        if callable(getattr(type(ds), "reseed", None)):
+            found.append(ds)
         if hasattr(ds, "dataset"):
             stack.append(ds.dataset)
         stack.extend(getattr(ds, "datasets", ()))
@@ -307,9 +313,8 @@ def worker_init_fn(worker_id: int) -> None:
     if info is None:
         return
     seed = torch.initial_seed()
-    for ds in _find_datasets(info.dataset):
-        if isinstance(ds, SegmentationDataset):
-            ds.reseed(seed)
+    for ds in reseedable_datasets(info.dataset):
+        ds.reseed(seed)
 
 
 class SkipBadSamples(Dataset):
