@@ -352,6 +352,10 @@ def test_non_strict_reports_missing(r18_state):
 def test_missing_file_and_bad_prefix(tmp_path, r18_state):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_backbone_weights(blank(), tmp_path / "nope.pth")
+    for name in ("cut.pth", "cut.safetensors"):  # damaged files: a message naming the file
+        (tmp_path / name).write_bytes(b"\x00" * 40)
+        with pytest.raises(ValueError, match=f"{name}: not a readable"):
+            load_backbone_weights(blank(), tmp_path / name)
     with pytest.raises(ValueError, match="prefix='backbone.'"):
         load_backbone_weights(blank(), r18_state, prefix="backbone.")
     prefixed = {f"backbone.{k}": v for k, v in r18_state.items()}

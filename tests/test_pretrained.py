@@ -57,6 +57,11 @@ def test_mismatched_or_foreign_folders_are_clear_errors(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="do not match"):
         load_model(tmp_path / "m")
+    meta["config"]["model"]["num_bases"] = 4
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_model(tmp_path / "m")

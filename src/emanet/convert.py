@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from emanet.config import Config, load_config
-from emanet.models.backbone import BACKBONES
+from emanet.models.backbone import BACKBONES, read_weights_file
 from emanet.models.emanet import ModelConfig, build_model
 
 SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
@@ -136,26 +136,8 @@ def read_source(
     if isinstance(src, Mapping):
         obj, name = dict(src), "<state dict>"
     else:
-        path = Path(src)
-        name = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint to convert not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            try:
-                obj = load_file(str(path), device="cpu")
-            except Exception as e:  # SafetensorError, OSError: a damaged file
-                raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-            except Exception as e:  # truncated file, or pickled objects weights_only refuses
-                hint = ""
-                if not allow_pickle and "weights_only" in str(e).lower():
-                    hint = ("; it holds pickled Python objects (e.g. an mmengine message hub): if you trust the "
-                            "file, pass allow_pickle=True (CLI: --allow-pickle)")  # fmt: skip
-                raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}){hint}") from None
+        name = str(src)
+        obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
     extra: dict[str, Any] = {}

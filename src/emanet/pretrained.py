@@ -29,6 +29,7 @@ from emanet.data.palettes import (
     distinct_palette,
     voc_palette,
 )
+from emanet.models.backbone import read_weights_file
 from emanet.models.emanet import build_model
 
 FORMAT = "emanet-model"
@@ -95,9 +96,6 @@ def is_model_folder(path: str | Path) -> bool:
 
 
 def _read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         meta = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
@@ -106,11 +104,7 @@ def _read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         raise ValueError(f"{folder / CONFIG}: not an emanet model folder config (expected format '{FORMAT}')")
     if int(meta.get("version", 0)) > VERSION:
         raise ValueError(f"{folder}: model folder version {meta['version']} is newer than this emanet ({VERSION})")
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from None
-    return state, meta
+    return read_weights_file(folder / WEIGHTS, what="model weights"), meta
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -301,20 +302,36 @@ def _hints(model: nn.Module, keys: Sequence[str], model_keys: Sequence[str]) -> 
     return hints
 
 
-def _read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
-    if isinstance(source, Mapping):
-        return dict(source), "<state dict>"
-    path = Path(source)
+def read_weights_file(path: str | os.PathLike, *, allow_pickle: bool = False, what: str = "weights") -> Any:
+    """What a .safetensors / .pth / .pt file holds, read on the CPU; a damaged or foreign file is a ValueError
+    naming it. ``allow_pickle`` loads with weights_only=False (runs pickled code: trusted files only)."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu"), str(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError: a damaged file
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:  # truncated file, or pickled objects weights_only refuses
+        hint = ""
+        if not allow_pickle and "weights_only" in str(e).lower():
+            hint = ("; it holds pickled Python objects (e.g. an mmengine message hub): if you trust the file, "
+                    "pass allow_pickle=True (CLI: --allow-pickle)")  # fmt: skip
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}){hint}") from None
+
+
+def _read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
+    if isinstance(source, Mapping):
+        return dict(source), "<state dict>"
+    sd = read_weights_file(source, what="backbone weights")
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
-    return dict(sd), str(path)
+        raise ValueError(f"{source} holds a {type(sd).__name__}, not a state dict")
+    return dict(sd), str(source)
 
 
 def load_backbone_weights(
