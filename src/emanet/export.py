@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emanet.models.fuse import fold_batchnorm
+from emanet.models.fuse import prepare_for_inference
 from emanet.models.heads import NonLocal2d
 
 Exporter = Literal["torchscript", "dynamo"]
@@ -64,13 +64,10 @@ def inference_copy(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
 
     The caller's model is left as it was (export must not switch its mode or fold its weights).
     """
-    model = copy.deepcopy(model).cpu().float().eval()
-    model.requires_grad_(False)
+    model = prepare_for_inference(copy.deepcopy(model).cpu().float(), channels_last=False, fold_bn=fold_bn)
     for m in model.modules():
         if hasattr(m, "store_attention"):
             m.store_attention = False  # would keep traced tensors on the module
-    if fold_bn:
-        fold_batchnorm(model)
     return model
 
 
