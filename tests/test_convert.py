@@ -179,7 +179,7 @@ def reference_forward(sd, x):
     return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
 
-def mmseg_forward(sd, x):
+def mmseg_forward(sd, x, align_corners=False):
     """mmseg's EncoderDecoder with ResNetV1c-d8 (contract_dilation) and EMAHead, in test mode."""
     y = x
     for i in range(3):
@@ -199,7 +199,7 @@ def mmseg_forward(sd, x):
         y = torch.cat([c5, y], dim=1)
         y = F.relu(_bnf(F.conv2d(y, sd[h + "conv_cat.conv.weight"], None, 1, 1), sd, h + "conv_cat.bn."))
     y = F.conv2d(y, sd[h + "conv_seg.weight"], sd[h + "conv_seg.bias"])
-    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=align_corners)
 
 
 # hand-written renames (regex), the test's own account of where each source tensor belongs
@@ -253,7 +253,7 @@ def test_reference_checkpoint_computes_what_the_reference_computes(tmp_path):
     assert (m.head_layout, m.aux, m.align_corners, m.multi_grid, m.renormalize, m.bn_momentum) == (
         "reference", False, True, True, False, 3e-4)  # fmt: skip
     loaded = load_model(tmp_path / "model")
-    assert loaded.config.data.std == pytest.approx([0.485, 0.456, 0.406])  # the reference divides by the mean
+    assert loaded.config.data.std == pytest.approx([0.229, 0.224, 0.225])  # (x/255 - MEAN) / STD since f2afd7f
     assert (loaded.config.data.eval_pad_multiple, loaded.config.data.eval_pad_offset) == (8, 1)
     with torch.no_grad():
         out, expected = loaded.model(X), reference_forward(sd, X)

@@ -64,14 +64,48 @@ def test_single_window_of_image_size_equals_whole(tiny):
     torch.testing.assert_close(got, tiny(x), atol=1e-6, rtol=1e-6)
 
 
-def test_crop_larger_than_image_pads_and_crops_back():
+def test_crop_larger_than_image_is_clipped_to_it(tiny):
     model, x = pixelwise(), images()
     got = infer_slide(model, x, crop_size=(48, 64), stride=(48, 64))
     assert got.shape == (2, 4, 37, 45)
     torch.testing.assert_close(got, model(x), atol=1e-6, rtol=1e-6)
     ones = Ones()
-    infer_slide(ones, x, crop_size=(40, 32), stride=(8, 8))  # padded in H only, slides in W
-    assert set(ones.sizes) == {(40, 32)}
+    infer_slide(ones, x, crop_size=(40, 32), stride=(8, 8))  # clipped to 37 in H, slides in W
+    assert set(ones.sizes) == {(37, 32)}
+    # EM attention is global: a window padded up to the crop would change every pixel, the clipped one is
+    # exactly the whole-image forward
+    x1 = images(1, 29, 35)
+    whole = tiny(x1)
+    torch.testing.assert_close(infer_slide(tiny, x1, crop_size=(48, 48), stride=(32, 32)), whole, atol=1e-5, rtol=0)
+    padded = tiny(F.pad(x1, (0, 13, 0, 19)))[..., :29, :35]
+    assert (torch.softmax(padded, 1) - torch.softmax(whole, 1)).abs().amax() > 1e-3
+
+
+def mmseg_slide(model, x, crop, stride):
+    """mmsegmentation 1.x EncoderDecoder.slide_inference, written from its code: a grid of
+    max(H - crop + stride - 1, 0) // stride + 1 windows per axis, each clipped to the image."""
+    (hc, wc), (hs, ws) = crop, stride
+    b, _, h, w = x.shape
+    preds, count = None, torch.zeros(b, 1, h, w)
+    for i in range(max(h - hc + hs - 1, 0) // hs + 1):
+        for j in range(max(w - wc + ws - 1, 0) // ws + 1):
+            y2, x2 = min(i * hs + hc, h), min(j * ws + wc, w)
+            y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)
+            logits = model(x[:, :, y1:y2, x1:x2])
+            preds = torch.zeros(b, logits.shape[1], h, w) if preds is None else preds
+            preds += F.pad(logits, (x1, w - x2, y1, h - y2))
+            count[:, :, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+@pytest.mark.parametrize("size,crop,stride", [((57, 129), (65, 65), (43, 43)), ((40, 41), (24, 32), (16, 8)),
+                                              ((30, 20), (48, 48), (32, 32))])  # fmt: skip
+def test_slide_equals_mmseg_slide_inference(tiny, size, crop, stride):
+    x = images(1, *size, seed=3)
+    got = infer_slide(tiny, x, crop_size=crop, stride=stride, batch_size=1)  # mmseg: a window at a time
+    want = mmseg_slide(tiny, x, crop, stride)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(1), want.argmax(1))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])

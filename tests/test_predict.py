@@ -49,15 +49,13 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def _reference_input(image: np.ndarray, cfg: Config) -> torch.Tensor:
-    """Independent preprocessing: pad bottom/right with the mean colour to 1 mod 8, normalise; (1, 3, Hp, Wp)."""
+    """Independent preprocessing: normalise, pad bottom/right with 0 to 1 mod 8; (1, 3, Hp, Wp)."""
     h, w = image.shape[:2]
     hp, wp = h + (1 - h) % 8, w + (1 - w) % 8
     mean, std = np.array(cfg.data.mean), np.array(cfg.data.std)
-    padded = np.empty((hp, wp, 3), np.uint8)
-    padded[:] = np.round(mean * 255).astype(np.uint8)
-    padded[:h, :w] = image
-    x = (padded / 255.0 - mean) / std
-    return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None]
+    padded = np.zeros((hp, wp, 3), np.float32)
+    padded[:h, :w] = (image / 255.0 - mean) / std
+    return torch.from_numpy(padded.transpose(2, 0, 1).copy())[None]
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ class DataConfig:
     jitter: float = 0.0  # photometric jitter strength (brightness/contrast/saturation); 0 = off
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet, RGB in [0, 1]
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    eval_pad_multiple: int = 8  # the reference pads eval images so H, W = 1 mod 8
+    eval_pad_multiple: int = 8  # the reference pads eval images (normalised, with 0) so H, W = 1 mod 8
     eval_pad_offset: int = 1
     num_workers: int = 2
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (e.g. synthetic scenes)
@@ -158,7 +158,7 @@ def validation_errors(cfg: Config) -> list[str]:
     """Every impossible value in ``cfg``, as messages naming the key, the expected range and the value.
 
     Sizes: training pads each scaled image up to ``data.crop_size`` before cropping, and slide inference
-    pads images smaller than its window, so a crop larger than an image is never an error. What is refused
+    clips its window to images smaller than it, so a crop larger than an image is never an error. What is refused
     is a crop smaller than the output stride (no feature-map pixel) and a slide stride larger than the
     window (pixels that no window covers). Whether the dataset's class count matches model.num_classes is
     known only once the data is read: ``emanet check-data`` reports it (configs also serve inference).

@@ -13,8 +13,8 @@ has the per-source table, the key-mapping rules and the known numerical differen
 
 from __future__ import annotations
 
+import ast
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,9 @@ SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-bac
 FULL_MODEL_SOURCES = ("reference", "mmseg")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# The reference repo's first release (before f2afd7f) normalised as (x/255 - MEAN) / MEAN: for a model
+# trained with that code, convert with the override data.std=[0.485,0.456,0.406] (docs/convert.md).
+REFERENCE_FIRST_RELEASE_STD = IMAGENET_MEAN
 # (Bottleneck?, blocks per stage) -> our builder
 DEPTHS = {
     (False, (2, 2, 2, 2)): "resnet18",
@@ -52,7 +55,7 @@ _REFERENCE_EMAU = [("mu", "bases"), ("conv1.", "conv_in."), ("conv2.0.", "conv_o
 RULES: dict[str, list[tuple[str, str]]] = {
     "reference": [(s, "backbone." + d) for s, d in _REFERENCE_TRUNK]
     + [("fc0.conv.", "head.reduce.conv."), ("fc0.bn.", "head.reduce.bn.")]
-    # the module is `emau`; the reference's train.py addresses it as `ema`, so accept both spellings
+    # the module is `emau` (train.py wrote `ema` before ced8694, a typo it fixed); `ema.` is accepted too
     + [(f"{unit}.{s}", f"head.context.{d}") for unit in ("emau", "ema") for s, d in _REFERENCE_EMAU]
     + [("fc1.0.conv.", "head.fuse.conv."), ("fc1.0.bn.", "head.fuse.bn."), ("fc2.", "head.classifier.")],
     "mmseg": [("backbone.stem.", "backbone.stem.")]
@@ -218,8 +221,10 @@ MODEL_SETTINGS: dict[str, dict[str, Any]] = {
                   differentiable=False, residual="conv", dropout=0.1),
 }  # fmt: skip
 DATA_SETTINGS: dict[str, dict[str, Any]] = {
-    # The reference's dataset.py computes (RGB/255 - MEAN) / MEAN: it divides by the mean, not by STD.
-    "reference": dict(mean=IMAGENET_MEAN, std=IMAGENET_MEAN, eval_pad_multiple=8, eval_pad_offset=1),
+    # The reference's dataset.py computes (RGB/255 - MEAN) / STD since f2afd7f (2019-08-24; the released
+    # final.pth was re-uploaded for it); its first release divided by MEAN (REFERENCE_FIRST_RELEASE_STD).
+    # Eval pads to H, W = 1 mod settings.STRIDE (the output stride: 8 here, set from the model below).
+    "reference": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_pad_multiple=8, eval_pad_offset=1),
     # mmseg: mean 123.675/116.28/103.53, std 58.395/57.12/57.375 on RGB 0-255 = the ImageNet values on 0-1
     "mmseg": dict(mean=[123.675 / 255, 116.28 / 255, 103.53 / 255], std=[58.395 / 255, 57.12 / 255, 57.375 / 255],
                   eval_pad_multiple=0, eval_pad_offset=0),
@@ -227,29 +232,106 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
 DATASETS_BY_CLASSES = {21: "voc", 19: "cityscapes", 150: "ade20k"}
 
 
-def _window(text: str, start: str, stops: Sequence[str]) -> str:
-    i = text.find(start)
-    if i < 0:
-        return ""
-    ends = [j for j in (text.find(s, i + len(start)) for s in stops) if j >= 0]
-    return text[i : min(ends) if ends else len(text)]
+class Unresolved:
+    """A value in a config text that is not a literal (a call other than dict(), an unknown name, ...)."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"<not a literal: {self.source}>"
 
 
-def _ints(pattern: str, text: str) -> tuple[int, ...] | None:
-    m = re.search(pattern + r"\s*=\s*[\(\[]([\d,\s]+)[\)\]]", text)
-    return tuple(int(v) for v in m.group(1).replace(" ", "").split(",") if v) if m else None
+def _literal(node: ast.AST, names: Mapping[str, Any]) -> Any:
+    """A config-text expression -> its value: constants, tuples, lists, dicts, ``dict(...)`` calls and names
+    assigned earlier in the text; anything else becomes an ``Unresolved`` (nothing is ever executed)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List)):
+        items = [_literal(e, names) for e in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    if isinstance(node, ast.Dict):
+        out: dict[Any, Any] = {}
+        for k, v in zip(node.keys, node.values):
+            value = _literal(v, names)
+            if k is None:  # {**other}
+                out.update(value if isinstance(value, dict) else {})
+            else:
+                out[_literal(k, names)] = value
+        return out
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        out = {}
+        for kw in node.keywords:
+            value = _literal(kw.value, names)
+            if kw.arg is None:  # dict(**other)
+                out.update(value if isinstance(value, dict) else {})
+            else:
+                out[kw.arg] = value
+        return out
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand, names)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    return Unresolved(ast.unparse(node)[:60])
 
 
-def _scalar(pattern: str, text: str) -> str | None:
-    m = re.search(pattern + r"\s*=\s*([\w.+-]+)", text)
-    return m.group(1) if m else None
+def read_config_text(text: str) -> dict[str, Any]:
+    """The top-level ``name = value`` assignments of an mmcv/mmengine config text (Python source), values
+    read by ``_literal``; other statements are ignored. A text that is not Python is a ValueError."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as e:
+        raise ValueError(
+            f"the checkpoint's mmseg config text is not Python source (line {e.lineno}: {e.msg})"
+        ) from None
+    names: dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            names[stmt.targets[0].id] = _literal(stmt.value, names)
+    return names
+
+
+def _section(d: Any, *keys: str) -> dict[str, Any]:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d if isinstance(d, dict) else {}
+
+
+def _is(value: Any, *types: type) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _pair_of_ints(value: Any) -> list[int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value, value]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is(v, int) for v in value):
+        return [int(v) for v in value]
+    return None
+
+
+_OUTPUT_STRIDES = {((1, 2, 1, 1), (1, 1, 2, 4)): 8, ((1, 2, 2, 1), (1, 1, 1, 2)): 16, ((1, 2, 2, 2), (1, 1, 1, 1)): 32}
+
+
+def _norm_settings(cfg: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
+    """mean/std/RGB order: the data_preprocessor (1.x) or img_norm_cfg / a Normalize step (0.x)."""
+    for norm in (
+        _section(model, "data_preprocessor"),
+        _section(cfg, "data_preprocessor"),
+        _section(cfg, "img_norm_cfg"),
+    ):
+        if "mean" in norm and "std" in norm:
+            return norm
+    return {}
 
 
 def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Class names, palette and the settings that matter, from an mmseg checkpoint's 'meta' entry.
 
-    mmseg 0.x stores CLASSES, PALETTE and the config text (``config``); 1.x stores ``dataset_meta`` and the
-    config text as ``cfg``. The config text is searched for a few plain ``key=value`` entries only.
+    mmseg 0.x stores CLASSES, PALETTE and the config text (``config``, mmcv's pretty text); 1.x stores
+    ``dataset_meta`` and the config text as ``cfg`` (mmengine's: sorted keys, sequences over several lines).
+    The text is parsed as Python source with ``ast``, literals and ``dict(...)`` calls only (never executed).
     """
     out: dict[str, Any] = {"model": {}, "data": {}, "eval": {}, "notes": []}
     dmeta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), Mapping) else meta
@@ -261,51 +343,105 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     text = meta.get("config", meta.get("cfg"))
     if not isinstance(text, str):
         return out
+    cfg = read_config_text(text)
+    model = _section(cfg, "model")
     found = []
-    head = _window(text, "type='EMAHead'", ("auxiliary_head", "train_cfg", "test_cfg"))
-    for key, field_, cast in (("num_stages", "num_stages", int), ("momentum", "momentum", float),
-                              ("dropout_ratio", "dropout", float)):  # fmt: skip
-        value = _scalar(key, head)
-        if value is not None:
-            out["model"][field_] = cast(value)
+    head = _section(model, "decode_head")
+    if head and head.get("type") != "EMAHead":
+        out["notes"].append(f"the checkpoint's config has decode_head type {head.get('type')!r}, not 'EMAHead'")
+    for key, field_, kind in (
+        ("num_stages", "num_stages", int),
+        ("momentum", "momentum", float),
+        ("dropout_ratio", "dropout", float),
+        ("align_corners", "align_corners", bool),
+    ):
+        value = head.get(key)
+        if _is(value, bool) if kind is bool else _is(value, int) or (kind is float and _is(value, float)):
+            out["model"][field_] = kind(value)
             found.append(f"{key}={value}")
-    corners = _scalar("align_corners", head)
-    if corners in ("True", "False"):
-        out["model"]["align_corners"] = corners == "True"
-        found.append(f"align_corners={corners}")
-    trunk = _window(text, "backbone=dict(", ("decode_head",))
-    strides, dilations = _ints("strides", trunk), _ints("dilations", trunk)
-    os_by_layout = {((1, 2, 1, 1), (1, 1, 2, 4)): 8, ((1, 2, 2, 1), (1, 1, 1, 2)): 16, ((1, 2, 2, 2), (1, 1, 1, 1)): 32}
-    if strides and dilations:
-        if (strides, dilations) not in os_by_layout:
-            raise ValueError(f"mmseg backbone strides={strides} dilations={dilations}: only the d8/d16/d32 layouts "
-                             "(1,2,1,1)/(1,1,2,4), (1,2,2,1)/(1,1,1,2), (1,2,2,2)/(1,1,1,1) convert")  # fmt: skip
-        out["model"]["output_stride"] = os_by_layout[(strides, dilations)]
+    trunk = _section(model, "backbone")
+    strides, dilations = trunk.get("strides"), trunk.get("dilations")
+    if isinstance(strides, (list, tuple)) and isinstance(dilations, (list, tuple)):
+        layout = (tuple(strides), tuple(dilations))
+        if layout not in _OUTPUT_STRIDES:
+            raise ValueError(
+                f"mmseg backbone strides={layout[0]} dilations={layout[1]}: only the d8/d16/d32 "
+                "layouts (1,2,1,1)/(1,1,2,4), (1,2,2,1)/(1,1,1,2), (1,2,2,2)/(1,1,1,1) convert"
+            )
+        out["model"]["output_stride"] = _OUTPUT_STRIDES[layout]
         found.append(f"output stride {out['model']['output_stride']}")
-        if out["model"]["output_stride"] != 32 and _scalar("contract_dilation", trunk) != "True":
+        if out["model"]["output_stride"] != 32 and trunk.get("contract_dilation") is not True:
             raise ValueError("mmseg backbone without contract_dilation=True: its first dilated blocks use the full "
                              "dilation, ours half of it (not supported)")  # fmt: skip
-    if re.search(r"multi_grid\s*=\s*[\(\[]", trunk):
+    if isinstance(trunk.get("multi_grid"), (list, tuple)):
         raise ValueError("mmseg backbone with multi_grid: not supported by this converter")
-    mean = re.search(r"\bmean\s*=\s*\[([^\]]+)\]", text)
-    std = re.search(r"\bstd\s*=\s*\[([^\]]+)\]", text)
-    if mean and std:
-        out["data"]["mean"] = [float(v) / 255 for v in mean.group(1).split(",")]
-        out["data"]["std"] = [float(v) / 255 for v in std.group(1).split(",")]
-        found.append(f"mean=[{mean.group(1)}] std=[{std.group(1)}]")
-    rgb = _scalar(r"\b(?:bgr_)?to_rgb", text)
-    if rgb == "False":
+    norm = _norm_settings(cfg, model)
+    mean, std = norm.get("mean"), norm.get("std")
+    if all(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is(x, int, float) for x in v) for v in (mean, std)):
+        out["data"]["mean"] = [float(v) / 255 for v in mean]
+        out["data"]["std"] = [float(v) / 255 for v in std]
+        found.append(f"mean={list(mean)} std={list(std)}")
+    rgb = norm.get("bgr_to_rgb", norm.get("to_rgb"))
+    if rgb is False:
         out["bgr"] = True
         found.append("to_rgb=False (a BGR model)")
-    slide = re.search(r"test_cfg\s*=\s*dict\(\s*mode\s*=\s*'slide',\s*crop_size\s*=\s*\((\d+),\s*(\d+)\),"
-                      r"\s*stride\s*=\s*\((\d+),\s*(\d+)\)", text)  # fmt: skip
-    if slide:
-        h, w, sh, sw = (int(v) for v in slide.groups())
-        out["eval"].update(mode="slide", crop_size=[h, w], stride=[sh, sw])
-        found.append(f"slide inference {h}x{w} stride {sh}x{sw}")
+    _test_padding(norm, out, found)
+    test = _section(model, "test_cfg") or _section(cfg, "test_cfg")  # 0.x configs may keep it at the top level
+    if test.get("mode") == "slide":
+        crop, stride = _pair_of_ints(test.get("crop_size")), _pair_of_ints(test.get("stride"))
+        if crop is None or stride is None:
+            raise ValueError(
+                f"mmseg test_cfg mode='slide' with crop_size={test.get('crop_size')!r} "
+                f"stride={test.get('stride')!r}: expected (height, width) pairs of ints"
+            )
+        out["eval"].update(mode="slide", crop_size=crop, stride=stride)
+        found.append(f"slide inference {crop[0]}x{crop[1]} stride {stride[0]}x{stride[1]}")
+    elif test.get("mode") == "whole":
+        out["eval"]["mode"] = "whole"
+        found.append("whole-image inference")
     if found:
         out["notes"].append("from the checkpoint's mmseg config: " + ", ".join(found))
+    resize = _test_resize(cfg)
+    if resize is not None:
+        out["notes"].append(
+            f"not reproduced: the checkpoint's test pipeline first resizes each image to scale "
+            f"{resize} (keep_ratio) and its logits back; emanet predict/eval feed the image at its "
+            "own size (resize inputs yourself for exact agreement)"
+        )
     return out
+
+
+def _test_resize(cfg: Mapping[str, Any]) -> Any:
+    """The test pipeline's Resize scale (1.x ``Resize(scale=...)``, 0.x ``MultiScaleFlipAug(img_scale=...)``)."""
+    steps = cfg.get("test_pipeline")
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("type") == "Resize" and "scale" in step:
+            return step["scale"]
+        if isinstance(step, dict) and step.get("type") == "MultiScaleFlipAug" and "img_scale" in step:
+            return step["img_scale"]
+    return None
+
+
+def _test_padding(norm: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
+    """SegDataPreProcessor pads test images only when it has a test_cfg (size / size_divisor)."""
+    test = _section(norm, "test_cfg")
+    if not test:
+        return
+    divisor, size = test.get("size_divisor"), test.get("size")
+    if size is not None:
+        raise ValueError(
+            f"mmseg data_preprocessor test_cfg size={size!r} (padding every test image to a fixed "
+            "size) is not supported"
+        )
+    if _is(divisor, int) and divisor > 1:
+        pad_val = norm.get("pad_val", 0)
+        if pad_val != 0:
+            raise ValueError(
+                f"mmseg data_preprocessor pad_val={pad_val!r} with test padding: only 0 (the "
+                "normalised mean, as our eval padding) is supported"
+            )
+        out["data"].update(eval_pad_multiple=int(divisor), eval_pad_offset=0)
+        found.append(f"test padding to a multiple of {divisor}")
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -497,6 +633,8 @@ def convert_checkpoint(
     base["eval"].update(eval_fields)
     cfg = load_config(None, overrides, base=base)
     m = cfg.model
+    if source == "reference" and not any(o.split("=", 1)[0].strip() == "data.eval_pad_multiple" for o in overrides):
+        cfg.data.eval_pad_multiple = m.output_stride  # pad_inf pads to 1 mod settings.STRIDE
     if source == "mmseg" and m.backbone in ("resnet18", "resnet34") and m.output_stride != 32:
         raise ValueError(f"{name}: mmseg's ResNet-18/34 BasicBlock dilates only its first 3x3 conv, ours both: a "
                          f"dilated (OS{m.output_stride}) {m.backbone} cannot be reproduced exactly "

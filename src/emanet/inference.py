@@ -37,7 +37,7 @@ def _logits(model: nn.Module, images: Tensor) -> Tensor:
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
     """Window offsets along one axis: every ``stride``, the last one snapped so it ends at the border.
 
-    ``length <= crop`` gives a single window at 0 (the caller pads the image up to the crop).
+    ``length <= crop`` gives a single window at 0, clipped to the image (``infer_slide``).
     """
     if length <= crop:
         return [0]
@@ -64,9 +64,11 @@ def infer_slide(
     """Sliding-window logits (B, C, H, W): windows' logits summed, divided by how many windows saw each pixel.
 
     Windows of ``crop_size`` every ``stride``; the last one on each axis ends at the border, so no window
-    leaves the image and every pixel is covered. Axes shorter than the crop are padded bottom/right with 0
-    (the dataset mean after normalisation) and the result is cropped back. ``num_classes`` None: taken from
-    the model's output. Windows of one image run ``batch_size`` at a time.
+    leaves the image and every pixel is covered. On an axis shorter than the crop the window is clipped to
+    the image (one window of the image's own length, as mmsegmentation's ``slide_inference``): nothing is
+    padded, so an image smaller than the crop gets exactly the whole-image forward. Padding would not be
+    neutral: EM attention is global, so padded pixels move the bases and every pixel's output.
+    ``num_classes`` None: taken from the model's output. Windows of one image run ``batch_size`` at a time.
     """
     (ch, cw), (sh, sw) = _pair(crop_size, "crop_size"), _pair(stride, "stride")
     if sh > ch or sw > cw:
@@ -76,18 +78,16 @@ def infer_slide(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     b, _, h, w = images.shape
-    # Pad once instead of per window: only images smaller than the crop are padded at all.
-    padded = F.pad(images, (0, max(cw - w, 0), 0, max(ch - h, 0)))  # (B, 3, Hp, Wp)
-    hp, wp = padded.shape[-2:]
-    boxes = [(y, x) for y in window_starts(hp, ch, sh) for x in window_starts(wp, cw, sw)]
+    ch, cw = min(ch, h), min(cw, w)  # windows clipped to the image on axes shorter than the crop
+    boxes = [(y, x) for y in window_starts(h, ch, sh) for x in window_starts(w, cw, sw)]
 
-    count = torch.zeros(hp, wp, device=images.device)  # (Hp, Wp), identical for every image
+    count = torch.zeros(h, w, device=images.device)  # (H, W), identical for every image
     for y, x in boxes:
         count[y : y + ch, x : x + cw] += 1
 
     out: Tensor | None = None
     for i in range(b):
-        crops = torch.stack([padded[i, :, y : y + ch, x : x + cw] for y, x in boxes])  # (n_win, 3, ch, cw)
+        crops = torch.stack([images[i, :, y : y + ch, x : x + cw] for y, x in boxes])  # (n_win, 3, ch, cw)
         for k in range(0, len(boxes), batch_size):
             logits = _logits(model, crops[k : k + batch_size])  # (n, C, ch, cw)
             if logits.shape[-2:] != (ch, cw):
@@ -97,13 +97,13 @@ def infer_slide(
                 c = num_classes if num_classes is not None else logits.shape[1]
                 # float32 at least: half-precision sums of many overlapping windows lose digits
                 dtype = torch.promote_types(logits.dtype, torch.float32)
-                out = torch.zeros(b, c, hp, wp, device=images.device, dtype=dtype)  # (B, C, Hp, Wp)
+                out = torch.zeros(b, c, h, w, device=images.device, dtype=dtype)  # (B, C, H, W)
             if logits.shape[1] != out.shape[1]:
                 raise ValueError(f"num_classes={out.shape[1]} but the model returned {logits.shape[1]} channels")
             for (y, x), window in zip(boxes[k : k + batch_size], logits):
                 out[i, :, y : y + ch, x : x + cw] += window
     assert out is not None  # b >= 1 and at least one window
-    return (out / count)[:, :, :h, :w]  # (B, C, H, W): crop the padding away
+    return out / count  # (B, C, H, W)
 
 
 def check_inference_args(mode: str, scales: Sequence[float], crop_size: Any, stride: Any) -> None:

@@ -1,9 +1,10 @@
 """Predict label maps for new images: a ``Predictor`` built once, and the file loop behind ``emanet predict``.
 
 Every image goes through the evaluation pipeline: EXIF orientation (``data.read_image``), the config's
-mean/std on RGB in [0, 1], padding bottom/right with the mean colour to H, W = offset mod multiple (the
-reference's 1 mod 8), then ``inference.infer`` (whole / sliding window / multi-scale + flip), and the padding
-is cropped off again, so results come back at the image's own size.
+mean/std on RGB in [0, 1], padding of the normalised tensor bottom/right with 0 to H, W = offset mod multiple
+(the reference's 1 mod 8; mmseg models: none), then ``inference.infer`` (whole / sliding window, whose windows
+are clipped to images smaller than the crop / multi-scale + flip), and the padding is cropped off again, so
+results come back at the image's own size.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class Predictor:
         stages = eval_stages if eval_stages is not None else e.eval_stages
         if stages is not None:
             set_eval_stages(self.model, stages)
-        # the evaluation transform: pad bottom/right with the mean colour, normalise
+        # the evaluation transform: normalise, pad bottom/right with 0 (the normalised mean)
         self._transform = eval_transform(mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None,
                                          pad_offset=d.eval_pad_offset)  # fmt: skip
 

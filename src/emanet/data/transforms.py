@@ -208,6 +208,29 @@ class ToTensorNormalize:
         return tensor, torch.from_numpy(np.asarray(label, dtype=np.int64))
 
 
+class PadNormalizedToMultiple:
+    """Pad a normalised (3, H, W) tensor bottom/right with 0 to the smallest H, W with ``H % multiple ==
+    offset``; the label with ``fill_label``. Both sources pad after normalisation with 0 (the reference's
+    ``pad_inf``, mmseg's ``SegDataPreProcessor`` ``pad_val=0``), i.e. exactly the mean colour."""
+
+    def __init__(self, multiple: int, offset: int = 0, fill_label: int = 255):
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        self.multiple, self.offset, self.fill_label = multiple, offset % multiple, fill_label
+
+    def target(self, n: int) -> int:
+        return n + (self.offset - n) % self.multiple
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, rng=None):
+        h, w = image.shape[-2:]
+        ph, pw = self.target(h) - h, self.target(w) - w
+        if ph == 0 and pw == 0:
+            return image, label
+        image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0.0)  # (3, Hp, Wp)
+        label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=self.fill_label)  # (Hp, Wp)
+        return image, label
+
+
 def train_transform(
     *,
     crop_size: int | Sequence[int],
@@ -245,11 +268,15 @@ def eval_transform(
     size: int | Sequence[int] | None = None,
     ignore_index: int = 255,
 ) -> Compose:
-    """Optional resize, optional pad to ``H % pad_multiple == pad_offset`` (reference: 8 and 1), normalise."""
+    """Optional resize, normalise, optional pad to ``H % pad_multiple == pad_offset`` (reference: 8 and 1).
+
+    The padding is 0 on the normalised tensor (exactly the mean), as both source pipelines pad: EM
+    attention is global, so padded pixels move the bases and with them every pixel's prediction.
+    """
     steps: list = []
     if size is not None:
         steps.append(Resize(size))
-    if pad_multiple:
-        steps.append(PadToMultiple(pad_multiple, pad_offset, fill_from_mean(mean), ignore_index))
     steps.append(ToTensorNormalize(mean, std))
+    if pad_multiple:
+        steps.append(PadNormalizedToMultiple(pad_multiple, pad_offset, ignore_index))
     return Compose(steps)
