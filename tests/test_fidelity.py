@@ -154,7 +154,11 @@ def test_mmseg_769_converts_with_its_test_settings(mmseg_769, tmp_path_factory):
     # the mmcv (mmseg 0.x) text of the same config says the same
     old = _mmseg_model(tmp_path_factory, MMCV_769, "mmcv769")[2].config
     assert (old.model.align_corners, old.eval.mode, old.eval.crop_size, old.eval.stride) == (
-        True, "slide", [769, 769], [513, 513])  # fmt: skip
+        True,
+        "slide",
+        [769, 769],
+        [513, 513],
+    )
 
 
 @pytest.mark.parametrize(
@@ -171,8 +175,9 @@ def test_mmseg_769_model_through_predictor_is_mmsegs_pipeline(mmseg_769, size, c
     predictor = Predictor.from_source(folder, device="cpu", **options)
     image = _image(*size, seed=size[1])
     got = predictor(image, probs=True)
-    want = mmseg_pipeline(sd, image, mode="slide", align_corners=True, crop=crop or (769, 769),
-                          stride=stride or (513, 513))  # fmt: skip
+    want = mmseg_pipeline(
+        sd, image, mode="slide", align_corners=True, crop=crop or (769, 769), stride=stride or (513, 513)
+    )
     labels, probs = _agree(got, want)
     assert labels >= 0.999 and probs <= 1e-3, (labels, probs)
 
@@ -190,9 +195,24 @@ def test_emanet_predict_cli_gives_the_authors_labels(reference_model, tmp_path):
     sd, folder = reference_model
     image = _image(45, 61, seed=9)
     Image.fromarray(image).save(tmp_path / "img.png")
-    proc = subprocess.run([sys.executable, "-m", "emanet", "predict", str(folder), str(tmp_path / "img.png"),
-                           "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emanet",
+            "predict",
+            str(folder),
+            str(tmp_path / "img.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     labels = np.asarray(Image.open(tmp_path / "out" / "img.png"))
     want = reference_pipeline(sd, image).argmax(0).numpy()

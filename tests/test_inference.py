@@ -98,8 +98,9 @@ def mmseg_slide(model, x, crop, stride):
     return preds / count
 
 
-@pytest.mark.parametrize("size,crop,stride", [((57, 129), (65, 65), (43, 43)), ((40, 41), (24, 32), (16, 8)),
-                                              ((30, 20), (48, 48), (32, 32))])  # fmt: skip
+@pytest.mark.parametrize(
+    "size,crop,stride", [((57, 129), (65, 65), (43, 43)), ((40, 41), (24, 32), (16, 8)), ((30, 20), (48, 48), (32, 32))]
+)
 def test_slide_equals_mmseg_slide_inference(tiny, size, crop, stride):
     x = images(1, *size, seed=3)
     got = infer_slide(tiny, x, crop_size=crop, stride=stride, batch_size=1)  # mmseg: a window at a time
