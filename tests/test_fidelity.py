@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from emanet.convert import convert
+from emanet.data.transforms import eval_transform
+from emanet.engine import evaluate
 from emanet.predict import Predictor
+from emanet.pretrained import load_model
 from test_convert import mmseg_forward, mmseg_state, reference_forward, reference_state
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_configs"
@@ -217,3 +220,31 @@ def test_emanet_predict_cli_gives_the_authors_labels(reference_model, tmp_path):
     labels = np.asarray(Image.open(tmp_path / "out" / "img.png"))
     want = reference_pipeline(sd, image).argmax(0).numpy()
     assert labels.shape == want.shape and (labels == want).mean() >= 0.999
+
+
+@pytest.mark.parametrize("source", ["reference", "mmseg"])
+def test_emanet_eval_scores_the_source_pipelines_labels_as_all_correct(reference_model, mmseg_769, source):
+    """``engine.evaluate`` on the converted model's own eval transform: the source pipeline's labels as ground
+    truth (the padding ignored) score aAcc >= 99.9%."""
+    if source == "reference":
+        sd, folder = reference_model
+        truth = [reference_pipeline(sd, _image(*s, seed=s[0])) for s in SIZES]
+    else:
+        sd, folder, _ = mmseg_769
+        truth = [
+            mmseg_pipeline(
+                sd, _image(*s, seed=s[0]), mode="slide", align_corners=True, crop=(769, 769), stride=(513, 513)
+            )
+            for s in SIZES
+        ]
+    loaded = load_model(folder)
+    d = loaded.config.data
+    transform = eval_transform(
+        mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None, pad_offset=d.eval_pad_offset
+    )
+    dataset = [
+        transform(Image.fromarray(_image(*s, seed=s[0])), p.argmax(0).numpy().astype(np.uint8))
+        for s, p in zip(SIZES, truth)
+    ]
+    results = evaluate(loaded.model, dataset, loaded.config, torch.device("cpu"))
+    assert results["images"] == 2 and results["aAcc"] >= 0.999, results["aAcc"]
