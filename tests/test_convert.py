@@ -501,3 +501,16 @@ def test_reference_eval_padding_follows_the_output_stride():
     assert res.config.data.eval_pad_multiple == 16  # pad_inf pads to 1 mod settings.STRIDE
     res = convert_checkpoint({"net": sd}, "reference", overrides=["data.eval_pad_multiple=0"])
     assert res.config.data.eval_pad_multiple == 0
+
+
+def test_a_setting_that_is_not_a_literal_is_named_not_guessed():
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
+    text = text.replace(
+        "        align_corners=True,\n        channels=256,\n        dropout_ratio=0.1,\n        ema_channels",
+        "        align_corners=corners,\n        channels=256,\n        dropout_ratio=0.1,\n        ema_channels",
+    )
+    out = parse_mmseg_meta({"cfg": text})
+    assert "align_corners" not in out["model"]
+    assert any("decode_head.align_corners=<not a literal: corners>" in n for n in out["notes"])
+    res = convert_checkpoint({"state_dict": mmseg_state(), "meta": {"cfg": text}}, "mmseg")
+    assert res.model_config.align_corners is False and "align_corners=<not a literal" in res.summary()

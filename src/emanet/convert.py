@@ -359,6 +359,11 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         if _is(value, bool) if kind is bool else _is(value, int) or (kind is float and _is(value, float)):
             out["model"][field_] = kind(value)
             found.append(f"{key}={value}")
+        elif key in head:
+            out["notes"].append(
+                f"decode_head.{key}={value!r} is not a {kind.__name__} literal: model.{field_} keeps the mmseg "
+                f"default (override it if that is wrong)"
+            )
     trunk = _section(model, "backbone")
     strides, dilations = trunk.get("strides"), trunk.get("dilations")
     if isinstance(strides, (list, tuple)) and isinstance(dilations, (list, tuple)):
