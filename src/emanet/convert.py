@@ -31,9 +31,6 @@ SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-bac
 FULL_MODEL_SOURCES = ("reference", "mmseg")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# The reference repo's first release (before f2afd7f) normalised as (x/255 - MEAN) / MEAN: for a model
-# trained with that code, convert with the override data.std=[0.485,0.456,0.406] (docs/convert.md).
-REFERENCE_FIRST_RELEASE_STD = IMAGENET_MEAN
 # (Bottleneck?, blocks per stage) -> our builder
 DEPTHS = {
     (False, (2, 2, 2, 2)): "resnet18",
@@ -222,7 +219,8 @@ MODEL_SETTINGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 DATA_SETTINGS: dict[str, dict[str, Any]] = {
     # The reference's dataset.py computes (RGB/255 - MEAN) / STD since f2afd7f (2019-08-24; the released
-    # final.pth was re-uploaded for it); its first release divided by MEAN (REFERENCE_FIRST_RELEASE_STD).
+    # final.pth was re-uploaded for it); its first release divided by MEAN: a model trained with that code
+    # converts with the override data.std=[0.485,0.456,0.406] (docs/convert.md).
     # Eval pads to H, W = 1 mod settings.STRIDE (the output stride: 8 here, set from the model below).
     "reference": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_pad_multiple=8, eval_pad_offset=1),
     # mmseg: mean 123.675/116.28/103.53, std 58.395/57.12/57.375 on RGB 0-255 = the ImageNet values on 0-1
@@ -286,10 +284,15 @@ def read_config_text(text: str) -> dict[str, Any]:
         raise ValueError(
             f"the checkpoint's mmseg config text is not Python source (line {e.lineno}: {e.msg})"
         ) from None
+    except (RecursionError, MemoryError):
+        raise ValueError("the checkpoint's mmseg config text is nested too deeply to read") from None
     names: dict[str, Any] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-            names[stmt.targets[0].id] = _literal(stmt.value, names)
+            try:
+                names[stmt.targets[0].id] = _literal(stmt.value, names)
+            except RecursionError:
+                raise ValueError("the checkpoint's mmseg config text is nested too deeply to read") from None
     return names
 
 
@@ -315,7 +318,7 @@ _OUTPUT_STRIDES = {((1, 2, 1, 1), (1, 1, 2, 4)): 8, ((1, 2, 2, 1), (1, 1, 1, 2))
 
 
 def _norm_settings(cfg: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
-    """mean/std/RGB order: the data_preprocessor (1.x) or img_norm_cfg / a Normalize step (0.x)."""
+    """mean/std/RGB order: the model's or the top-level data_preprocessor (1.x), or img_norm_cfg (0.x)."""
     for norm in (
         _section(model, "data_preprocessor"),
         _section(cfg, "data_preprocessor"),
