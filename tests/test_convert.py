@@ -463,8 +463,8 @@ def test_real_config_texts_are_read_in_full(name, corners, test):
     assert out["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert out["data"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert "eval_pad_multiple" not in out["data"]  # SegDataPreProcessor pads test images only with a test_cfg
-    scale = "(2048, 1024)" if "512x1024" in name else "(2049, 1025)"
-    assert any(scale in n and "not reproduced" in n for n in out["notes"])
+    assert out["data"]["eval_resize"] == ([2048, 1024] if "512x1024" in name else [2049, 1025])
+    assert not any("not reproduced" in n for n in out["notes"])
 
 
 def test_config_text_is_parsed_never_run(tmp_path):
@@ -514,3 +514,10 @@ def test_a_setting_that_is_not_a_literal_is_named_not_guessed():
     assert any("decode_head.align_corners=<not a literal: corners>" in n for n in out["notes"])
     res = convert_checkpoint({"state_dict": mmseg_state(), "meta": {"cfg": text}}, "mmseg")
     assert res.model_config.align_corners is False and "align_corners=<not a literal" in res.summary()
+
+
+def test_a_resize_that_does_not_keep_the_ratio_is_said_not_reproduced():
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-512x1024.txt").read_text()
+    out = parse_mmseg_meta({"cfg": text.replace("dict(keep_ratio=True, scale=(", "dict(keep_ratio=False, scale=(")})
+    assert "eval_resize" not in out["data"]
+    assert any("not reproduced" in n and "keep_ratio=False" in n for n in out["notes"])

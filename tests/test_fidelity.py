@@ -8,6 +8,7 @@ functional re-implementations of tests/test_convert.py, fed the source state dic
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from emanet.config import load_config
 from emanet.convert import convert
-from emanet.data.transforms import eval_transform
-from emanet.engine import evaluate
+from emanet.data.transforms import keep_ratio_size
 from emanet.predict import Predictor
-from emanet.pretrained import load_model
 from test_convert import mmseg_forward, mmseg_state, reference_forward, reference_state
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_configs"
@@ -64,9 +64,27 @@ def reference_pipeline(sd: dict, image: np.ndarray, *, divide_by_mean: bool = Fa
 # ----------------------------------------------------------------------------- mmsegmentation 1.x
 
 
-def mmseg_pipeline(sd: dict, image: np.ndarray, *, mode: str, align_corners: bool, crop=None, stride=None):
-    """LoadImageFromFile (BGR) -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std, no test padding: it has no
-    test_cfg) -> slide/whole inference -> postprocess (no padding, no resize) -> softmax. (C, H, W)."""
+def mmcv_rescale(image: np.ndarray, scale, *, rounded: bool = True) -> np.ndarray:
+    """mmcv.imrescale(keep_ratio): factor min(long / max(h, w), short / min(h, w)), sides int(x * f + 0.5), then
+    cv2 INTER_LINEAR (half-pixel bilinear, no antialiasing) on uint8; here bilinear with align_corners=False,
+    rounded to uint8 as OpenCV's output is (``rounded=False`` keeps the float values)."""
+    h, w = image.shape[:2]
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    size = (int(h * factor + 0.5), int(w * factor + 0.5))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    return x.round().clamp(0, 255).to(torch.uint8).numpy() if rounded else x.numpy()
+
+
+def mmseg_pipeline(
+    sd: dict, image: np.ndarray, *, mode: str, align_corners: bool, crop=None, stride=None, resize=None, rounded=True
+):
+    """LoadImageFromFile (BGR) -> test Resize (keep_ratio) -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std,
+    no test padding: it has no test_cfg) -> slide/whole inference -> postprocess (logits resized back to the
+    image's size with align_corners) -> softmax. (C, H, W)."""
+    h0, w0 = image.shape[:2]
+    if resize is not None:
+        image = mmcv_rescale(image, resize, rounded=rounded)
     bgr = torch.from_numpy(image[..., ::-1].copy()).permute(2, 0, 1)  # what cv2.imread gives, as (3, H, W)
     x = bgr[[2, 1, 0], ...].float()
     mean = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
@@ -90,6 +108,8 @@ def mmseg_pipeline(sd: dict, image: np.ndarray, *, mode: str, align_corners: boo
                     preds = preds + F.pad(encode_decode(x[:, :, y1:y2, x1:x2]), (x1, w - x2, y1, h - y2))
                     count[:, :, y1:y2, x1:x2] += 1
             logits = preds / count
+        if logits.shape[-2:] != (h0, w0):
+            logits = F.interpolate(logits, size=(h0, w0), mode="bilinear", align_corners=align_corners)
     return torch.softmax(logits, 1)[0]
 
 
@@ -152,8 +172,7 @@ def test_mmseg_769_converts_with_its_test_settings(mmseg_769, tmp_path_factory):
     cfg = result.config
     assert cfg.model.align_corners is True
     assert (cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride) == ("slide", [769, 769], [513, 513])
-    assert cfg.data.eval_pad_multiple == 0
-    assert any("2049, 1025" in n and "not reproduced" in n for n in result.notes)  # the test Resize, said
+    assert cfg.data.eval_pad_multiple == 0 and cfg.data.eval_resize == [2049, 1025]  # the test Resize
     # the mmcv (mmseg 0.x) text of the same config says the same
     old = _mmseg_model(tmp_path_factory, MMCV_769, "mmcv769")[2].config
     assert (old.model.align_corners, old.eval.mode, old.eval.crop_size, old.eval.stride) == (
@@ -165,32 +184,37 @@ def test_mmseg_769_converts_with_its_test_settings(mmseg_769, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "size, crop, stride",
+    "size, crop, stride, resize",
     [
-        ((45, 61), None, None),  # the real 769/513 windows: one window, clipped to the image
-        ((45, 61), (33, 41), (21, 27)),  # several windows on both axes
-        ((38, 53), (49, 41), (32, 27)),  # taller than the image: clipped in H, slides in W
+        ((45, 61), None, None, None),  # as converted: Resize to (2049, 1025) keep_ratio, 769/513 windows
+        ((45, 61), None, None, "null"),  # no Resize: one 769 window, clipped to the image
+        ((45, 61), (33, 41), (21, 27), "[97,65]"),  # a small Resize, several windows on both axes
+        ((38, 53), (49, 41), (32, 27), "null"),  # taller than the image: clipped in H, slides in W
     ],
 )
-def test_mmseg_769_model_through_predictor_is_mmsegs_pipeline(mmseg_769, size, crop, stride):
+def test_mmseg_769_model_through_predictor_is_mmsegs_pipeline(mmseg_769, size, crop, stride, resize):
     sd, folder, _ = mmseg_769
     options = {} if crop is None else {"crop_size": crop, "stride": stride}
-    predictor = Predictor.from_source(folder, device="cpu", **options)
+    overrides = [] if resize is None else [f"data.eval_resize={resize}"]
+    predictor = Predictor.from_source(folder, device="cpu", overrides=overrides, **options)
     image = _image(*size, seed=size[1])
     got = predictor(image, probs=True)
+    scale = {None: (2049, 1025), "null": None, "[97,65]": (97, 65)}[resize]
     want = mmseg_pipeline(
-        sd, image, mode="slide", align_corners=True, crop=crop or (769, 769), stride=stride or (513, 513)
+        sd, image, mode="slide", align_corners=True, crop=crop or (769, 769), stride=stride or (513, 513), resize=scale
     )
     labels, probs = _agree(got, want)
     assert labels >= 0.999 and probs <= 1e-3, (labels, probs)
+    assert got.labels.shape == size
 
 
 def test_mmseg_512x1024_model_runs_whole_without_align_corners(tmp_path_factory):
     sd, folder, result = _mmseg_model(tmp_path_factory, MMSEG_512, "mm512")
     assert result.config.model.align_corners is False and result.config.eval.mode == "whole"
+    assert result.config.data.eval_resize == [2048, 1024]
     image = _image(38, 53, seed=7)
     got = Predictor.from_source(folder, device="cpu")(image, probs=True)
-    labels, probs = _agree(got, mmseg_pipeline(sd, image, mode="whole", align_corners=False))
+    labels, probs = _agree(got, mmseg_pipeline(sd, image, mode="whole", align_corners=False, resize=(2048, 1024)))
     assert labels >= 0.999 and probs <= 1e-3, (labels, probs)
 
 
@@ -223,28 +247,55 @@ def test_emanet_predict_cli_gives_the_authors_labels(reference_model, tmp_path):
 
 
 @pytest.mark.parametrize("source", ["reference", "mmseg"])
-def test_emanet_eval_scores_the_source_pipelines_labels_as_all_correct(reference_model, mmseg_769, source):
-    """``engine.evaluate`` on the converted model's own eval transform: the source pipeline's labels as ground
-    truth (the padding ignored) score aAcc >= 99.9%."""
+def test_emanet_eval_scores_the_source_pipelines_labels_as_all_correct(reference_model, mmseg_769, source, tmp_path):
+    """`emanet eval` on a folder dataset whose masks are the source pipeline's labels: aAcc >= 99.9%."""
     if source == "reference":
         sd, folder = reference_model
         truth = [reference_pipeline(sd, _image(*s, seed=s[0])) for s in SIZES]
-    else:
+    else:  # as converted: the test Resize to (2049, 1025), slide 769/513
         sd, folder, _ = mmseg_769
-        truth = [
-            mmseg_pipeline(
-                sd, _image(*s, seed=s[0]), mode="slide", align_corners=True, crop=(769, 769), stride=(513, 513)
-            )
-            for s in SIZES
-        ]
-    loaded = load_model(folder)
-    d = loaded.config.data
-    transform = eval_transform(
-        mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None, pad_offset=d.eval_pad_offset
-    )
-    dataset = [
-        transform(Image.fromarray(_image(*s, seed=s[0])), p.argmax(0).numpy().astype(np.uint8))
-        for s, p in zip(SIZES, truth)
+        kw = dict(mode="slide", align_corners=True, crop=(769, 769), stride=(513, 513), resize=(2049, 1025))
+        truth = [mmseg_pipeline(sd, _image(*s, seed=s[0]), **kw) for s in SIZES]
+    for d in ("images/val", "masks/val"):
+        (tmp_path / "data" / d).mkdir(parents=True)
+    (tmp_path / "data" / "classes.txt").write_text("\n".join(f"c{i}" for i in range(truth[0].shape[0])))
+    for i, (size, probs) in enumerate(zip(SIZES, truth)):
+        Image.fromarray(_image(*size, seed=size[0])).save(tmp_path / "data" / "images" / "val" / f"{i}.png")
+        Image.fromarray(probs.argmax(0).numpy().astype(np.uint8)).save(tmp_path / "data" / "masks" / "val" / f"{i}.png")
+    out = tmp_path / "eval.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "emanet",
+        "eval",
+        str(folder),
+        "data.dataset=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.num_workers=0",
+        "data.train_split=val",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
     ]
-    results = evaluate(loaded.model, dataset, loaded.config, torch.device("cpu"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
     assert results["images"] == 2 and results["aAcc"] >= 0.999, results["aAcc"]
+
+
+def test_keep_ratio_resize_sizes_and_its_config_rule():
+    # mmcv: factor = min(2049 / 2048, 1025 / 1024) = 1.000488..; int(2048 f + 0.5) = 2049, int(1024 f + 0.5) = 1025
+    assert keep_ratio_size(1024, 2048, (2049, 1025)) == (1025, 2049)
+    assert keep_ratio_size(1024, 2048, (2048, 1024)) == (1024, 2048)
+    assert keep_ratio_size(45, 61, (97, 65)) == (65, 88)  # factor min(97 / 61, 65 / 45) = 1.444..
+    assert keep_ratio_size(600, 400, (2048, 512)) == (768, 512)  # portrait: the short side decides
+    with pytest.raises(ValueError, match="data.eval_pad_multiple must be 0 with data.eval_resize"):
+        load_config(None, ["data.eval_resize=[2049,1025]"])  # the default config pads to 1 mod 8
+    assert load_config(None, ["data.eval_resize=[2049,1025]", "data.eval_pad_multiple=0"]).data.eval_resize == [
+        2049,
+        1025,
+    ]
+    with pytest.raises(ValueError, match="data.eval_resize must be 2 positive numbers"):
+        load_config(None, ["data.eval_resize=[2049]", "data.eval_pad_multiple=0"])

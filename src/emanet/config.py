@@ -36,6 +36,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     eval_pad_multiple: int = 8  # the reference pads eval images (normalised, with 0) so H, W = 1 mod 8
     eval_pad_offset: int = 1
+    eval_resize: list[int] | None = None  # [long, short]: mmseg's keep-ratio test Resize; predictions resized back
     num_workers: int = 2
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (e.g. synthetic scenes)
     on_bad_sample: str = "raise"  # raise: stop naming the file; skip: use another sample and count it
@@ -204,6 +205,10 @@ def validation_errors(cfg: Config) -> list[str]:
     need(d.jitter >= 0, "data.jitter", ">= 0 (0 = off)", d.jitter)
     need(d.eval_pad_multiple >= 0, "data.eval_pad_multiple", ">= 0 (0 = no padding)", d.eval_pad_multiple)
     need(d.eval_pad_offset >= 0, "data.eval_pad_offset", ">= 0", d.eval_pad_offset)
+    if d.eval_resize is not None:
+        positive_list(d.eval_resize, "data.eval_resize", 2)
+        no_pad = "0 with data.eval_resize (mmseg resizes and does not pad at test time)"
+        need(d.eval_pad_multiple == 0, "data.eval_pad_multiple", no_pad, d.eval_pad_multiple)
     need(d.num_workers >= 0, "data.num_workers", ">= 0 (0 = load in the main process)", d.num_workers)
     need(d.on_bad_sample in ("raise", "skip"), "data.on_bad_sample", "'raise' or 'skip'", d.on_bad_sample)
 

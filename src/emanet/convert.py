@@ -407,27 +407,36 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     elif test.get("mode") == "whole":
         out["eval"]["mode"] = "whole"
         found.append("whole-image inference")
+    _test_resize(cfg, out, found)
     if found:
         out["notes"].append("from the checkpoint's mmseg config: " + ", ".join(found))
-    resize = _test_resize(cfg)
-    if resize is not None:
-        out["notes"].append(
-            f"not reproduced: the checkpoint's test pipeline first resizes each image to scale "
-            f"{resize} (keep_ratio) and its logits back; emanet predict/eval feed the image at its "
-            "own size (resize inputs yourself for exact agreement)"
-        )
     return out
 
 
-def _test_resize(cfg: Mapping[str, Any]) -> Any:
-    """The test pipeline's Resize scale (1.x ``Resize(scale=...)``, 0.x ``MultiScaleFlipAug(img_scale=...)``)."""
+def _test_resize(cfg: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
+    """The test pipeline's keep-ratio Resize (1.x ``Resize(scale, keep_ratio)``, 0.x ``MultiScaleFlipAug(img_scale)``
+    around ``Resize(keep_ratio)``) -> data.eval_resize [long, short]."""
     steps = cfg.get("test_pipeline")
     for step in steps if isinstance(steps, list) else []:
-        if isinstance(step, dict) and step.get("type") == "Resize" and "scale" in step:
-            return step["scale"]
-        if isinstance(step, dict) and step.get("type") == "MultiScaleFlipAug" and "img_scale" in step:
-            return step["img_scale"]
-    return None
+        if not isinstance(step, dict):
+            continue
+        if step.get("type") == "Resize" and "scale" in step:
+            scale, keep = step["scale"], step.get("keep_ratio", False)
+        elif step.get("type") == "MultiScaleFlipAug" and "img_scale" in step:
+            inner = [t for t in step.get("transforms") or [] if isinstance(t, dict) and t.get("type") == "Resize"]
+            scale, keep = step["img_scale"], bool(inner) and inner[0].get("keep_ratio", True) is True
+        else:
+            continue
+        pair = _pair_of_ints(scale)
+        if pair is None or keep is not True:
+            out["notes"].append(
+                f"not reproduced: the test pipeline's Resize scale={scale!r} keep_ratio={keep!r} "
+                "(only a keep-ratio resize to one (long, short) scale converts, as data.eval_resize)"
+            )
+            return
+        out["data"]["eval_resize"] = [max(pair), min(pair)]
+        found.append(f"test Resize keep_ratio to {tuple(scale)} (data.eval_resize)")
+        return
 
 
 def _test_padding(norm: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:

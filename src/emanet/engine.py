@@ -141,7 +141,8 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     train_tf = train_transform(crop_size=d.crop_size, scales=d.scales, flip=d.flip, jitter=d.jitter or None,
                                mean=d.mean, std=d.std, ignore_index=cfg.loss.ignore_index)  # fmt: skip
     eval_tf = eval_transform(mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None,
-                             pad_offset=d.eval_pad_offset, ignore_index=cfg.loss.ignore_index)  # fmt: skip
+                             pad_offset=d.eval_pad_offset, ignore_index=cfg.loss.ignore_index,
+                             keep_ratio_resize=d.eval_resize)  # fmt: skip
     options = dict(d.options)
     val_options = dict(options)
     if d.dataset == "synthetic":  # generated: lengths per split instead of folders
@@ -212,7 +213,7 @@ def evaluate(
         with autocast(device, cfg.train.precision):
             probs = infer(model, image[None].to(device), mode=e.mode, scales=tuple(e.scales), flip=e.flip,
                           crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
-                          align_corners=cfg.model.align_corners)  # fmt: skip
+                          align_corners=cfg.model.align_corners, out_size=label.shape[-2:])  # fmt: skip
         matrix.update(probs.argmax(1).cpu(), label[None])
     m = matrix.matrix
     if world > 1:  # NCCL reduces CUDA tensors only

@@ -137,14 +137,18 @@ def infer(
     num_classes: int | None = None,
     align_corners: bool = False,
     batch_size: int = 4,
+    out_size: Sequence[int] | None = None,
 ) -> Tensor:
     """Class probabilities (B, C, H, W) averaged over scales x {no flip, horizontal flip}.
 
     Per pass: resize the images by the scale (bilinear), predict (whole or sliding window), un-flip, resize
     the logits back to (H, W), softmax. With ``scales=(1.0,)`` and no flip this is softmax(model(images)).
+    ``out_size`` (H0, W0): resize each pass's logits to it instead of (H, W) (an image resized before, as
+    mmseg's test Resize, predicted at its original size, as mmseg's postprocessing does).
     """
     check_inference_args(mode, scales, crop_size, stride)
     h, w = images.shape[-2:]
+    target = (int(out_size[0]), int(out_size[1])) if out_size is not None else (h, w)
 
     def predict(x: Tensor) -> Tensor:
         if mode == "whole":
@@ -162,7 +166,7 @@ def infer(
         if flip:
             logits.append(predict(x.flip(-1)).flip(-1))  # flip back so pixels line up with the input
         for lg in logits:
-            p = torch.softmax(_resize(lg, (h, w), align_corners), dim=1)  # (B, C, H, W)
+            p = torch.softmax(_resize(lg, target, align_corners), dim=1)  # (B, C, H0, W0)
             probs = p if probs is None else probs + p
             passes += 1
     assert probs is not None

@@ -133,9 +133,10 @@ class Predictor:
         stages = eval_stages if eval_stages is not None else e.eval_stages
         if stages is not None:
             set_eval_stages(self.model, stages)
-        # the evaluation transform: normalise, pad bottom/right with 0 (the normalised mean)
+        # the evaluation transform: (mmseg's keep-ratio resize,) normalise, pad bottom/right with 0 (the mean)
+        self._resized = d.eval_resize is not None
         self._transform = eval_transform(mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None,
-                                         pad_offset=d.eval_pad_offset)  # fmt: skip
+                                         pad_offset=d.eval_pad_offset, keep_ratio_resize=d.eval_resize)  # fmt: skip
 
     @classmethod
     def from_source(
@@ -155,8 +156,13 @@ class Predictor:
         return self.mode == "whole" and self.scales == (1.0,) and not self.flip
 
     def require_attention(self) -> None:
-        """Raise a clear ValueError now if the model has no EM attention unit."""
+        """Raise a clear ValueError now if the model has no EM attention unit (or its inputs are resized)."""
         attention_unit(self.model)
+        if self._resized:
+            raise ValueError(
+                "attention maps are not available with data.eval_resize (the model sees a resized "
+                "image); load the model with the override data.eval_resize=null for them"
+            )
 
     def preprocess(self, image: ImageInput) -> tuple[Image.Image, torch.Tensor]:
         """-> (RGB image, normalised and padded tensor (3, Hp, Wp))."""
@@ -175,8 +181,10 @@ class Predictor:
             self.require_attention()
         prepared = [self.preprocess(im) for im in images]
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (_, x) in enumerate(prepared):
-            groups.setdefault((x.shape[1], x.shape[2]), []).append(i)
+        for i, (rgb, x) in enumerate(prepared):
+            # resized inputs are predicted at their own size: a batch shares it too
+            key = (x.shape[1], x.shape[2]) + ((rgb.height, rgb.width) if self._resized else ())
+            groups.setdefault(key, []).append(i)
         results: list[Prediction | None] = [None] * len(prepared)
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
@@ -193,7 +201,8 @@ class Predictor:
         with capture or contextlib.nullcontext(), autocast(self.device, self.precision):
             p = infer(self.model, x, mode=self.mode, scales=self.scales, flip=self.flip, crop_size=self.crop_size,
                       stride=self.stride, num_classes=self.num_classes,
-                      align_corners=self.config.model.align_corners)  # fmt: skip
+                      align_corners=self.config.model.align_corners,
+                      out_size=(rgbs[0].height, rgbs[0].width) if self._resized else None)  # fmt: skip
             if want_attention and not self.plain:
                 infer_whole(self.model, x)  # attention of the plain forward, not of the last scale/flip/window
         p = p.float()  # (B, C, Hp, Wp)

@@ -208,6 +208,35 @@ class ToTensorNormalize:
         return tensor, torch.from_numpy(np.asarray(label, dtype=np.int64))
 
 
+def keep_ratio_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmcv's keep-ratio rescale (mmseg's test ``Resize(scale, keep_ratio=True)``): the image's aspect ratio,
+    long side at most ``max(scale)``, short side at most ``min(scale)``, each side ``int(side * f + 0.5)``.
+    -> (height, width)"""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+class KeepRatioResize:
+    """Resize the image only (the label keeps its size: predictions are resized back to it) to
+    ``keep_ratio_size``: bilinear with half-pixel centres and no antialiasing, rounded to 8 bits, as
+    OpenCV's INTER_LINEAR resizes mmseg's test images (OpenCV's fixed-point weights may differ by one grey
+    level here and there)."""
+
+    def __init__(self, scale: Sequence[int]):
+        if len(scale) != 2 or min(scale) < 1:
+            raise ValueError(f"scale must be (long, short) positive ints, got {scale!r}")
+        self.scale = (int(max(scale)), int(min(scale)))
+
+    def __call__(self, image: Image.Image, label, rng=None):
+        size = keep_ratio_size(image.height, image.width, self.scale)
+        if size == (image.height, image.width):
+            return image, label
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        out = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # (h, w, 3)
+        return Image.fromarray(np.ascontiguousarray(out)), label
+
+
 class PadNormalizedToMultiple:
     """Pad a normalised (3, H, W) tensor bottom/right with 0 to the smallest H, W with ``H % multiple ==
     offset``; the label with ``fill_label``. Both sources pad after normalisation with 0 (the reference's
@@ -267,13 +296,17 @@ def eval_transform(
     pad_offset: int = 0,
     size: int | Sequence[int] | None = None,
     ignore_index: int = 255,
+    keep_ratio_resize: Sequence[int] | None = None,
 ) -> Compose:
     """Optional resize, normalise, optional pad to ``H % pad_multiple == pad_offset`` (reference: 8 and 1).
 
     The padding is 0 on the normalised tensor (exactly the mean), as both source pipelines pad: EM
     attention is global, so padded pixels move the bases and with them every pixel's prediction.
+    ``keep_ratio_resize`` (long, short): mmseg's test ``Resize``, on the image only (``KeepRatioResize``).
     """
     steps: list = []
+    if keep_ratio_resize is not None:
+        steps.append(KeepRatioResize(keep_ratio_resize))
     if size is not None:
         steps.append(Resize(size))
     steps.append(ToTensorNormalize(mean, std))
