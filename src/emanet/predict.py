@@ -165,7 +165,7 @@ class Predictor:
             )
 
     def preprocess(self, image: ImageInput) -> tuple[Image.Image, torch.Tensor]:
-        """-> (RGB image, normalised and padded tensor (3, Hp, Wp))."""
+        """-> (RGB image, normalised (resized with data.eval_resize) and padded tensor (3, Hp, Wp))."""
         rgb = to_rgb(image)
         x, _ = self._transform(rgb, np.zeros((rgb.height, rgb.width), dtype=np.uint8))
         return rgb, x
