@@ -24,21 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from emanet.config import Config, load_config
-from emanet.models.backbone import BACKBONES, read_weights_file
+from emanet.models.backbone import BACKBONES, blocks_per_stage, read_weights_file, resnet_for_blocks
 from emanet.models.emanet import ModelConfig, build_model
 
 SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
 FULL_MODEL_SOURCES = ("reference", "mmseg")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# (Bottleneck?, blocks per stage) -> our builder
-DEPTHS = {
-    (False, (2, 2, 2, 2)): "resnet18",
-    (False, (3, 4, 6, 3)): "resnet34",
-    (True, (3, 4, 6, 3)): "resnet50",
-    (True, (3, 4, 23, 3)): "resnet101",
-    (True, (3, 8, 36, 3)): "resnet152",
-}
 
 # ----------------------------------------------------------------------------- key rules
 # A rule is (source name, our name). A name ending in "." renames a whole subtree; otherwise one key.
@@ -161,14 +153,9 @@ def read_source(
 
 def infer_backbone(state: Mapping[str, Tensor], prefix: str = "") -> dict[str, Any]:
     """{'backbone': 'resnet101', 'backbone_width': 64} from the layerN.i.* keys (our names) and shapes."""
-    counts = []
-    for stage in range(1, 5):
-        head = f"{prefix}layer{stage}."
-        idx = {int(k[len(head) :].split(".")[0]) for k in state if k.startswith(head)
-               and k[len(head) :].split(".")[0].isdigit()}  # fmt: skip
-        counts.append(max(idx) + 1 if idx else 0)
+    counts = blocks_per_stage(state, prefix)
     bottleneck = f"{prefix}layer1.0.conv3.weight" in state
-    name = DEPTHS.get((bottleneck, tuple(counts)))
+    name = resnet_for_blocks(bottleneck, counts)
     if name is None:
         kind = "Bottleneck" if bottleneck else "BasicBlock"
         raise ValueError(f"blocks per stage {tuple(counts)} ({kind}) match no supported ResNet "
