@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from emanet.em import conv_init_
+
 NormLayer = Callable[[int], nn.Module]
 STEMS = ("standard", "deep", "v1c")
 # ImageNet classifier of torchvision-style files: meaningless for a dense backbone, reported as ignored.
@@ -219,14 +221,7 @@ class ResNet(nn.Module):
         ]
         self.out_channels = widths[-1] * block.expansion
 
-        # Convs: normal(0, sqrt(2 / (k*k*C_out))), the reference's init. Skipped on the meta device (shape
-        # and FLOP counting): meta tensors hold no values, and normal_ there imports the compiler (seconds).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        conv_init_(self)  # the reference's fan-out normal init; BN weight 1, bias 0
 
     @staticmethod
     def _make_layer(
