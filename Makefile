@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test lint demo flops bench clean
+.PHONY: setup test test-slow lint demo flops bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# The tests marked slow (deselected by `make test`); CI runs them after `make test`.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The main job: trains EMANet and the FCN baseline on the synthetic context set (CPU) and writes a report.
 demo: setup

@@ -16,15 +16,18 @@ from torch import nn
 
 from emanet.models.backbone import (
     BACKBONES,
+    RESNETS,
     BasicBlock,
     Bottleneck,
     LoadReport,
     ResNet,
+    blocks_per_stage,
     load_backbone_weights,
     resnet18,
     resnet34,
     resnet50,
     resnet101,
+    resnet_for_blocks,
 )
 
 FC_PARAMS = 2048 * 1000 + 1000  # torchvision's ImageNet classifier, absent from the dense backbone
@@ -252,6 +255,18 @@ def test_builders_registry():
             assert isinstance(model.layer1[0], block)
     with pytest.raises(TypeError):
         resnet50("deep")  # keyword-only
+
+
+def test_depth_read_back_from_keys_names_the_same_table_entry():
+    # the converters read a checkpoint's depth through these two: every entry must survive the round trip,
+    # under a wrapping prefix too, and a depth outside the table is None
+    with torch.device("meta"):
+        for name, (block, layers) in RESNETS.items():
+            keys = [f"module.{k}" for k in BACKBONES[name]().state_dict()]
+            assert blocks_per_stage(keys, "module.") == layers
+            assert resnet_for_blocks(block is Bottleneck, blocks_per_stage(keys, "module.")) == name
+    assert blocks_per_stage(["layer1.0.conv1.weight", "layer3.4.bn1.bias", "fc.weight"]) == (1, 0, 5, 0)
+    assert resnet_for_blocks(True, (2, 2, 2, 2)) is None
 
 
 # ----------------------------------------------------------------------------- weight loading

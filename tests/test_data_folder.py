@@ -71,3 +71,18 @@ def test_missing_pieces(make_folder, tmp_path):
     (root / "palette.txt").write_text("1 2 3\n")
     with pytest.raises(ValueError, match="1 colours for 3 classes"):
         FolderDataset(root, "train")
+
+
+def test_folder_dataset_takes_every_image_type_predict_takes(make_folder):
+    # one suffix list for training data and `emanet predict`: a .webp/.bmp/.tif image that predict reads
+    # must not be reported "without an image" by the dataset
+    from emanet.predict import IMAGE_SUFFIXES as PREDICT_SUFFIXES
+
+    root, labels = make_folder(names=("a",))
+    rng = np.random.default_rng(5)
+    for k, suffix in enumerate((".webp", ".bmp", ".tif")):
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(root / f"images/train/x{k}{suffix}")
+        write_gray_png(root / f"masks/train/x{k}.png", labels["a"])
+        assert suffix in PREDICT_SUFFIXES
+    ds = FolderDataset(root, "train")
+    assert [p.suffix for p, _ in ds.samples] == [".jpg", ".webp", ".bmp", ".tif"]

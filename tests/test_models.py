@@ -84,3 +84,22 @@ def test_eval_stages_reach_the_unit():
     model = build_model(ModelConfig(eval_stages=7, **TINY))
     unit = model.head.context
     assert unit.eval().stages == 7 and unit.train().stages == 3
+
+
+@pytest.mark.parametrize("arch", ["emanet", "nonlocal"])
+def test_every_conv_starts_from_the_reference_fan_out_init(arch):
+    # backbone, head and context module share one init: normal(0, sqrt(2 / (k*k*C_out))), zero biases,
+    # norm weight 1 / bias 0 (the non-local block's last BN is the exception: zero weight, an identity start)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, backbone="resnet50", stem="deep", num_classes=3))
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 50_000:
+            expected = (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5
+            assert abs(m.weight.std().item() / expected - 1) < 0.05, name
+            assert abs(m.weight.mean().item()) < 0.05 * expected, name
+            assert m.bias is None or not m.bias.any(), name
+            checked += 1
+        elif isinstance(m, torch.nn.BatchNorm2d) and not (arch == "nonlocal" and name.endswith("context.bn")):
+            assert bool((m.weight == 1).all() and (m.bias == 0).all()), name
+    assert checked > 40  # backbone, reduction conv, context module and classifier convs

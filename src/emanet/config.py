@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
+from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
 from emanet.models.emanet import ModelConfig
-
-REFERENCE_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 
 
 @dataclass
@@ -32,8 +31,8 @@ class DataConfig:
     scales: list[float] = field(default_factory=lambda: list(REFERENCE_SCALES))  # list, or [min, max] range
     flip: bool = True
     jitter: float = 0.0  # photometric jitter strength (brightness/contrast/saturation); 0 = off
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet, RGB in [0, 1]
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # ImageNet, RGB in [0, 1]
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     eval_pad_multiple: int = 8  # the reference pads eval images (normalised, with 0) so H, W = 1 mod 8
     eval_pad_offset: int = 1
     eval_resize: list[int] | None = None  # [long, short]: mmseg's keep-ratio test Resize; predictions resized back

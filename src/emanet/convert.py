@@ -24,21 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from emanet.config import Config, load_config
-from emanet.models.backbone import BACKBONES, read_weights_file
+from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from emanet.models.backbone import BACKBONES, blocks_per_stage, read_weights_file, resnet_for_blocks
 from emanet.models.emanet import ModelConfig, build_model
 
 SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
 FULL_MODEL_SOURCES = ("reference", "mmseg")
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-# (Bottleneck?, blocks per stage) -> our builder
-DEPTHS = {
-    (False, (2, 2, 2, 2)): "resnet18",
-    (False, (3, 4, 6, 3)): "resnet34",
-    (True, (3, 4, 6, 3)): "resnet50",
-    (True, (3, 4, 23, 3)): "resnet101",
-    (True, (3, 8, 36, 3)): "resnet152",
-}
 
 # ----------------------------------------------------------------------------- key rules
 # A rule is (source name, our name). A name ending in "." renames a whole subtree; otherwise one key.
@@ -161,14 +152,9 @@ def read_source(
 
 def infer_backbone(state: Mapping[str, Tensor], prefix: str = "") -> dict[str, Any]:
     """{'backbone': 'resnet101', 'backbone_width': 64} from the layerN.i.* keys (our names) and shapes."""
-    counts = []
-    for stage in range(1, 5):
-        head = f"{prefix}layer{stage}."
-        idx = {int(k[len(head) :].split(".")[0]) for k in state if k.startswith(head)
-               and k[len(head) :].split(".")[0].isdigit()}  # fmt: skip
-        counts.append(max(idx) + 1 if idx else 0)
+    counts = blocks_per_stage(state, prefix)
     bottleneck = f"{prefix}layer1.0.conv3.weight" in state
-    name = DEPTHS.get((bottleneck, tuple(counts)))
+    name = resnet_for_blocks(bottleneck, counts)
     if name is None:
         kind = "Bottleneck" if bottleneck else "BasicBlock"
         raise ValueError(f"blocks per stage {tuple(counts)} ({kind}) match no supported ResNet "
@@ -222,7 +208,7 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
     # final.pth was re-uploaded for it); its first release divided by MEAN: a model trained with that code
     # converts with the override data.std=[0.485,0.456,0.406] (docs/convert.md).
     # Eval pads to H, W = 1 mod settings.STRIDE (the output stride: 8 here, set from the model below).
-    "reference": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, eval_pad_multiple=8, eval_pad_offset=1),
+    "reference": dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), eval_pad_multiple=8, eval_pad_offset=1),
     # mmseg: mean 123.675/116.28/103.53, std 58.395/57.12/57.375 on RGB 0-255 = the ImageNet values on 0-1
     "mmseg": dict(mean=[123.675 / 255, 116.28 / 255, 103.53 / 255], std=[58.395 / 255, 57.12 / 255, 57.375 / 255],
                   eval_pad_multiple=0, eval_pad_offset=0),

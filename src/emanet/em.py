@@ -83,12 +83,20 @@ def em_attention(x: Tensor, bases: Tensor, num_stages: int, eps: float = 1e-6) -
     return recon, mu.to(x.dtype), resp.to(x.dtype)
 
 
-def _conv_init_(conv: nn.Conv2d) -> None:
-    # The reference's init: normal(0, sqrt(2 / (k*k*C_out))), i.e. Kaiming fan-out.
-    n = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
-    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / n))
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
+def conv_init_(module: nn.Module) -> None:
+    """The reference's init, for the EMA unit, the heads and the backbone alike: every conv in ``module``
+    normal(0, sqrt(2 / (k*k*C_out))) (Kaiming fan-out) with a zero bias; norm layers weight 1, bias 0.
+    Convs on the meta device (shape and FLOP counting) are skipped: they hold no values, and normal_ there
+    imports the compiler (seconds)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def init_bases(channels: int, num_bases: int) -> Tensor:
@@ -173,13 +181,13 @@ class EMAUnit(nn.Module):
         self.register_buffer("_acc_count", torch.zeros(()), persistent=False)
 
         self.conv_in = nn.Conv2d(channels, channels, 1, bias=True)
-        _conv_init_(self.conv_in)
+        conv_init_(self.conv_in)
         if not differentiable:
             self.conv_in.requires_grad_(False)
         if residual == "conv":
             norm_layer = norm_layer or nn.BatchNorm2d
             self.conv_out = nn.Conv2d(channels, channels, 1, bias=False)
-            _conv_init_(self.conv_out)
+            conv_init_(self.conv_out)
             self.bn_out = norm_layer(channels)
             nn.init.ones_(self.bn_out.weight)
             nn.init.zeros_(self.bn_out.bias)

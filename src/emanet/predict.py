@@ -22,14 +22,13 @@ from torch import nn
 
 from emanet.attention_maps import attention_grid, attention_unit, blend, capture_attention, save_attention_arrays
 from emanet.config import Config
-from emanet.data.base import DataError, read_image
+from emanet.data.base import IMAGE_SUFFIXES, DataError, read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
 from emanet.data.transforms import eval_transform
 from emanet.em import set_eval_stages
 from emanet.engine import autocast, select_device
 from emanet.inference import check_inference_args, infer, infer_whole
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ImageInput = str | Path | Image.Image | np.ndarray
 
 

@@ -21,7 +21,8 @@ from .transforms import ToTensorNormalize
 # A paired transform: (PIL image, uint8 label, rng) -> anything; the training ones end in tensors.
 PairTransform = Callable[[Image.Image, np.ndarray, np.random.Generator], tuple]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Image files the folder dataset and `emanet predict` pick up (lower-case suffixes)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 # The kinds of data problem, shared by the error raised at training time and `emanet check-data`'s report.

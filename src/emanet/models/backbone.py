@@ -24,15 +24,18 @@ Output stride (OS) by dilation instead of striding, per stage (layer1, layer2, l
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from emanet.em import conv_init_
 
 NormLayer = Callable[[int], nn.Module]
 STEMS = ("standard", "deep", "v1c")
@@ -218,14 +221,7 @@ class ResNet(nn.Module):
         ]
         self.out_channels = widths[-1] * block.expansion
 
-        # Convs: normal(0, sqrt(2 / (k*k*C_out))), the reference's init. Skipped on the meta device (shape
-        # and FLOP counting): meta tensors hold no values, and normal_ there imports the compiler (seconds).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        conv_init_(self)  # the reference's fan-out normal init; BN weight 1, bias 0
 
     @staticmethod
     def _make_layer(
@@ -268,11 +264,14 @@ def _detect_stem(keys: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
-def _blocks_per_stage(keys: Sequence[str]) -> tuple[int, ...]:
-    counts = []
-    for stage in range(1, 5):
-        idx = {int(k.split(".")[1]) for k in keys if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()}
-        counts.append(max(idx) + 1 if idx else 0)
+def blocks_per_stage(keys: Iterable[str], prefix: str = "") -> tuple[int, ...]:
+    """Blocks in layer1..layer4 read from ``{prefix}layerL.i.*`` state-dict keys (0 for an absent stage)."""
+    counts = [0, 0, 0, 0]
+    for key in keys:
+        parts = key[len(prefix) :].split(".") if key.startswith(prefix) else []
+        if len(parts) > 2 and parts[0] in ("layer1", "layer2", "layer3", "layer4") and parts[1].isdigit():
+            stage = int(parts[0][-1]) - 1
+            counts[stage] = max(counts[stage], int(parts[1]) + 1)
     return tuple(counts)
 
 
@@ -285,7 +284,7 @@ def _hints(model: nn.Module, keys: Sequence[str], model_keys: Sequence[str]) -> 
             f"the file looks like a {found[0]!r} stem checkpoint ({found[1]}) but the model has "
             f"stem={model_stem!r}: build it with stem={found[0]!r}"
         )
-    file_layers, model_layers = _blocks_per_stage(keys), getattr(model, "layers", None)
+    file_layers, model_layers = blocks_per_stage(keys), getattr(model, "layers", None)
     if any(file_layers) and model_layers is not None and file_layers != model_layers:
         hints.append(f"the file has {file_layers} blocks per stage, the model {model_layers}: wrong depth")
     file_bottleneck = any(k.startswith("layer1.0.conv3.") for k in keys)
@@ -394,18 +393,40 @@ def load_backbone_weights(
 
 # ----------------------------------------------------------------------------- builders
 
+# name -> (block, blocks per stage): the one table of depths, shared by the builders, build_model's
+# multi-grid (layer4's block count) and the converters (which read a depth back from a checkpoint's keys).
+RESNETS: dict[str, tuple[Block, tuple[int, int, int, int]]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),  # no published ImageNet weights; the CPU demo's small backbone
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
 
-def _build(
-    block: Block,
-    layers: Sequence[int],
+
+def resnet_for_blocks(bottleneck: bool, blocks: Sequence[int]) -> str | None:
+    """The RESNETS name with this block type and these blocks per stage, or None."""
+    for name, (block, layers) in RESNETS.items():
+        if (block is Bottleneck) == bottleneck and layers == tuple(blocks):
+            return name
+    return None
+
+
+def resnet(
+    name: str,
     *,
-    stem: str,
-    output_stride: int,
-    layer4_dilations: Sequence[int] | None,
-    norm_layer: NormLayer | None,
-    weights: str | os.PathLike | None,
+    stem: str = "standard",
+    output_stride: int = 32,
+    layer4_dilations: Sequence[int] | None = None,
+    norm_layer: NormLayer | None = None,
+    weights: str | os.PathLike | None = None,
     width: int = 64,
 ) -> ResNet:
+    """A dilated ResNet of RESNETS by name, optionally with ImageNet weights from a local file (strict)."""
+    if name not in RESNETS:
+        raise ValueError(f"backbone must be one of {', '.join(RESNETS)}, got {name!r}")
+    block, layers = RESNETS[name]
     model = ResNet(
         block,
         layers,
@@ -420,139 +441,7 @@ def _build(
     return model
 
 
-def resnet10(
-    *,
-    stem: str = "standard",
-    output_stride: int = 32,
-    layer4_dilations: Sequence[int] | None = None,
-    norm_layer: NormLayer | None = None,
-    weights: str | os.PathLike | None = None,
-    width: int = 64,
-) -> ResNet:
-    """One BasicBlock per stage: a small receptive field and a quarter of ResNet-18's blocks (no published
-    ImageNet weights; used by the CPU demo)."""
-    return _build(
-        BasicBlock,
-        (1, 1, 1, 1),
-        stem=stem,
-        output_stride=output_stride,
-        layer4_dilations=layer4_dilations,
-        norm_layer=norm_layer,
-        weights=weights,
-        width=width,
-    )
-
-
-def resnet18(
-    *,
-    stem: str = "standard",
-    output_stride: int = 32,
-    layer4_dilations: Sequence[int] | None = None,
-    norm_layer: NormLayer | None = None,
-    weights: str | os.PathLike | None = None,
-    width: int = 64,
-) -> ResNet:
-    return _build(
-        BasicBlock,
-        (2, 2, 2, 2),
-        stem=stem,
-        output_stride=output_stride,
-        layer4_dilations=layer4_dilations,
-        norm_layer=norm_layer,
-        weights=weights,
-        width=width,
-    )
-
-
-def resnet34(
-    *,
-    stem: str = "standard",
-    output_stride: int = 32,
-    layer4_dilations: Sequence[int] | None = None,
-    norm_layer: NormLayer | None = None,
-    weights: str | os.PathLike | None = None,
-    width: int = 64,
-) -> ResNet:
-    return _build(
-        BasicBlock,
-        (3, 4, 6, 3),
-        stem=stem,
-        output_stride=output_stride,
-        layer4_dilations=layer4_dilations,
-        norm_layer=norm_layer,
-        weights=weights,
-        width=width,
-    )
-
-
-def resnet50(
-    *,
-    stem: str = "standard",
-    output_stride: int = 32,
-    layer4_dilations: Sequence[int] | None = None,
-    norm_layer: NormLayer | None = None,
-    weights: str | os.PathLike | None = None,
-    width: int = 64,
-) -> ResNet:
-    return _build(
-        Bottleneck,
-        (3, 4, 6, 3),
-        stem=stem,
-        output_stride=output_stride,
-        layer4_dilations=layer4_dilations,
-        norm_layer=norm_layer,
-        weights=weights,
-        width=width,
-    )
-
-
-def resnet101(
-    *,
-    stem: str = "standard",
-    output_stride: int = 32,
-    layer4_dilations: Sequence[int] | None = None,
-    norm_layer: NormLayer | None = None,
-    weights: str | os.PathLike | None = None,
-    width: int = 64,
-) -> ResNet:
-    return _build(
-        Bottleneck,
-        (3, 4, 23, 3),
-        stem=stem,
-        output_stride=output_stride,
-        layer4_dilations=layer4_dilations,
-        norm_layer=norm_layer,
-        weights=weights,
-        width=width,
-    )
-
-
-def resnet152(
-    *,
-    stem: str = "standard",
-    output_stride: int = 32,
-    layer4_dilations: Sequence[int] | None = None,
-    norm_layer: NormLayer | None = None,
-    weights: str | os.PathLike | None = None,
-    width: int = 64,
-) -> ResNet:
-    return _build(
-        Bottleneck,
-        (3, 8, 36, 3),
-        stem=stem,
-        output_stride=output_stride,
-        layer4_dilations=layer4_dilations,
-        norm_layer=norm_layer,
-        weights=weights,
-        width=width,
-    )
-
-
-BACKBONES: dict[str, Callable[..., ResNet]] = {
-    "resnet10": resnet10,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "resnet152": resnet152,
-}
+# torchvision-style entry points, resnet50(stem="deep", ...): resnet() with the name bound, keyword-only
+BACKBONES: dict[str, Callable[..., ResNet]] = {name: functools.partial(resnet, name) for name in RESNETS}
+resnet10, resnet18, resnet34 = BACKBONES["resnet10"], BACKBONES["resnet18"], BACKBONES["resnet34"]
+resnet50, resnet101, resnet152 = BACKBONES["resnet50"], BACKBONES["resnet101"], BACKBONES["resnet152"]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from emanet.em import EMAUnit
-from emanet.models.backbone import BACKBONES
+from emanet.models.backbone import BACKBONES, RESNETS
 from emanet.models.heads import FCNAuxHead, NonLocal2d, SegHead, upsample_like
 
 Arch = Literal["emanet", "fcn", "nonlocal"]
@@ -76,9 +76,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-LAYER4_BLOCKS = {"resnet10": 1, "resnet18": 2}  # every other ResNet has 3 blocks in layer4
-
-
 def layer4_dilations(output_stride: int, blocks: int = 3) -> tuple[int, ...]:
     """The reference's multi-grid (1, 2, 4) times layer4's dilation d, with the first grid ignored by its
     code (that block keeps d/2 like any first block of a dilated stage): (2, 8, 16) at OS8, (1, 4, 8) at OS16.
@@ -113,9 +110,7 @@ def build_model(cfg: ModelConfig) -> SegmentationModel:
     backbone = BACKBONES[cfg.backbone](
         stem=cfg.stem,
         output_stride=cfg.output_stride,
-        layer4_dilations=(
-            layer4_dilations(cfg.output_stride, LAYER4_BLOCKS.get(cfg.backbone, 3)) if cfg.multi_grid else None
-        ),
+        layer4_dilations=(layer4_dilations(cfg.output_stride, RESNETS[cfg.backbone][1][3]) if cfg.multi_grid else None),
         norm_layer=norm_layer,
         weights=cfg.pretrained_backbone,
         width=cfg.backbone_width,

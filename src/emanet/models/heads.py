@@ -12,7 +12,6 @@ Layouts:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
@@ -21,21 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanet.em import conv_init_
+
 HeadLayout = Literal["reference", "mmseg"]
 NormLayer = Callable[[int], nn.Module]
-
-
-def conv_init_(module: nn.Module) -> None:
-    """Fan-out normal init for convs (the reference's), BN weight 1 and bias 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class ConvBNReLU(nn.Sequential):
