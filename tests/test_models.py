@@ -14,30 +14,80 @@ from emanet.models.emanet import (
     layer4_dilations,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(
     backbone="resnet18", backbone_width=16, stem="standard", num_classes=3, channels=16, mid_channels=8, num_bases=4
 )
 
 
-@pytest.mark.parametrize("arch", ["emanet", "fcn", "nonlocal"])
-@pytest.mark.parametrize("layout", ["reference", "mmseg"])
-def test_forward_backward_at_odd_size(arch, layout):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, head_layout=layout, **TINY)).train()
-    x = torch.randn(2, 3, 65, 47)
-    out = model(x)
-    assert out.shape == (2, 3, 65, 47)
-    out.logsumexp(1).mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    # every trainable parameter gets a gradient: DDP needs no find_unused_parameters
-    assert missing == []
+class ModelTester:
+    """What every architecture must do (segmentation_models_pytorch's base-tester pattern): each subclass
+    names its ``arch``; the tests run over head layout x auxiliary head x stem."""
+
+    arch: str
+
+    @pytest.fixture(params=["reference", "mmseg"])
+    def layout(self, request):
+        return request.param
+
+    @pytest.fixture(params=[False, True], ids=["no-aux", "aux"])
+    def aux(self, request):
+        return request.param
+
+    @pytest.fixture(params=["standard", "deep", "v1c"])
+    def stem(self, request):
+        return request.param
+
+    def build(self, layout, aux, stem, seed=0):
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(**{**TINY, "stem": stem}, arch=self.arch, head_layout=layout, aux=aux))
+
+    def test_forward_backward_at_odd_size(self, layout, aux, stem):
+        model = self.build(layout, aux, stem).train()
+        out = model(torch.randn(2, 3, 65, 47))
+        if aux:  # torchvision's convention in training mode
+            assert set(out) == {"out", "aux"} and out["aux"].shape == (2, 3, 65, 47)
+            loss = out["out"].logsumexp(1).mean() + 0.4 * out["aux"].logsumexp(1).mean()
+            out = out["out"]
+        else:
+            loss = out.logsumexp(1).mean()
+        assert out.shape == (2, 3, 65, 47)
+        loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        # every trainable parameter gets a gradient: DDP needs no find_unused_parameters
+        assert missing == []
+
+    def test_eval_returns_logits_and_images_are_independent(self, layout, aux, stem):
+        # eval mode: a tensor (never the aux dict), and per-image results: BN statistics and the bases
+        # are fixed, so an image's logits do not depend on the rest of the batch
+        model = self.build(layout, aux, stem).eval()
+        x = torch.randn(3, 3, 33, 41)
+        with torch.no_grad():
+            batch, alone = model(x), model(x[1:2])
+        assert isinstance(batch, torch.Tensor) and batch.shape == (3, 3, 33, 41)
+        # float32 rounding of batched vs single GEMMs only: a mixing of images would be of the logits' size
+        scale = batch.abs().max().item()
+        torch.testing.assert_close(batch[1:2], alone, rtol=1e-4, atol=1e-5 * scale)
+
+    def test_state_dict_round_trip(self, layout, aux, stem):
+        model, other = self.build(layout, aux, stem, seed=0), self.build(layout, aux, stem, seed=1)
+        other.load_state_dict(model.state_dict())
+        x = torch.randn(1, 3, 33, 33)
+        with torch.no_grad():
+            torch.testing.assert_close(other.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
-def test_aux_head_in_training_only():
-    model = build_model(ModelConfig(aux=True, **TINY))
-    out = model.train()(torch.randn(2, 3, 33, 33))
-    assert set(out) == {"out", "aux"} and out["aux"].shape == (2, 3, 33, 33)
-    assert isinstance(model.eval()(torch.randn(1, 3, 33, 33)), torch.Tensor)
+class TestEMANet(ModelTester):
+    arch = "emanet"
+
+
+class TestFCN(ModelTester):
+    arch = "fcn"
+
+
+class TestNonLocal(ModelTester):
+    arch = "nonlocal"
 
 
 def test_default_emanet_freezes_only_the_em_in_conv():
