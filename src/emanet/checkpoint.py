@@ -12,6 +12,7 @@ rank), data (epoch and batches consumed), config (resolved), skipped_steps, repl
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -30,28 +31,66 @@ RESUME_KEYS = ("model", "optimizer", "iteration")
 Log = Callable[[str], None]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, quota); the previous one is untouched."""
+
+
+class _Writes:
+    """A binary file that remembers the OSError of a failed write: torch.save reports a failed write only as
+    ``RuntimeError: ... unexpected pos``, without the OS reason."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, rename over ``path``; CheckpointWriteError (an OSError naming
+    ``path`` and the OS reason) if any step fails, with the temporary removed and ``path`` unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"cannot write a checkpoint: {e.strerror}", str(path)) from None
+    f = _Writes(os.fdopen(fd, "wb"))
+    try:
+        try:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        finally:
+            f.f.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = f.error or (e if isinstance(e, OSError) else None)
+        if cause is not None:
+            raise CheckpointWriteError(cause.errno, f"cannot write a checkpoint: {cause.strerror or cause}",
+                                       str(path)) from None  # fmt: skip
         raise
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
 
 
 def save_checkpoint(state: dict[str, Any], folder: str | Path, iteration: int, keep: int = 3) -> Path:
@@ -146,3 +185,30 @@ def latest_checkpoint(folder: str | Path, *, log: Log | None = None) -> Path | N
         except (ValueError, OSError) as e:
             _report(f"skipping damaged checkpoint: {e}; trying an older one", log)
     return None
+
+
+def parameter_norm(state: dict[str, torch.Tensor]) -> float:
+    """L2 norm over the floating-point entries of a state dict (inf/nan when any entry is)."""
+    total = 0.0
+    for v in state.values():
+        if v.is_floating_point():
+            total += float(v.double().pow(2).sum())
+    return math.sqrt(total) if math.isfinite(total) else total
+
+
+def kept_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
+    """The checkpoints of a run folder, oldest first: path, iteration, the loss of the step that wrote it
+    (None if unknown), the parameter norm and whether every weight is finite; damaged files get ``error``."""
+    out = []
+    for path in sorted(Path(folder).glob("iter_*.pt"), key=_iteration):
+        try:
+            ckpt = load_checkpoint(path, mmap=True)
+        except (ValueError, OSError) as e:
+            out.append({"path": path, "iteration": _iteration(path), "error": str(e)})
+            continue
+        norm = ckpt.get("param_norm")
+        if norm is None:
+            norm = parameter_norm(ckpt["model"])
+        out.append({"path": path, "iteration": int(ckpt.get("iteration", _iteration(path))), "loss": ckpt.get("loss"),
+                    "param_norm": float(norm), "finite": math.isfinite(norm)})  # fmt: skip
+    return out

@@ -96,7 +96,7 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
         cfg.train.out_dir = str(out / "runs" / arch)
         log(f"== training {name} ({cfg.train.iterations} iterations, batch {cfg.train.batch_size})")
         t0 = time.perf_counter()
-        runs[name] = train(cfg, log=log, progress=progress)
+        runs[name] = train(cfg, log=log, progress=progress, overwrite=True)  # a new demo replaces the last one
         runs[name]["seconds"] = time.perf_counter() - t0
         runs[name]["config"] = cfg
 

@@ -5,8 +5,13 @@ micro-batches (autocast forward, loss, backward; DDP syncs gradients on the last
 (loss, non-finite flag, stop vote) -> EMA bases update over the global batch, optimizer step, or a skipped
 step -> LR schedule -> log -> checkpoint -> evaluate. Only rank 0 logs and writes files.
 
-Exit statuses a caller can return (cli.cmd_train does): 0 done, EXIT_INTERRUPTED (3) stopped by
-SIGTERM/SIGINT after saving a checkpoint, EXIT_NONFINITE (4) stopped on a non-finite loss.
+Before anything is built, rank 0 locks the run folder, refuses a fresh run into a folder that holds one
+(unless overwrite), and on resume compares the config with the checkpoint's (emanet.runs); every rank then
+follows its decision. config.yaml is written only once the run has started.
+
+Exit statuses a caller can return (cli.cmd_train does): 0 done, EXIT_USAGE (2) the run folder, config or a
+write failed (RunError), EXIT_INTERRUPTED (3) stopped by SIGTERM/SIGINT after saving a checkpoint,
+EXIT_NONFINITE (4) stopped on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from emanet.checkpoint import RESUME_KEYS, load_checkpoint, load_latest_checkpoint, save_checkpoint
+from emanet.checkpoint import (
+    RESUME_KEYS,
+    kept_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    parameter_norm,
+    save_checkpoint,
+)
 from emanet.config import Config, save_config
-from emanet.data import build_dataset
+from emanet.data import DataError, build_dataset
 from emanet.data.transforms import eval_transform, train_transform
 from emanet.distributed import (
     DataStream,
@@ -58,14 +70,26 @@ from emanet.inference import infer
 from emanet.losses import SegmentationLoss
 from emanet.metrics import ConfusionMatrix, scores
 from emanet.models.emanet import build_model
+from emanet.runs import (
+    CONFIG,
+    RunFolderError,
+    config_differences,
+    cut_metrics,
+    describe_checkpoints,
+    os_reason,
+    prepare_run_folder,
+    supersede_checkpoints,
+    write_classes,
+)
 
 Log = Callable[[str], None]
 
+EXIT_USAGE = 2  # the run folder, the config or a write refused the run; nothing of an earlier run changed
 EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: checkpoint saved at the current step; resume with --resume
 EXIT_NONFINITE = 4  # non-finite loss (or too many skipped steps); the last good checkpoint is kept
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "NonFiniteLoss", "TrainingInterrupted", "TrainingStopped",
-           "autocast", "evaluate", "select_device", "train"]  # fmt: skip
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_USAGE", "NonFiniteLoss", "RunError", "TrainingInterrupted",
+           "TrainingStopped", "autocast", "evaluate", "select_device", "train"]  # fmt: skip
 
 
 class TrainingStopped(RuntimeError):
@@ -86,6 +110,13 @@ class NonFiniteLoss(TrainingStopped):
     exit_code = EXIT_NONFINITE
 
 
+class RunError(TrainingStopped):
+    """The run cannot start or go on: run folder in use or holding another run, a config a resume may not
+    take, a failed write. Raised on every rank with rank 0's message."""
+
+    exit_code = EXIT_USAGE
+
+
 # ----------------------------------------------------------------------------- set-up helpers
 
 
@@ -97,12 +128,16 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def check_precision(device: torch.device, precision: str) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision fp16 needs CUDA, but the device is {device}; use bf16 (or fp32) on CPU")
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for convs and matmuls; EM attention keeps its iterations in float32 itself."""
+    check_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -174,6 +209,68 @@ def _count_bad_samples(path: Path) -> int:
     return len({line.split("\t", 1)[0] for line in path.read_text().splitlines() if line.strip()})
 
 
+def check_class_count(cfg: Config, *datasets: Dataset) -> None:
+    """model.num_classes against the datasets' class lists (labels >= num_classes break the loss; fewer
+    labels than outputs train silently wrong)."""
+    n = cfg.model.num_classes
+    for ds in datasets:
+        found = getattr(ds, "num_classes", None)
+        if found is not None and found != n:
+            names = list(getattr(ds, "classes", ()))
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"model.num_classes={n} does not match the {cfg.data.dataset} dataset, which has "
+                f"{found} classes ({shown}); set model.num_classes={found}"
+            )
+
+
+def bad_files(dataset: Dataset, limit: int = 0) -> list[str]:
+    """'path: reason' for each image/label file of ``dataset`` that is missing, whose header does not read,
+    or whose label size differs from its image; headers only, no pixels decoded (cheap for a val split)."""
+    from PIL import Image
+
+    problems: list[str] = []
+    for image_path, label_path in getattr(dataset, "samples", []):
+        sizes = []
+        for path in (image_path, label_path):
+            if path is None:
+                continue
+            try:
+                with Image.open(path) as img:
+                    sizes.append(img.size)
+            except FileNotFoundError:
+                problems.append(f"{path}: missing")
+            except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
+                problems.append(f"{path}: not a readable image ({type(e).__name__}: {e})")
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            problems.append(
+                f"{label_path}: label is {sizes[1][0]}x{sizes[1][1]} but its image is {sizes[0][0]}x{sizes[0][1]}"
+            )
+        if limit and len(problems) >= limit:
+            break
+    return problems
+
+
+def check_val_files(val_set: Dataset, cfg: Config, log: Log) -> None:
+    """Refuse a bad validation file before training (data.on_bad_sample=raise) or say it will be skipped."""
+    problems = bad_files(val_set)
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+    where = f"the validation split '{cfg.data.val_split}'"
+    if cfg.data.on_bad_sample == "skip":
+        log(
+            f"note: {len(problems)} bad file(s) in {where} are left out of evaluation "
+            f"(data.on_bad_sample=skip):\n  {shown}"
+        )
+        return
+    raise ValueError(
+        f"{len(problems)} bad file(s) in {where}, found before training:\n  {shown}\nfix or remove "
+        "them (`emanet check-data --split val` lists every problem), or set data.on_bad_sample=skip "
+        "to leave them out of evaluation"
+    )
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -190,7 +287,8 @@ def evaluate(
     """One dataset-wide confusion matrix; whole / sliding-window / multi-scale + flip inference.
 
     Under torch.distributed each rank evaluates images rank, rank + world, ... and the matrices are summed
-    once, so every image counts exactly once and every rank returns the same results.
+    once, so every image counts exactly once and every rank returns the same results. With
+    data.on_bad_sample=skip an unreadable image is left out and listed in ``skipped_files`` ("path: reason").
     """
     was_training = model.training
     model.eval()
@@ -207,8 +305,15 @@ def evaluate(
 
         indices = tqdm(indices, desc="eval", unit="img", leave=False)
     e = cfg.eval
+    skip, skipped = cfg.data.on_bad_sample == "skip", []
     for i in indices:
-        image, label = dataset[i]
+        try:
+            image, label = dataset[i]
+        except DataError as error:
+            if not skip:
+                raise
+            skipped.append(f"{error.path}: {' '.join(error.reason.split())}")
+            continue
         with autocast(device, cfg.train.precision):
             probs = infer(model, image[None].to(device), mode=e.mode, scales=tuple(e.scales), flip=e.flip,
                           crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
@@ -218,9 +323,14 @@ def evaluate(
     if world > 1:  # NCCL reduces CUDA tensors only
         m = m.to(device)
         torch.distributed.all_reduce(m)
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(gathered, skipped)
+        skipped = [x for part in gathered for x in part]
     model.train(was_training)
     results = scores(m.cpu())
-    results["images"] = n
+    results["images"] = n - len(skipped)
+    if skipped:
+        results["skipped_files"] = sorted(skipped)
     return results
 
 
@@ -282,38 +392,114 @@ def _discard_bases_update(units: list[EMAUnit]) -> None:
 
 
 def train(
-    cfg: Config, *, resume: bool = False, log: Log = print, progress: bool = True, stop_at: int | None = None
+    cfg: Config,
+    *,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    overwrite: bool = False,
+    log: Log = print,
+    progress: bool = True,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train as configured, in one process or one of torchrun's; returns the final evaluation and the run folder.
 
-    ``stop_at``: stop after that iteration exactly as a SIGTERM would (checkpoint, then TrainingInterrupted).
-    Raises TrainingInterrupted / NonFiniteLoss (both TrainingStopped, with ``exit_code``) on early stops.
+    ``resume``: continue from the newest intact checkpoint of train.out_dir; ``resume_from``: from that
+    checkpoint of it (newer ones are moved aside). ``overwrite``: a folder that holds a run is moved aside to
+    ``<out_dir>.old-<time>`` instead of refused. ``stop_at``: stop after that iteration exactly as a SIGTERM
+    would (checkpoint, then TrainingInterrupted). Raises TrainingInterrupted / NonFiniteLoss / RunError (all
+    TrainingStopped, with ``exit_code``) on early stops.
     """
     cfg.validate()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     env = init_distributed(cfg.train.device)
     try:
-        with StopSignals() as signals:
-            return _train(cfg, env, signals, resume=resume, log=log if env.is_main else (lambda _: None),
+        check_precision(env.device, cfg.train.precision)
+        with StopSignals() as signals, contextlib.ExitStack() as held:
+            return _train(cfg, env, signals, held, resume=resume or resume_from is not None, resume_from=resume_from,
+                          overwrite=overwrite, log=log if env.is_main else (lambda _: None),
                           progress=progress and env.is_main, stop_at=stop_at)  # fmt: skip
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         cleanup_distributed(env)
 
 
-def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log: Log, progress: bool,
+def _on_rank0(env: DistEnv, step: int, checkpoint: str | None, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on rank 0; its RunFolderError/OSError becomes a RunError on every rank."""
+    error, value = None, None
+    if env.is_main:
+        try:
+            value = action()
+        except RunFolderError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot write {os_reason(e)}"
+    error = broadcast_object(error, env)  # also the barrier: nobody goes on before rank 0 is done
+    if error is not None:
+        raise RunError(error, iteration=step, checkpoint=checkpoint, rank=env.rank)
+    return value
+
+
+def _resume_point(run: Path, resume_from: str | Path | None, cfg: Config, log: Log):
+    """(path, checkpoint) to resume from, or None; RunFolderError if its config differs where it may not."""
+    if resume_from is not None:
+        path = Path(resume_from)
+        if path.resolve().parent != run.resolve():
+            raise RunFolderError(
+                f"--resume-from {path}: not a checkpoint of the run folder {run} (train.out_dir); "
+                f"set train.out_dir={path.parent} to continue that run"
+            )
+        try:
+            found = (path, load_checkpoint(path, required=RESUME_KEYS))
+        except (ValueError, FileNotFoundError) as e:
+            raise RunFolderError(f"--resume-from: {e}") from None
+    else:
+        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=log)
+    if found is None:
+        return None
+    saved = found[1].get("config")
+    differences = config_differences(saved, cfg.to_dict()) if isinstance(saved, dict) else []
+    if differences:
+        raise RunFolderError(
+            f"--resume: the config differs from the one {found[0]} was trained with, in "
+            f"{len(differences)} key(s) a resume may not change:\n  "
+            + "\n  ".join(differences)
+            + "\nset them back, or start a new run (another train.out_dir, or --overwrite); "
+            "a resume may change train.iterations, intervals, workers, device, optim.lr, "
+            "eval.* (emanet.runs.RESUME_MAY_CHANGE)"
+        )
+    return found
+
+
+def _train(cfg: Config, env: DistEnv, signals: StopSignals, held: contextlib.ExitStack, *, resume: bool,
+           resume_from: str | Path | None, overwrite: bool, log: Log, progress: bool,
            stop_at: int | None) -> dict[str, Any]:  # fmt: skip
     t, o = cfg.train, cfg.optim
     run, device = Path(t.out_dir), env.device
-    run.mkdir(parents=True, exist_ok=True)
+
+    # ---- run folder: rank 0 locks it (for the whole run), refuses or moves aside an earlier run, removes
+    # stale temporaries and picks the checkpoint to resume; nothing is written into it before the loop
+    def open_folder():
+        held.callback(prepare_run_folder(run, resume=resume, overwrite=overwrite, log=log).release)
+        return _resume_point(run, resume_from, cfg, log) if resume else None
+
+    found = _on_rank0(env, 0, None, open_folder)
+
+    # ---- data (cheap: file lists), checked before anything heavy
+    train_set, val_set = build_datasets(cfg)
+    check_class_count(cfg, train_set, val_set)
+    if len(train_set) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
     if env.is_main:
-        save_config(cfg, run / "config.yaml")
+        check_val_files(val_set, cfg, log)
+    class_names = list(getattr(train_set, "classes", []))
+    palette = [list(map(int, c)) for c in getattr(train_set, "palette", [])][: len(class_names)]
+
     if t.deterministic and device.type == "cuda":  # cuBLAS needs this before its first handle
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     seed_everything(t.seed, t.deterministic)  # the same seed everywhere: identical initial replicas
 
-    # ---- model, data, optimizer
+    # ---- model, optimizer
     model = build_model(cfg.model).to(device)
     if env.distributed and t.sync_bn:
         if device.type == "cuda":
@@ -323,9 +509,6 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
             log("train.sync_bn: SyncBatchNorm needs CUDA; each process normalises with its own batch and the "
                 "running statistics are averaged over processes after every step")  # fmt: skip
     synced_bn = any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    train_set, val_set = build_datasets(cfg)
-    if len(train_set) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
     seeded = PerSampleSeed(_skip_bad_samples(train_set, cfg, run), t.seed)
     if not seeded.seeded:
         log("note: the training set has no reseed(); augmentation then depends on worker order, and a resumed "
@@ -353,7 +536,6 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
     start, skipped, position, rng_states, last_ckpt = 0, 0, (0, 0), None, None
     seed_everything(t.seed + env.rank)  # per-rank streams (dropout); the model is built already
     if resume:
-        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=log) if env.is_main else None
         last_ckpt = broadcast_object(None if found is None else str(found[0]), env)
         if last_ckpt is None:
             log(f"--resume: no checkpoint in {run}, starting from scratch")
@@ -378,6 +560,21 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
         f"{t.accum_steps} = {global_batch}")  # fmt: skip
     log(f"device {device}, precision {t.precision}, {stream.per_epoch} batches per epoch and process, "
         f"run folder {run}")  # fmt: skip
+
+    # ---- the run starts: its config, class names and palette; a resume cuts what came after its checkpoint
+    def start_run():
+        save_config(cfg, run / CONFIG)
+        if class_names:
+            write_classes(run, class_names, palette)
+        if resume:
+            moved = supersede_checkpoints(run, start, last_ckpt)
+            if moved:
+                log(f"checkpoints after iteration {start} moved to {moved}")
+            cut = cut_metrics(run, start)
+            if cut:
+                log(f"metrics.jsonl cut back to iteration {start}: {cut} later line(s) moved to metrics.cut.jsonl")
+
+    _on_rank0(env, start, last_ckpt, start_run)
     metrics_log = MetricsLog(run) if env.is_main else None
     bar = None
     if progress:
@@ -387,24 +584,47 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
     _set_train_mode(model, t.freeze_bn)
     t0, seen, consecutive = time.perf_counter(), 0, 0
 
-    def checkpoint(step: int) -> str | None:
+    def checkpoint(step: int, loss: float | None) -> str | None:
         # every rank contributes its RNG state and a digest of its replica; rank 0 writes
         rngs, digests = gather_objects(rng_state(device), env), gather_objects(state_digest(model), env)
-        path = None
+        state: dict[str, Any] = {}
         if env.is_main:
             assert rngs is not None and digests is not None
             if any(d != digests[0] for d in digests):
                 bad = [r for r, d in enumerate(digests) if d != digests[0]]
                 log(f"warning: at iteration {step} the replicas of ranks {bad} differ from rank 0's")
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            weights = model.state_dict()
+            state = {"model": weights, "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "iteration": step, "config": cfg.to_dict(),
                      "schedule": {"kind": "poly", "base_lr": o.lr, "power": o.power, "warmup": o.warmup_iters,
                                   "total": t.iterations},
                      "rng": rngs, "data": stream.state_dict(), "skipped_steps": skipped,
-                     "replicas": digests, "world_size": env.world_size}  # fmt: skip
-            path = str(save_checkpoint(state, run, step, keep=t.keep_checkpoints))
-        barrier(env)  # nobody leaves (or exits) before the file is complete
-        return path
+                     "replicas": digests, "world_size": env.world_size, "loss": loss,
+                     "param_norm": parameter_norm(weights), "class_names": class_names,
+                     "palette": palette}  # fmt: skip
+
+        def save() -> str:
+            try:
+                return str(save_checkpoint(state, run, step, keep=t.keep_checkpoints))
+            except OSError as e:
+                raise RunFolderError(
+                    f"cannot write the checkpoint of iteration {step}: {os_reason(e)}; the previous "
+                    f"checkpoint ({last_ckpt or 'none'}) and latest.txt are unchanged. Free space "
+                    "or fix the folder, then continue with --resume"
+                ) from None
+
+        # nobody leaves (or exits) before the file is complete; a failed save stops every rank
+        return _on_rank0(env, step, last_ckpt, save)
+
+    def diverged(head: str, step: int) -> NonFiniteLoss:
+        kept = describe_checkpoints(run, step, kept_checkpoints(run)) if env.is_main else ""
+        return NonFiniteLoss(
+            f"{head}\n{kept}\ncontinue from a checkpoint you trust with --resume-from PATH (e.g. "
+            "with a lower optim.lr), or set train.on_nonfinite=skip to drop such steps",
+            iteration=step,
+            checkpoint=last_ckpt,
+            rank=env.rank,
+        )
 
     try:
         for it in range(start, t.iterations):
@@ -435,11 +655,11 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
             loss_mean = total / env.world_size
             if bad:
                 if t.on_nonfinite == "stop":
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({loss_mean}) at iteration {step}: stopped without applying or saving "
-                        f"this step; last good checkpoint: {last_ckpt or 'none'}. Resume with --resume, e.g. with "
-                        "a lower optim.lr, or set train.on_nonfinite=skip to drop such steps",
-                        iteration=step, checkpoint=last_ckpt, rank=env.rank)  # fmt: skip
+                    raise diverged(
+                        f"non-finite loss ({loss_mean}) at iteration {step}: stopped without applying "
+                        f"or saving this step; newest checkpoint: {last_ckpt or 'none'}",
+                        step,
+                    )
                 skipped, consecutive = skipped + 1, consecutive + 1
                 optimizer.zero_grad(set_to_none=True)
                 _discard_bases_update(units)
@@ -449,10 +669,9 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
                     scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
                 log(f"iteration {step}: non-finite loss, step skipped ({skipped} skipped so far)")
                 if t.max_consecutive_skips and consecutive >= t.max_consecutive_skips:
-                    raise NonFiniteLoss(
-                        f"{consecutive} consecutive non-finite losses up to iteration {step} "
-                        f"(train.max_consecutive_skips={t.max_consecutive_skips}); last good checkpoint: "
-                        f"{last_ckpt or 'none'}", iteration=step, checkpoint=last_ckpt, rank=env.rank)  # fmt: skip
+                    raise diverged(f"{consecutive} consecutive non-finite losses up to iteration {step} "
+                                   f"(train.max_consecutive_skips={t.max_consecutive_skips}); newest checkpoint: "
+                                   f"{last_ckpt or 'none'}", step)  # fmt: skip
             else:
                 consecutive = 0
                 for unit in units:
@@ -473,7 +692,7 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
                                    "images_per_s": seen * env.world_size / max(elapsed, 1e-9)})  # fmt: skip
             stopping = votes > 0 and step < t.iterations
             if step % t.checkpoint_interval == 0 or step == t.iterations or stopping:
-                last_ckpt = checkpoint(step)
+                last_ckpt = checkpoint(step, None if bad else loss_mean)
             if stopping:
                 why = f"signal {signals.received}" if signals.requested else "stop_at"
                 message = f"stopped at iteration {step} ({why}); checkpoint {last_ckpt}; continue with --resume"
@@ -492,7 +711,8 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
         results = _jsonable(evaluate(model, val_set, cfg, device, max_images=t.max_eval_images, progress=progress))
         barrier(env)  # every rank's bad-sample lines are written
         summary = {"iterations": t.iterations, "skipped_steps": skipped,
-                   "bad_samples": _count_bad_samples(run / "bad_samples.txt")}  # fmt: skip
+                   "bad_samples": _count_bad_samples(run / "bad_samples.txt"),
+                   "bad_val_files": len(results.get("skipped_files", []))}  # fmt: skip
         if metrics_log is not None:
             metrics_log.write({"kind": "val", "iter": t.iterations, "mIoU": results["mIoU"], "aAcc": results["aAcc"],
                                **summary})  # fmt: skip
@@ -507,6 +727,11 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
         log(f"{skipped} step(s) skipped for non-finite losses")
     if summary["bad_samples"]:
         log(f"{summary['bad_samples']} bad training file(s) skipped; listed in {run / 'bad_samples.txt'}")
+    if summary["bad_val_files"]:
+        log(
+            f"{summary['bad_val_files']} bad validation file(s) left out of evaluation; listed in "
+            f"{run / 'eval.json'} (skipped_files):\n  " + "\n  ".join(results["skipped_files"])
+        )
     return {"run": str(run), "results": results, "class_names": list(getattr(val_set, "classes", [])),
             "model": model, "rank": env.rank, "world_size": env.world_size, **summary}  # fmt: skip
 
