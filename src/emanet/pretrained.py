@@ -150,7 +150,8 @@ def load_model(
             damaged: list[str] = []
             found = latest_checkpoint(source, log=damaged.append)
             if found is None and damaged:
-                raise ValueError(f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(damaged))
+                reasons = [m.removeprefix("skipping damaged checkpoint: ").split("; trying")[0] for m in damaged]
+                raise ValueError(f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(reasons))
             if found is None:
                 raise FileNotFoundError(f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
                                         "folder with checkpoints (iter_*.pt)")  # fmt: skip
