@@ -503,3 +503,39 @@ def test_resume_from_a_checkpoint_of_another_folder_is_refused(tmp_path):
         str(other / "iter_0000001.pt"),
     )
     clean_failure(proc, 2, "not a checkpoint of the run folder", f"train.out_dir={other}")
+
+
+def test_resume_when_every_checkpoint_is_damaged_is_refused_not_restarted(tmp_path):
+    run = tmp_path / "run"
+    train_in_process(run, "train.iterations=1")
+    data = (run / "iter_0000001.pt").read_bytes()
+    (run / "iter_0000001.pt").write_bytes(data[: len(data) // 2])
+    before = hashes(run)
+    proc = emanet("train", "--no-progress", *TINY, "train.iterations=2", "--resume", f"train.out_dir={run}")
+    clean_failure(proc, 2, "no readable checkpoint", "--overwrite")
+    assert hashes(run) == before
+
+
+def test_under_torchrun_rank_0_refuses_for_every_rank_and_says_it_once(tmp_path):
+    run = tmp_path / "run"
+    train_in_process(run, "train.iterations=1")
+    before = hashes(run)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "emanet",
+        "train",
+        "--no-progress",
+        *TINY,
+        "train.iterations=1",
+        f"train.out_dir={run}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("already holds a run") == 1, proc.stderr[-4000:]
+    assert "exitcode  : 2" in proc.stderr or "exit code 2" in proc.stderr.lower(), proc.stderr[-4000:]
+    assert hashes(run) == before

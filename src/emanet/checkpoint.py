@@ -7,7 +7,9 @@ is damaged anyway (truncated copy, disk error, not a zip, keys missing), loading
 to the next older one.
 
 A training checkpoint (format 2) holds: model, optimizer, scaler, schedule, iteration, rng (one state per
-rank), data (epoch and batches consumed), config (resolved), skipped_steps, replicas (per-rank digests).
+rank), data (epoch and batches consumed), config (resolved), skipped_steps, replicas (per-rank digests);
+newer ones also loss (of the step that wrote it), param_norm, class_names and palette (absent: unknown).
+A failed write (disk full, read-only) is a CheckpointWriteError naming the file and the OS reason.
 """
 
 from __future__ import annotations

@@ -453,7 +453,15 @@ def _resume_point(run: Path, resume_from: str | Path | None, cfg: Config, log: L
         except (ValueError, FileNotFoundError) as e:
             raise RunFolderError(f"--resume-from: {e}") from None
     else:
-        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=log)
+        damaged: list[str] = []
+        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=damaged.append)
+        for message in damaged:
+            log(message)
+        if found is None and damaged:
+            raise RunFolderError(
+                f"--resume: no readable checkpoint in {run} ({len(damaged)} damaged); start afresh with --overwrite "
+                "(the folder, damaged checkpoints included, is moved aside)"
+            )
     if found is None:
         return None
     saved = found[1].get("config")
