@@ -424,12 +424,13 @@ def train(
 
 
 def _on_rank0(env: DistEnv, step: int, checkpoint: str | None, action: Callable[[], Any]) -> Any:
-    """Run ``action`` on rank 0; its RunFolderError/OSError becomes a RunError on every rank."""
+    """Run ``action`` on rank 0; its ValueError (RunFolderError, a config or data check) or OSError becomes a
+    RunError on every rank, said once."""
     error, value = None, None
     if env.is_main:
         try:
             value = action()
-        except RunFolderError as e:
+        except ValueError as e:
             error = str(e)
         except OSError as e:
             error = f"cannot write {os_reason(e)}"
@@ -494,11 +495,14 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, held: contextlib.Exi
 
     # ---- data (cheap: file lists), checked before anything heavy
     train_set, val_set = build_datasets(cfg)
-    check_class_count(cfg, train_set, val_set)
     if len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
-    if env.is_main:
+
+    def check_data():
+        check_class_count(cfg, train_set, val_set)
         check_val_files(val_set, cfg, log)
+
+    _on_rank0(env, 0, None, check_data)
     class_names = list(getattr(train_set, "classes", []))
     palette = [list(map(int, c)) for c in getattr(train_set, "palette", [])][: len(class_names)]
 
