@@ -32,14 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from emanet.checkpoint import (
-    RESUME_KEYS,
-    kept_checkpoints,
-    load_checkpoint,
-    load_latest_checkpoint,
-    parameter_norm,
-    save_checkpoint,
-)
+from emanet.checkpoint import RESUME_KEYS, kept_checkpoints, load_checkpoint, parameter_norm, save_checkpoint
 from emanet.config import Config, save_config
 from emanet.data import DataError, build_dataset
 from emanet.data.transforms import eval_transform, train_transform
@@ -73,11 +66,11 @@ from emanet.models.emanet import build_model
 from emanet.runs import (
     CONFIG,
     RunFolderError,
-    config_differences,
     cut_metrics,
     describe_checkpoints,
     os_reason,
     prepare_run_folder,
+    resume_point,
     supersede_checkpoints,
     write_classes,
 )
@@ -440,45 +433,6 @@ def _on_rank0(env: DistEnv, step: int, checkpoint: str | None, action: Callable[
     return value
 
 
-def _resume_point(run: Path, resume_from: str | Path | None, cfg: Config, log: Log):
-    """(path, checkpoint) to resume from, or None; RunFolderError if its config differs where it may not."""
-    if resume_from is not None:
-        path = Path(resume_from)
-        if path.resolve().parent != run.resolve():
-            raise RunFolderError(
-                f"--resume-from {path}: not a checkpoint of the run folder {run} (train.out_dir); "
-                f"set train.out_dir={path.parent} to continue that run"
-            )
-        try:
-            found = (path, load_checkpoint(path, required=RESUME_KEYS))
-        except (ValueError, FileNotFoundError) as e:
-            raise RunFolderError(f"--resume-from: {e}") from None
-    else:
-        damaged: list[str] = []
-        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=damaged.append)
-        for message in damaged:
-            log(message)
-        if found is None and damaged:
-            raise RunFolderError(
-                f"--resume: no readable checkpoint in {run} ({len(damaged)} damaged); start afresh with --overwrite "
-                "(the folder, damaged checkpoints included, is moved aside)"
-            )
-    if found is None:
-        return None
-    saved = found[1].get("config")
-    differences = config_differences(saved, cfg.to_dict()) if isinstance(saved, dict) else []
-    if differences:
-        raise RunFolderError(
-            f"--resume: the config differs from the one {found[0]} was trained with, in "
-            f"{len(differences)} key(s) a resume may not change:\n  "
-            + "\n  ".join(differences)
-            + "\nset them back, or start a new run (another train.out_dir, or --overwrite); "
-            "a resume may change train.iterations, intervals, workers, device, optim.lr, "
-            "eval.* (emanet.runs.RESUME_MAY_CHANGE)"
-        )
-    return found
-
-
 def _train(cfg: Config, env: DistEnv, signals: StopSignals, held: contextlib.ExitStack, *, resume: bool,
            resume_from: str | Path | None, overwrite: bool, log: Log, progress: bool,
            stop_at: int | None) -> dict[str, Any]:  # fmt: skip
@@ -489,7 +443,7 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, held: contextlib.Exi
     # stale temporaries and picks the checkpoint to resume; nothing is written into it before the loop
     def open_folder():
         held.callback(prepare_run_folder(run, resume=resume, overwrite=overwrite, log=log).release)
-        return _resume_point(run, resume_from, cfg, log) if resume else None
+        return resume_point(run, resume_from, cfg.to_dict(), log) if resume else None
 
     found = _on_rank0(env, 0, None, open_folder)
 

@@ -7,9 +7,11 @@
   the overwrite moves the old run aside to ``<folder>.old-<time>``) and removes temporaries left by a save
   that was killed.
 - ``config_differences``: what a resume may not change; ``RESUME_MAY_CHANGE`` is the one list of what it may.
+- ``resume_point``: the checkpoint to resume from, its config compared before anything is written.
 - ``cut_metrics``: on resume, metrics.jsonl lines after the resumed iteration move to metrics.cut.jsonl.
+- ``describe_checkpoints``: after a diverged run, the kept checkpoints with their loss, suspect ones flagged.
 
-Imports nothing of emanet's; the engine calls these on rank 0 only.
+Imports only emanet.checkpoint; the engine calls these on rank 0 only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from emanet.checkpoint import RESUME_KEYS, load_checkpoint, load_latest_checkpoint
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -267,6 +271,48 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             continue
         out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
     return out
+
+
+def resume_point(
+    run: Path, resume_from: str | Path | None, config: dict[str, Any], log: Log
+) -> tuple[Path, dict[str, Any]] | None:
+    """(path, checkpoint) to resume from (``resume_from``, else the newest intact one), or None if the folder has
+    none; RunFolderError if all are damaged or its config differs from ``config`` where a resume may not."""
+    if resume_from is not None:
+        path = Path(resume_from)
+        if path.resolve().parent != run.resolve():
+            raise RunFolderError(
+                f"--resume-from {path}: not a checkpoint of the run folder {run} (train.out_dir); "
+                f"set train.out_dir={path.parent} to continue that run"
+            )
+        try:
+            found = (path, load_checkpoint(path, required=RESUME_KEYS))
+        except (ValueError, FileNotFoundError) as e:
+            raise RunFolderError(f"--resume-from: {e}") from None
+    else:
+        damaged: list[str] = []
+        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=damaged.append)
+        for message in damaged:
+            log(message)
+        if found is None and damaged:
+            raise RunFolderError(
+                f"--resume: no readable checkpoint in {run} ({len(damaged)} damaged); start afresh with --overwrite "
+                "(the folder, damaged checkpoints included, is moved aside)"
+            )
+    if found is None:
+        return None
+    saved = found[1].get("config")
+    differences = config_differences(saved, config) if isinstance(saved, dict) else []
+    if differences:
+        raise RunFolderError(
+            f"--resume: the config differs from the one {found[0]} was trained with, in "
+            f"{len(differences)} key(s) a resume may not change:\n  "
+            + "\n  ".join(differences)
+            + "\nset them back, or start a new run (another train.out_dir, or --overwrite); "
+            "a resume may change train.iterations, intervals, workers, device, optim.lr, "
+            "eval.* (emanet.runs.RESUME_MAY_CHANGE)"
+        )
+    return found
 
 
 # ----------------------------------------------------------------------------- metrics
