@@ -111,9 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from emanet.engine import _jsonable, build_datasets, check_precision, evaluate, select_device
+    from emanet.engine import build_datasets, evaluate, results_to_json
     from emanet.metrics import format_table
     from emanet.pretrained import load_model
+    from emanet.runtime import check_precision, select_device
 
     if args.precision:  # before loading anything
         check_precision(select_device(args.device or "auto"), args.precision)
@@ -127,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     _, val = build_datasets(cfg)
     results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
-    results = _jsonable(results)
+    results = results_to_json(results)
     print(format_table(results, list(getattr(val, "classes", [])) or loaded.class_names))
     if results.get("skipped_files"):
         skipped = results["skipped_files"]

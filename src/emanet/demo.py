@@ -22,7 +22,8 @@ import torch
 
 from emanet.attention_maps import capture_attention
 from emanet.config import Config, load_config
-from emanet.engine import build_datasets, evaluate, select_device, train
+from emanet.engine import build_datasets, evaluate, train
+from emanet.runtime import select_device
 
 Log = Callable[[str], None]
 

@@ -52,7 +52,6 @@ from emanet.distributed import (
     gather_objects,
     init_distributed,
     rng_state,
-    select_device,
     set_rng_state,
     state_digest,
     worker_init,
@@ -74,6 +73,7 @@ from emanet.runs import (
     supersede_checkpoints,
     write_classes,
 )
+from emanet.runtime import autocast, check_precision, select_device
 
 Log = Callable[[str], None]
 
@@ -82,7 +82,7 @@ EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: checkpoint saved at the current step; re
 EXIT_NONFINITE = 4  # non-finite loss (or too many skipped steps); the last good checkpoint is kept
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "EXIT_USAGE", "NonFiniteLoss", "RunError", "TrainingInterrupted",
-           "TrainingStopped", "autocast", "evaluate", "select_device", "train"]  # fmt: skip
+           "TrainingStopped", "autocast", "evaluate", "results_to_json", "select_device", "train"]  # fmt: skip
 
 
 class TrainingStopped(RuntimeError):
@@ -119,20 +119,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True)
-
-
-def check_precision(device: torch.device, precision: str) -> None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs CUDA, but the device is {device}; use bf16 (or fp32) on CPU")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for convs and matmuls; EM attention keeps its iterations in float32 itself."""
-    check_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, reference: bool) -> list[dict[str, Any]]:
@@ -327,7 +313,7 @@ def evaluate(
     return results
 
 
-def _jsonable(results: dict[str, Any]) -> dict[str, Any]:
+def results_to_json(results: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in results.items():
         if isinstance(v, torch.Tensor | np.ndarray):
@@ -674,7 +660,8 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, held: contextlib.Exi
             bar.close()
             bar = None
 
-        results = _jsonable(evaluate(model, val_set, cfg, device, max_images=t.max_eval_images, progress=progress))
+        results = evaluate(model, val_set, cfg, device, max_images=t.max_eval_images, progress=progress)
+        results = results_to_json(results)
         barrier(env)  # every rank's bad-sample lines are written
         summary = {"iterations": t.iterations, "skipped_steps": skipped,
                    "bad_samples": _count_bad_samples(run / "bad_samples.txt"),

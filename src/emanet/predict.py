@@ -25,8 +25,8 @@ from emanet.data.base import DataError, read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
 from emanet.data.transforms import eval_transform
 from emanet.em import set_eval_stages
-from emanet.engine import autocast, select_device
 from emanet.inference import check_inference_args, infer, infer_whole
+from emanet.runtime import autocast, select_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ImageInput = str | Path | Image.Image | np.ndarray
