@@ -214,3 +214,84 @@ def kept_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
         out.append({"path": path, "iteration": int(ckpt.get("iteration", _iteration(path))), "loss": ckpt.get("loss"),
                     "param_norm": float(norm), "finite": math.isfinite(norm)})  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def training_state(
+    *,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scaler: dict[str, Any],
+    iteration: int,
+    config: dict[str, Any],
+    schedule: dict[str, Any],
+    rng: list[dict[str, Any]],
+    data: dict[str, int],
+    skipped_steps: int,
+    replicas: list[dict[str, str]],
+    loss: float | None,
+    class_names: list[str],
+    palette: list[list[int]],
+) -> dict[str, Any]:
+    """A format-2 training checkpoint (see the module docstring) from its parts; ``save_checkpoint`` writes it."""
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "iteration": iteration,
+        "config": config,
+        "schedule": schedule,
+        "rng": rng,
+        "data": data,
+        "skipped_steps": skipped_steps,
+        "replicas": replicas,
+        "world_size": len(rng),
+        "loss": loss,
+        "param_norm": parameter_norm(model),
+        "class_names": class_names,
+        "palette": palette,
+    }
+
+
+def restore_training_state(
+    ckpt: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    batch_size: int,
+    accum_steps: int,
+    world_size: int,
+    rank: int,
+) -> tuple[int, int, tuple[int, int], dict[str, Any] | None, bool]:
+    """Load a training checkpoint into model, optimizer and scaler.
+
+    Returns (iteration, skipped steps, (epoch, batches) to continue the data from, this rank's RNG state or
+    None, exact): exact is False when the checkpoint was written with another batch size, process count or
+    format 1, and the run then continues from the same iteration but not bitwise as an uninterrupted one.
+    """
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    start = int(ckpt["iteration"])
+    exact, rng = True, ckpt.get("rng")
+    data = ckpt.get("data")
+    if data is None:  # format 1: only the iteration is known
+        exact, position = False, (0, start * accum_steps)
+    elif data["batch_size"] != batch_size or data["world_size"] != world_size:
+        exact = False
+        samples = data["batches"] * data["batch_size"] * data["world_size"]
+        position = (data["epoch"], samples // (batch_size * world_size))
+    else:
+        position = (data["epoch"], data["batches"])
+    own = None
+    if isinstance(rng, list) and len(rng) == world_size:
+        own = rng[rank]
+    else:
+        exact = False
+        if isinstance(rng, dict) and "torch" in rng:  # format 1: rank 0's torch generator
+            torch.set_rng_state(rng["torch"])
+    return start, int(ckpt.get("skipped_steps", 0)), position, own, exact
