@@ -539,3 +539,12 @@ def test_under_torchrun_rank_0_refuses_for_every_rank_and_says_it_once(tmp_path)
     assert (proc.stdout + proc.stderr).count("already holds a run") == 1, proc.stderr[-4000:]
     assert "exitcode  : 2" in proc.stderr or "exit code 2" in proc.stderr.lower(), proc.stderr[-4000:]
     assert hashes(run) == before
+
+
+def test_overwrite_and_resume_together_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_in_process(run, "train.iterations=1")
+    before = hashes(run)
+    assert main(["train", *TINY, f"train.out_dir={run}", "--resume", "--overwrite"]) == 2
+    assert "choose one" in capsys.readouterr().err
+    assert hashes(run) == before and not list(tmp_path.glob("run.old-*"))

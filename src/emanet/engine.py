@@ -153,6 +153,10 @@ def train(
     TrainingStopped, with ``exit_code``) on early stops.
     """
     cfg.validate()
+    if overwrite and (resume or resume_from is not None):
+        raise ValueError(
+            "--overwrite starts afresh (moving the old run aside), --resume/--resume-from continue it: choose one"
+        )
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     env = init_distributed(cfg.train.device)
     log = log if env.is_main else (lambda _: None)
