@@ -77,8 +77,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         cause = f.error or (e if isinstance(e, OSError) else None)
         if cause is not None:
-            raise CheckpointWriteError(cause.errno, f"cannot write a checkpoint: {cause.strerror or cause}",
-                                       str(path)) from None  # fmt: skip
+            raise CheckpointWriteError(
+                cause.errno, f"cannot write a checkpoint: {cause.strerror or cause}", str(path)
+            ) from None
         raise
 
 
@@ -211,8 +212,15 @@ def kept_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
         norm = ckpt.get("param_norm")
         if norm is None:
             norm = parameter_norm(ckpt["model"])
-        out.append({"path": path, "iteration": int(ckpt.get("iteration", _iteration(path))), "loss": ckpt.get("loss"),
-                    "param_norm": float(norm), "finite": math.isfinite(norm)})  # fmt: skip
+        out.append(
+            {
+                "path": path,
+                "iteration": int(ckpt.get("iteration", _iteration(path))),
+                "loss": ckpt.get("loss"),
+                "param_norm": float(norm),
+                "finite": math.isfinite(norm),
+            }
+        )
     return out
 
 
