@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 import emanet.engine as engine
+import emanet.train_setup as train_setup
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.cli import main
 from emanet.config import load_config
@@ -104,8 +105,8 @@ class NaNFrom(Dataset):
 
 
 def _inject_nan(monkeypatch, first: int, last: int) -> None:
-    build = engine.build_datasets
-    monkeypatch.setattr(engine, "build_datasets", lambda cfg: (NaNFrom(build(cfg)[0], first, last), build(cfg)[1]))
+    build = train_setup.build_datasets  # what the training set-up calls
+    monkeypatch.setattr(train_setup, "build_datasets", lambda cfg: (NaNFrom(build(cfg)[0], first, last), build(cfg)[1]))
 
 
 def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

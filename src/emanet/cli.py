@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from emanet.models.emanet import ARCHS, ModelConfig
@@ -90,8 +91,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     try:
-        out = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except TrainingStopped as e:  # signal (exit 3) or non-finite loss (exit 4): rank 0 says why
+        out = train(
+            cfg,
+            resume=args.resume,
+            resume_from=args.resume_from,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except TrainingStopped as e:  # run folder/write (2), signal (3) or non-finite loss (4): rank 0 says why
         if e.rank == 0:
             print(f"emanet train: {e}", file=sys.stderr)
         return e.exit_code
@@ -104,9 +111,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from emanet.engine import _jsonable, build_datasets, evaluate, select_device
+    from emanet.engine import build_datasets, evaluate, results_to_json
     from emanet.metrics import format_table
     from emanet.pretrained import load_model
+    from emanet.runtime import check_precision, select_device
+
+    if args.precision:  # before loading anything
+        check_precision(select_device(args.device or "auto"), args.precision)
 
     # the source's own config (a --config file replaces it); overrides go on top of either
     file_cfg = _run_config(args) if args.config else None
@@ -117,8 +128,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     _, val = build_datasets(cfg)
     results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
-    results = _jsonable(results)
+    results = results_to_json(results)
     print(format_table(results, list(getattr(val, "classes", [])) or loaded.class_names))
+    if results.get("skipped_files"):
+        skipped = results["skipped_files"]
+        print(f"{len(skipped)} bad file(s) left out (data.on_bad_sample=skip):\n  " + "\n  ".join(skipped))
     source = loaded.source
     default = source / "eval.json" if source.is_dir() else source.parent / f"eval_{source.stem}.json"
     out = Path(args.out) if args.out else default
@@ -260,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the reference VOC recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=1000 model.num_bases=32")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument(
+        "--resume-from",
+        metavar="PATH",
+        help="continue from this checkpoint of train.out_dir (newer ones are moved aside), e.g. a good one after a "
+        "non-finite loss",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a train.out_dir that holds a run: the old run is moved aside to <out_dir>.old-<time>",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -364,8 +389,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):  # no source line
+        print(f"emanet {args.command}: warning: {message}", file=sys.stderr)
+
+    shown_before, warnings.showwarning = warnings.showwarning, show_warning
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user mistakes: a message, not a traceback
         print(f"emanet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # read-only folder, full disk: the path and the OS reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"emanet {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = shown_before

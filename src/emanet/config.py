@@ -220,8 +220,10 @@ def validation_errors(cfg: Config) -> list[str]:
          o.warmup_iters)  # fmt: skip
     need(lo.reduction in ("all", "valid"), "loss.reduction", "'all' or 'valid'", lo.reduction)
     need(lo.aux_weight >= 0, "loss.aux_weight", ">= 0", lo.aux_weight)
-    need(m.num_classes <= lo.ignore_index <= 255, "loss.ignore_index",
-         f"in {m.num_classes}..255 (labels are 8-bit; not a class index)", lo.ignore_index)  # fmt: skip
+    need(m.num_classes <= 255, "model.num_classes", "at most 255 (label maps are 8-bit, 255 = ignore)", m.num_classes)
+    if m.num_classes <= 255:
+        need(m.num_classes <= lo.ignore_index <= 255, "loss.ignore_index",
+             f"in {m.num_classes}..255 (labels are 8-bit; not a class index)", lo.ignore_index)  # fmt: skip
 
     # train
     for name in ("iterations", "batch_size", "accum_steps", "log_interval", "checkpoint_interval"):
@@ -361,6 +363,11 @@ def load_config(
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            sections = "model:, data:, optim:, loss:, train:, eval:"
+            raise ValueError(
+                f"{path}: the top level must be a mapping of sections ({sections}), got a {type(data).__name__}"
+            )
     patch: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:

@@ -131,6 +131,11 @@ def read_source(
         obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
     if not isinstance(obj, Mapping):
         raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
+    if "format_version" in obj and isinstance(obj.get("model"), Mapping) and "config" in obj:
+        raise ValueError(
+            f"{name} is already an emanet checkpoint (iteration {obj.get('iteration', '?')}): "
+            "use it directly with emanet eval/predict/export, or emanet.load_model"
+        )
     extra: dict[str, Any] = {}
     for wrapper in ("state_dict", "net", "model"):
         if isinstance(obj.get(wrapper), Mapping):

@@ -22,7 +22,8 @@ import torch
 
 from emanet.attention_maps import capture_attention
 from emanet.config import Config, load_config
-from emanet.engine import build_datasets, evaluate, select_device, train
+from emanet.engine import build_datasets, evaluate, train
+from emanet.runtime import select_device
 
 Log = Callable[[str], None]
 
@@ -96,7 +97,7 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
         cfg.train.out_dir = str(out / "runs" / arch)
         log(f"== training {name} ({cfg.train.iterations} iterations, batch {cfg.train.batch_size})")
         t0 = time.perf_counter()
-        runs[name] = train(cfg, log=log, progress=progress)
+        runs[name] = train(cfg, log=log, progress=progress, overwrite=True)  # a new demo replaces the last one
         runs[name]["seconds"] = time.perf_counter() - t0
         runs[name]["config"] = cfg
 

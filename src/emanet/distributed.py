@@ -35,16 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from emanet.data.base import reseedable_datasets
 from emanet.data.base import worker_init_fn as data_worker_init_fn
-
-
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    return device
-
+from emanet.runtime import select_device
 
 # ----------------------------------------------------------------------------- process group
 

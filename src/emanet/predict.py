@@ -26,8 +26,8 @@ from emanet.data.base import IMAGE_SUFFIXES, DataError, read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
 from emanet.data.transforms import eval_transform
 from emanet.em import set_eval_stages
-from emanet.engine import autocast, select_device
 from emanet.inference import check_inference_args, infer, infer_whole
+from emanet.runtime import autocast, select_device
 
 ImageInput = str | Path | Image.Image | np.ndarray
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,20 @@ def load_model(
     else:
         path = source
         if source.is_dir():
-            found = latest_checkpoint(source)
+            damaged: list[str] = []
+            found = latest_checkpoint(source, log=damaged.append)
+            if found is None and damaged:
+                reasons = [m.removeprefix("skipping damaged checkpoint: ").split("; trying")[0] for m in damaged]
+                raise ValueError(f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(reasons))
             if found is None:
                 raise FileNotFoundError(f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
                                         "folder with checkpoints (iter_*.pt)")  # fmt: skip
+            for message in damaged:
+                warnings.warn(message, stacklevel=2)
             path = found
         ckpt = load_checkpoint(path)
         state, saved = ckpt["model"], ckpt.get("config")
+        class_names, palette = ckpt.get("class_names"), ckpt.get("palette")  # absent in older checkpoints
         if saved is None:
             raise ValueError(f"{path}: checkpoint has no saved config; cannot rebuild its model")
         source = path

@@ -1,0 +1,92 @@
+"""Evaluation: one dataset-wide confusion matrix over whole / sliding-window / multi-scale + flip inference, in
+one process or sharded over torchrun's ranks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from emanet.config import Config
+from emanet.data import DataError
+from emanet.em import set_eval_stages
+from emanet.inference import infer
+from emanet.metrics import ConfusionMatrix, scores
+from emanet.runtime import autocast
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: Config,
+    device: torch.device,
+    *,
+    max_images: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One dataset-wide confusion matrix; whole / sliding-window / multi-scale + flip inference.
+
+    Under torch.distributed each rank evaluates images rank, rank + world, ... and the matrices are summed
+    once, so every image counts exactly once and every rank returns the same results. With
+    data.on_bad_sample=skip an unreadable image is left out and listed in ``skipped_files`` ("path: reason").
+    """
+    was_training = model.training
+    model.eval()
+    if cfg.eval.eval_stages is not None:
+        set_eval_stages(model, cfg.eval.eval_stages)
+    num_classes = cfg.model.num_classes
+    matrix = ConfusionMatrix(num_classes, ignore_index=cfg.loss.ignore_index)
+    n = len(dataset) if not max_images else min(max_images, len(dataset))  # type: ignore[arg-type]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    indices = range(rank, n, world)
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", unit="img", leave=False)
+    e = cfg.eval
+    skip, skipped = cfg.data.on_bad_sample == "skip", []
+    for i in indices:
+        try:
+            image, label = dataset[i]
+        except DataError as error:
+            if not skip:
+                raise
+            skipped.append(f"{error.path}: {' '.join(error.reason.split())}")
+            continue
+        with autocast(device, cfg.train.precision):
+            probs = infer(model, image[None].to(device), mode=e.mode, scales=tuple(e.scales), flip=e.flip,
+                          crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
+                          align_corners=cfg.model.align_corners, out_size=label.shape[-2:])  # fmt: skip
+        matrix.update(probs.argmax(1).cpu(), label[None])
+    m = matrix.matrix
+    if world > 1:  # NCCL reduces CUDA tensors only
+        m = m.to(device)
+        torch.distributed.all_reduce(m)
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(gathered, skipped)
+        skipped = [x for part in gathered for x in part]
+    model.train(was_training)
+    results = scores(m.cpu())
+    results["images"] = n - len(skipped)
+    if skipped:
+        results["skipped_files"] = sorted(skipped)
+    return results
+
+
+def results_to_json(results: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in results.items():
+        if isinstance(v, torch.Tensor | np.ndarray):
+            v = v.tolist()
+        if isinstance(v, float) and math.isnan(v):
+            v = None
+        if isinstance(v, list):
+            v = [None if isinstance(x, float) and math.isnan(x) else x for x in v]
+        out[k] = v
+    return out
