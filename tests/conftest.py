@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,45 @@ from PIL import Image
 from emanet.data.palettes import VOC_PALETTE, index_image
 
 H, W = 17, 23
+
+# The one tiny model of the tests: a width-8 ResNet-18 with a 16-channel head and K=4. Model-level tests
+# build it with tiny_model(**changes); run-level tests pass tiny_run(...) overrides to `emanet train`.
+TINY_MODEL = dict(
+    backbone="resnet18", backbone_width=8, stem="standard", num_classes=3, channels=16, mid_channels=8, num_bases=4
+)
+
+
+def tiny_model(**changes):
+    """A ModelConfig of TINY_MODEL with ``changes``, e.g. tiny_model(arch="fcn", output_stride=16)."""
+    from emanet.models.emanet import ModelConfig
+
+    return ModelConfig(**{**TINY_MODEL, **changes})
+
+
+def tiny_run(
+    *extra: str, size: int = 32, scales: str = "[1.0]", length: int = 6, val_length: int = 2, sizes: bool = True
+) -> list[str]:
+    """Overrides for a CPU training run of the tiny model on the synthetic set (5 classes), ``extra`` last so
+    they win: size = crop and scene size; length/val_length = scenes per split; sizes = small objects."""
+    objects = "max_objects: 6, min_objects: 2" + (", min_size: 4, max_size: 6" if sizes else "")
+    model = [f"model.{k}={v}" for k, v in {**TINY_MODEL, "num_classes": 5}.items()]
+    data = [
+        "data.dataset=synthetic",
+        f"data.crop_size={size}",
+        f"data.scales={scales}",
+        "data.num_workers=0",
+        "data.eval_pad_multiple=0",
+        f"data.options={{length: {length}, val_length: {val_length}, image_size: {size}, {objects}}}",
+    ]
+    return [*model, *data, "train.device=cpu", *extra]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m emanet ARGS` in a subprocess, one intra-op thread, output captured as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "emanet", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture

@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_cli as emanet
+from conftest import tiny_run
 from emanet.cli import main
 
-TINY = [
-    "model.backbone=resnet18",
-    "model.backbone_width=8",
-    "model.stem=standard",
-    "model.num_classes=5",
-    "model.channels=16",
-    "model.mid_channels=8",
-    "model.num_bases=4",
-    "data.dataset=synthetic",
-    "data.crop_size=32",
-    "data.scales=[1.0]",
-    "data.num_workers=0",
-    "data.eval_pad_multiple=0",
-    "data.options={length: 4, val_length: 1, image_size: 32, max_objects: 6, min_objects: 2, min_size: 4, max_size: 6}",
-    "train.batch_size=2",
-    "train.device=cpu",
-]
+TINY = tiny_run("train.batch_size=2", length=4, val_length=1)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def emanet(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "emanet", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def refused(proc: subprocess.CompletedProcess, *words: str) -> None:

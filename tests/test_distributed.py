@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from conftest import tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.config import load_config
 from emanet.distributed import (
@@ -29,13 +30,7 @@ from emanet.distributed import (
 from emanet.engine import train
 from emanet.models.emanet import ModelConfig, build_model
 
-TINY = [
-    "model.backbone=resnet18", "model.backbone_width=8", "model.stem=standard", "model.num_classes=5",
-    "model.channels=16", "model.mid_channels=8", "model.num_bases=4", "model.dropout=0.0",
-    "data.dataset=synthetic", "data.crop_size=32", "data.scales=[0.75, 1.25]", "data.num_workers=0",
-    "data.eval_pad_multiple=0", "data.options={length: 8, val_length: 2, image_size: 32, max_objects: 6, "
-    "min_objects: 2, min_size: 4, max_size: 6}", "train.log_interval=1", "train.device=cpu",
-]  # fmt: skip
+TINY = tiny_run("model.dropout=0.0", "train.log_interval=1", scales="[0.75, 1.25]", length=8)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,19 +9,13 @@ import pytest
 import torch
 
 import emanet.data
+from conftest import tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.cli import main
 from emanet.engine import param_groups, poly_factor
 from emanet.models.emanet import ModelConfig, build_model
 
-TINY = [
-    "model.backbone=resnet18", "model.backbone_width=8", "model.stem=standard", "model.num_classes=5",
-    "model.channels=16", "model.mid_channels=8", "model.num_bases=4",
-    "data.dataset=synthetic", "data.crop_size=48", "data.scales=[1.0]", "data.num_workers=0",
-    "data.eval_pad_multiple=0", "data.options={length: 8, val_length: 3, image_size: 48, max_objects: 6, "
-    "min_objects: 2}",
-    "train.batch_size=2", "train.log_interval=1", "train.device=cpu",
-]  # fmt: skip
+TINY = tiny_run("train.batch_size=2", "train.log_interval=1", size=48, length=8, val_length=3, sizes=False)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,6 +8,7 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from conftest import tiny_model  # noqa: E402
 from emanet import cli  # noqa: E402
 from emanet.config import Config  # noqa: E402
 from emanet.export import OnnxNotInstalled, check_onnx, export_onnx, onnx_parity  # noqa: E402
@@ -17,8 +18,7 @@ from emanet.pretrained import save_pretrained  # noqa: E402
 
 def _tiny(arch="emanet"):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, backbone="resnet18", backbone_width=8, channels=16, mid_channels=8,
-                                    num_bases=4, num_classes=3, stem="standard"))  # fmt: skip
+    model = build_model(tiny_model(arch=arch))
     model.train()
     with torch.no_grad():  # move BN statistics and the EM bases away from their initial values
         model(torch.randn(2, 3, 33, 33))

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from conftest import tiny_model
 from emanet.flops import count_config, table1
-from emanet.models.emanet import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_increments_within_5_percent_of_paper(rows, part):
     assert abs(r["mparams"] / r["paper_mparams"] - 1) < 0.05
 
 
-TINY = ModelConfig(backbone="resnet18", stem="standard", num_classes=3, channels=16, mid_channels=8, num_bases=4)
+TINY = tiny_model(backbone_width=64)
 
 
 def test_ema_increment_matches_hand_count():

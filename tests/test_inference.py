@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_model
 from emanet.inference import InferenceConfig, infer, infer_slide, infer_whole, window_starts
-from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.emanet import build_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="resnet18", stem="standard", num_classes=3, channels=16, mid_channels=8,
-                      num_bases=4, output_stride=8, multi_grid=False, align_corners=False)  # fmt: skip
+    cfg = tiny_model(backbone_width=64, output_stride=8, multi_grid=False, align_corners=False)
     return build_model(cfg).eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_model
 from emanet.models.emanet import (
     MODELS,
     ModelConfig,
@@ -16,9 +17,7 @@ from emanet.models.emanet import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(
-    backbone="resnet18", backbone_width=16, stem="standard", num_classes=3, channels=16, mid_channels=8, num_bases=4
-)
+TINY = dict(backbone_width=16)  # changes to conftest's tiny model
 
 
 class ModelTester:
@@ -41,7 +40,7 @@ class ModelTester:
 
     def build(self, layout, aux, stem, seed=0):
         torch.manual_seed(seed)
-        return build_model(ModelConfig(**{**TINY, "stem": stem}, arch=self.arch, head_layout=layout, aux=aux))
+        return build_model(tiny_model(**TINY, stem=stem, arch=self.arch, head_layout=layout, aux=aux))
 
     def test_forward_backward_at_odd_size(self, layout, aux, stem):
         model = self.build(layout, aux, stem).train()
@@ -91,7 +90,7 @@ class TestNonLocal(ModelTester):
 
 
 def test_default_emanet_freezes_only_the_em_in_conv():
-    model = build_model(ModelConfig(**TINY))
+    model = build_model(tiny_model(**TINY))
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen == ["head.context.conv_in.weight", "head.context.conv_in.bias"]
 
@@ -124,14 +123,14 @@ def test_config_refuses_impossible_values(kwargs, match):
 
 
 def test_config_dict_round_trip_and_unknown_key():
-    cfg = ModelConfig(**TINY)
+    cfg = tiny_model(**TINY)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="num_base"):
         ModelConfig.from_dict({"num_base": 8})
 
 
 def test_eval_stages_reach_the_unit():
-    model = build_model(ModelConfig(eval_stages=7, **TINY))
+    model = build_model(tiny_model(eval_stages=7, **TINY))
     unit = model.head.context
     assert unit.eval().stages == 7 and unit.train().stages == 3
 

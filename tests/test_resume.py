@@ -16,18 +16,13 @@ from torch.utils.data import Dataset
 
 import emanet.engine as engine
 import emanet.train_setup as train_setup
+from conftest import tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.cli import main
 from emanet.config import load_config
 from emanet.engine import EXIT_INTERRUPTED, EXIT_NONFINITE, TrainingInterrupted, train
 
-TINY = [
-    "model.backbone=resnet18", "model.backbone_width=8", "model.stem=standard", "model.num_classes=5",
-    "model.channels=16", "model.mid_channels=8", "model.num_bases=4",
-    "data.dataset=synthetic", "data.crop_size=32", "data.scales=[0.75, 1.25]", "data.num_workers=0",
-    "data.eval_pad_multiple=0", "data.options={length: 6, val_length: 2, image_size: 32, max_objects: 6, "
-    "min_objects: 2, min_size: 4, max_size: 6}", "train.batch_size=2", "train.log_interval=1", "train.device=cpu",
-]  # fmt: skip
+TINY = tiny_run("train.batch_size=2", "train.log_interval=1", scales="[0.75, 1.25]")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

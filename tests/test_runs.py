@@ -20,37 +20,16 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli as emanet
+from conftest import tiny_run
 from emanet.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint
 from emanet.cli import main
 from emanet.runs import RESUME_MAY_CHANGE, RunFolderError, RunLock, config_differences, cut_metrics
 
-TINY = [
-    "model.backbone=resnet18",
-    "model.backbone_width=8",
-    "model.stem=standard",
-    "model.num_classes=5",
-    "model.channels=16",
-    "model.mid_channels=8",
-    "model.num_bases=4",
-    "data.dataset=synthetic",
-    "data.crop_size=32",
-    "data.scales=[1.0]",
-    "data.num_workers=0",
-    "data.eval_pad_multiple=0",
-    "data.options={length: 6, val_length: 2, image_size: 32, max_objects: 6, min_objects: 2, min_size: 4, max_size: 6}",
-    "train.batch_size=2",
-    "train.log_interval=1",
-    "train.device=cpu",
-]
+TINY = tiny_run("train.batch_size=2", "train.log_interval=1")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def emanet(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "emanet", *args], capture_output=True, text=True, env=ENV, timeout=timeout
-    )
 
 
 def hashes(folder: Path) -> dict[str, str]:
