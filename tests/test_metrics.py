@@ -92,6 +92,7 @@ def test_all_reduce(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         assert cm.all_reduce().matrix.tolist() == MATRIX
+        assert cm.all_reduce("cpu").matrix.device.type == "cpu"  # reduced where asked, kept where it was
     finally:
         dist.destroy_process_group()
 

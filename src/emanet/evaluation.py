@@ -64,15 +64,13 @@ def evaluate(
                           crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
                           align_corners=cfg.model.align_corners, out_size=label.shape[-2:])  # fmt: skip
         matrix.update(probs.argmax(1).cpu(), label[None])
-    m = matrix.matrix
-    if world > 1:  # NCCL reduces CUDA tensors only
-        m = m.to(device)
-        torch.distributed.all_reduce(m)
+    matrix.all_reduce(device)  # on the model's device: NCCL reduces CUDA tensors only
+    if world > 1:
         gathered: list[list[str]] = [[] for _ in range(world)]
         torch.distributed.all_gather_object(gathered, skipped)
         skipped = [x for part in gathered for x in part]
     model.train(was_training)
-    results = scores(m.cpu())
+    results = scores(matrix.matrix)
     results["images"] = n - len(skipped)
     if skipped:
         results["skipped_files"] = sorted(skipped)

@@ -90,12 +90,14 @@ class ConfusionMatrix:
     def reset(self) -> None:
         self._matrix = None
 
-    def all_reduce(self) -> ConfusionMatrix:
-        """Sum the matrix over torch.distributed ranks (no-op when not initialised); call once."""
+    def all_reduce(self, device: torch.device | str | None = None) -> ConfusionMatrix:
+        """Sum the matrix over torch.distributed ranks (no-op when not initialised); call once. ``device``:
+        where the reduction runs, the process's CUDA device under NCCL (which reduces CUDA tensors only);
+        the matrix stays where it was."""
         if dist.is_available() and dist.is_initialized():
-            m = self.matrix.clone()
+            m = self.matrix.to(device or self.matrix.device, copy=True)
             dist.all_reduce(m)
-            self._matrix = m
+            self._matrix = m.to(self.matrix.device)
         return self
 
     def compute(self) -> dict:
