@@ -202,10 +202,11 @@ def evaluate(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     indices = range(rank, n, world)
+    bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
+        from emanet.progress import progress_bar
 
-        indices = tqdm(indices, desc="eval", unit="img", leave=False)
+        bar = progress_bar(total=len(indices), desc="eval", unit="img", leave=False)
     e = cfg.eval
     for i in indices:
         image, label = dataset[i]
@@ -214,6 +215,10 @@ def evaluate(
                           crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
                           align_corners=cfg.model.align_corners)  # fmt: skip
         matrix.update(probs.argmax(1).cpu(), label[None])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     m = matrix.matrix
     if world > 1:  # NCCL reduces CUDA tensors only
         m = m.to(device)
@@ -221,6 +226,7 @@ def evaluate(
     model.train(was_training)
     results = scores(m.cpu())
     results["images"] = n
+    results["confusion_matrix"] = m.cpu().tolist()  # counts, rows = ground truth, columns = prediction
     return results
 
 
@@ -380,10 +386,10 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
         f"run folder {run}")  # fmt: skip
     metrics_log = MetricsLog(run) if env.is_main else None
     bar = None
-    if progress:
-        from tqdm import tqdm
+    if progress:  # a bar on a terminal; in a log file a plain line every log_interval iterations
+        from emanet.progress import progress_bar
 
-        bar = tqdm(total=t.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        bar = progress_bar(total=t.iterations, initial=start, desc="train", unit="it", every=t.log_interval)
     _set_train_mode(model, t.freeze_bn)
     t0, seen, consecutive = time.perf_counter(), 0, 0
 
