@@ -129,6 +129,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default
     out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
     print(f"written: {out}")
+    if source.is_dir() and out == default:  # a model folder's card shows its eval.json
+        from emanet.model_card import write_model_card
+
+        card = write_model_card(source)
+        if card is not None:
+            print(f"written: {card}")
     if args.plot:
         from emanet.plots import plot_class_iou, plot_confusion
 
