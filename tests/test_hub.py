@@ -170,3 +170,43 @@ def test_without_huggingface_hub_the_cli_says_how_to_install(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2 and "pip install emanet[hub]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkeypatch, capsys):
+    hf = pytest.importorskip("huggingface_hub")
+    from emanet.cli import main
+
+    folder, model = tiny_folder(tmp_path / "m")
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {
+        "model": model.state_dict(),
+        "iteration": 5,
+        "config": json.loads((folder / "config.json").read_text())["config"],
+    }
+    torch.save(state, run / "iter_000005.pt")
+    (run / "latest.txt").write_text("iter_000005.pt\n")
+    (run / "eval.json").write_text(json.dumps({"mIoU": 0.25, "aAcc": 0.5, "mAcc": 0.3, "images": 2}))
+    sent = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            if repo_id == "someone/forbidden":
+                raise PermissionError("403 Forbidden")
+
+        def upload_folder(self, *, folder_path, repo_id, **kwargs):
+            sent.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+            return "https://huggingface.co/someone/run/commit/1"
+
+    monkeypatch.setattr(hf, "HfApi", FakeApi)
+    assert main(["push-to-hub", str(run), "someone/run"]) == 0
+    assert "pushed: https://huggingface.co/someone/run/commit/1" in capsys.readouterr().out
+    assert sorted(sent) == ["README.md", "config.json", "eval.json", "model.safetensors"]
+    card = sent["README.md"].decode()
+    assert "mIoU **25.00**" in card and "iter_000005.pt" in card and "hf://someone/run" in card
+    assert main(["push-to-hub", str(folder), "someone/forbidden"]) == 2
+    err = capsys.readouterr().err
+    assert "'someone/forbidden' failed: 403 Forbidden" in err

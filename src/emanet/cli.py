@@ -274,6 +274,17 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push_to_hub(args: argparse.Namespace) -> int:
+    from emanet.hub import HubError, push_to_hub
+
+    try:
+        url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)
+    except (ImportError, HubError) as e:
+        raise ValueError(str(e)) from None
+    print(f"pushed: {url}")
+    return 0
+
+
 def _int_list(value: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",")]
@@ -408,6 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images (0 = all)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser(
+        "push-to-hub",
+        help="upload a model folder, run or checkpoint to the Hugging Face Hub "
+        "with a generated model card (pip install emanet[hub]; log in with `hf auth login`)",
+    )
+    p.add_argument("source", help="a model folder, a checkpoint file or a run folder")
+    p.add_argument("repo_id", help="user/name on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", help="a branch to push to (default: main)")
+    p.set_defaults(func=cmd_push_to_hub)
 
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")

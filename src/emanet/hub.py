@@ -22,6 +22,10 @@ REPO_FILES = [WEIGHTS, CONFIG, CARD, EVAL]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+class HubError(RuntimeError):
+    """The Hub refused or could not be reached (no login, no network, no permission)."""
+
+
 def _hf():
     try:
         import huggingface_hub
@@ -103,12 +107,15 @@ def push_to_hub(
             origin = str(loaded.source)
         write_model_card(folder, repo_id=repo_id, source=origin)
         api = hf.HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or "Upload emanet model folder",
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                folder_path=str(folder),
+                repo_id=repo_id,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message or "Upload emanet model folder",
+            )
+        except Exception as e:  # huggingface_hub's HTTP / auth / connection errors
+            raise HubError(f"pushing to the Hugging Face Hub repo {repo_id!r} failed: {e}") from e
     return str(getattr(info, "commit_url", info))
