@@ -210,3 +210,31 @@ def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkey
     assert main(["push-to-hub", str(folder), "someone/forbidden"]) == 2
     err = capsys.readouterr().err
     assert "'someone/forbidden' failed: 403 Forbidden" in err
+
+
+def test_eval_of_a_model_folder_refreshes_its_card(tmp_path, capsys):
+    from emanet.cli import main
+    from emanet.config import load_config
+
+    cfg = load_config(
+        "synthetic_toy",
+        [
+            "model.backbone_width=8",
+            "model.channels=8",
+            "model.mid_channels=8",
+            "data.options.val_length=2",
+            "data.options.image_size=32",
+            "data.options.min_objects=1",
+            "data.options.max_objects=2",
+            "data.options.min_size=4",
+            "data.options.max_size=6",
+        ],
+    )
+    torch.manual_seed(0)
+    folder = save_pretrained(build_model(cfg.model).eval(), cfg, tmp_path / "m")
+    assert "Not evaluated yet" in (folder / "README.md").read_text()
+    assert main(["eval", str(folder), "--no-progress"]) == 0
+    miou = json.loads((folder / "eval.json").read_text())["mIoU"]
+    card = (folder / "README.md").read_text()
+    assert f"mIoU **{100 * miou:.2f}**" in card and "On 2 images of `val`" in card
+    assert f"written: {folder / 'README.md'}" in capsys.readouterr().out
