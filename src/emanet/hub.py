@@ -52,7 +52,9 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path
             repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=REPO_FILES, library_name="emanet"
         )
     except Exception as e:  # not found, offline without a cached copy, no network: a user-facing error
-        raise FileNotFoundError(f"Hugging Face Hub repo {repo_id!r} could not be loaded: {e}") from None
+        raise FileNotFoundError(
+            f"{repo_id!r} is no local path, and as a Hugging Face Hub repo it could not be loaded: {e}"
+        ) from None
     if not is_model_folder(path):
         raise FileNotFoundError(
             f"Hugging Face Hub repo {repo_id!r} is not an emanet model folder (expected {WEIGHTS} and {CONFIG})"
