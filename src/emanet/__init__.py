@@ -1,5 +1,7 @@
 """emanet: Expectation-Maximization Attention Networks for semantic segmentation."""
 
+from importlib import metadata as _metadata
+
 from emanet.em import EMAUnit, em_attention
 from emanet.models.emanet import (
     ModelConfig,
@@ -14,7 +16,10 @@ from emanet.models.emanet import (
     nonlocal_resnet101,
 )
 
-__version__ = "0.1.0"
+try:  # pyproject.toml is the one source of the version; an installed package carries it in its metadata
+    __version__ = _metadata.version("emanet")
+except _metadata.PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"
 __all__ = [
     "EMAUnit",
     "ModelConfig",

@@ -120,6 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_precision(select_device(args.device or "auto"), args.precision)
 
     # the source's own config (a --config file replaces it); overrides go on top of either
+    if args.plot:
+        from emanet.plots import require_matplotlib
+
+        require_matplotlib()  # before a long evaluation
     file_cfg = _run_config(args) if args.config else None
     overrides = [] if file_cfg else _run_overrides(args)
     loaded = load_model(args.checkpoint, overrides=overrides, config=file_cfg)
@@ -129,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, val = build_datasets(cfg)
     results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
     results = results_to_json(results)
-    print(format_table(results, list(getattr(val, "classes", [])) or loaded.class_names))
+    names = list(getattr(val, "classes", [])) or loaded.class_names
+    print(format_table(results, names))
     if results.get("skipped_files"):
         skipped = results["skipped_files"]
         print(f"{len(skipped)} bad file(s) left out (data.on_bad_sample=skip):\n  " + "\n  ".join(skipped))
@@ -138,6 +143,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default
     out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
     print(f"written: {out}")
+    if source.is_dir() and out == default:  # a model folder's card shows its eval.json
+        from emanet.model_card import write_model_card
+
+        card = write_model_card(source)
+        if card is not None:
+            print(f"written: {card}")
+    if args.plot:
+        from emanet.plots import plot_class_iou, plot_confusion
+
+        confusion = plot_confusion(results["confusion_matrix"], names, out.with_name(f"{out.stem}_confusion.png"))
+        bars = plot_class_iou(results["IoU"], names, out.with_name(f"{out.stem}_iou.png"))
+        print(f"written: {confusion}, {bars}")
     return 0
 
 
@@ -149,12 +166,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from emanet.predict import PredictOptions, Predictor, collect_inputs, predict_files
+    from emanet.progress import write
 
-    def report(message: str) -> None:  # tqdm.write keeps the progress bar intact
-        tqdm.write(message, file=sys.stderr)
+    def report(message: str) -> None:  # keeps a terminal's progress bar intact
+        write(message, stream=sys.stderr)
 
     for flag, value in (("--crop-size", args.crop_size), ("--stride", args.stride)):
         if value is not None and len(value) not in (1, 2):
@@ -259,9 +275,77 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    from emanet.config import packaged_configs, resolve_config
+
+    if args.show:
+        print(resolve_config(args.show).read_text(), end="")
+        return 0
+    for name, path in packaged_configs().items():
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#").lstrip("# ").strip()
+        print(f"{name:<16} {first}")
+    print("use one by name (emanet train --config voc_reference) or copy it: emanet configs --show NAME > my.yaml")
+    return 0
+
+
+def cmd_push_to_hub(args: argparse.Namespace) -> int:
+    from emanet.hub import HubError, push_to_hub
+
+    try:
+        url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)
+    except (ImportError, HubError) as e:
+        raise ValueError(str(e)) from None
+    print(f"pushed: {url}")
+    return 0
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {value!r}") from None
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from emanet.study import EVAL_STAGES, TRAIN_STAGES, run_study
+
+    existing = {}
+    for item in args.run or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--run takes NAME=PATH (e.g. T3=runs/voc), got {item!r}")
+        existing[name] = path
+    if args.max_images < 0:
+        raise ValueError(f"--max-images must be >= 0 (0 = the whole split), got {args.max_images}")
+    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("emanet", "__main__.py") else None
+    results = run_study(
+        args.study,
+        args.out,
+        config=args.config,
+        overrides=args.overrides,
+        train_stages=args.train_stages or TRAIN_STAGES,
+        eval_stages=args.eval_stages or EVAL_STAGES,
+        variants=args.variants,
+        existing_runs=existing,
+        max_images=args.max_images,
+        progress=not args.no_progress,
+        argv=argv,
+    )
+    print(results["table"])
+    print(f"study folder: {args.out} (table.md, results.json, commands.sh)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from emanet import __version__
+
     parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
+    parser.add_argument("--version", action="version", version=f"emanet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("configs", help="list the packaged YAML recipes (use them with --config NAME)")
+    p.add_argument("--show", metavar="NAME", help="print one recipe (to copy and edit)")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("flops", help="parameters and multiply-adds, beside the paper's Table 1")
     _model_args(p)
@@ -271,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("train", help="train a model from a YAML config (+ section.key=value overrides)")
-    p.add_argument("--config", help="YAML file (configs/*.yaml); defaults = the reference VOC recipe")
+    p.add_argument("--config", help="YAML file or packaged recipe name (emanet configs); default: the VOC recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=1000 model.num_bases=32")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.add_argument(
@@ -302,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
+    plot_help = "also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; emanet[report]"
+    p.add_argument("--plot", action="store_true", help=plot_help)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -332,13 +418,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser(
+        "study",
+        help="the paper's studies: T_train x T_eval grid (iterations) or bases "
+        "maintenance and gradients (bases); resumable",
+    )
+    p.add_argument("study", choices=("iterations", "bases"), help="which study")
+    p.add_argument("--config", help="YAML file or packaged recipe name (e.g. synthetic_toy, voc_reference)")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every variant, e.g. data.root=/data/voc")
+    p.add_argument("--out", required=True, help="the study folder (run the same command again to continue)")
+    p.add_argument("--train-stages", type=_int_list, metavar="T,T", help="iterations: T_train (default: 1,2,3,4,5)")
+    p.add_argument("--eval-stages", type=_int_list, metavar="T,T", help="iterations: T_eval (default: 1,...,8)")
+    p.add_argument(
+        "--variants",
+        type=lambda v: v.split(","),
+        metavar="NAME,NAME",
+        help="bases: a subset of ema,ema_l2,learned,none,ema_grad_all,ema_grad_last (default: all)",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        metavar="NAME=PATH",
+        help="use an existing run for a variant instead of training it (e.g. T3=runs/voc); repeatable",
+    )
+    p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images (0 = all)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser(
+        "push-to-hub",
+        help="upload a model folder, run or checkpoint to the Hugging Face Hub "
+        "with a generated model card (pip install emanet[hub]; log in with `hf auth login`)",
+    )
+    p.add_argument("source", help="a model folder, a checkpoint file or a run folder")
+    p.add_argument("repo_id", help="user/name on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", help="a branch to push to (default: main)")
+    p.set_defaults(func=cmd_push_to_hub)
+
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
     p.add_argument("--parts", nargs="+", default=("em", "model"), choices=("em", "model"), help="what to run")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")
-    p.add_argument("--config", help="YAML file (configs/*.yaml); its data section names the dataset")
+    p.add_argument("--config", help="YAML file or packaged recipe name; its data section names the dataset")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=/data/voc")
     p.add_argument("--split", choices=("train", "val", "both"), default="both",
                    help="data.train_split, data.val_split or both (default: both)")  # fmt: skip

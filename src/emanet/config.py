@@ -20,6 +20,8 @@ import yaml
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
 from emanet.models.emanet import ModelConfig
 
+RECIPES_DIR = Path(__file__).parent / "configs"  # the packaged YAML recipes (package data: in the wheel)
+
 
 @dataclass
 class DataConfig:
@@ -349,16 +351,35 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The recipes shipped inside the package, by name (``voc_reference`` -> .../configs/voc_reference.yaml)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A YAML file that exists, or the name of a packaged recipe (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipes = packaged_configs()
+    key = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(name_or_path) in (key, f"{key}.yaml") and key in recipes:  # a bare name, not a missing file path
+        return recipes[key]
+    hint = f"; did you mean --config {key}?" if key in recipes else ""
+    names = ", ".join(recipes)
+    raise FileNotFoundError(
+        f"config file not found: {path}{hint} (give a YAML file or a packaged recipe: {names}; `emanet configs`)"
+    )
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: dict[str, Any] | None = None
 ) -> Config:
-    """Read a YAML file (or start from ``base``, e.g. a checkpoint's saved config, or the defaults) and apply
-    `section.key=value` overrides."""
+    """Read a YAML file or a packaged recipe by name (or start from ``base``, e.g. a checkpoint's saved
+    config, or the defaults) and apply `section.key=value` overrides."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = resolve_config(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 BasesUpdate = Literal["ema", "none", "learned"]
 Residual = Literal["conv", "gamma"]
+Differentiable = bool | Literal["last"]  # False: no gradient (reference); True: all stages; "last": one step
+DIFFERENTIABLE = (False, True, "last")
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -32,13 +34,18 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def em_attention(x: Tensor, bases: Tensor, num_stages: int, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+def em_attention(
+    x: Tensor, bases: Tensor, num_stages: int, eps: float = 1e-6, *, last_stage_grad: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``num_stages`` EM stages on ``x`` starting from ``bases``.
 
     Args:
         x: features (B, C, H, W).
         bases: initial bases (1 or B, C, K) with unit columns.
         num_stages: T >= 1.
+        last_stage_grad: back-propagate through the last stage only (Hamburger's one-step gradient, Geng et
+            al., ICLR 2021): stages 1..T-1 run without autograd and the last starts from their bases as a
+            constant, so the backward costs one stage and does not chain through the unrolled iterations.
     Returns:
         reconstruction (B, C, H, W), final bases (B, C, K), responsibilities (B, K, H, W).
         The iterations run in float32 (float64 for float64 input), also under autocast: 512-d dot products
@@ -63,17 +70,19 @@ def em_attention(x: Tensor, bases: Tensor, num_stages: int, eps: float = 1e-6) -
         mu_t = bases.to(dtype).transpose(-1, -2)  # (1|B, K, C); matmul broadcasts a shared (1, K, C)
         if b == 1:  # plain 2-D GEMMs: a few % faster than batched ones for one image
             feats_t, mu_t = feats_t[0], mu_t[0]
-        for _ in range(num_stages):
-            z = torch.softmax(feats_t @ mu_t.transpose(-1, -2), dim=-1)  # (B, N, K)  E-step
-            # M-step. z_bar = z / (eps + sum_n z) then x . z_bar equals (x . z) / (eps + sum_n z):
-            # dividing the small (K, C) product instead of the (N, K) responsibilities saves a full pass.
-            mu_t = z.transpose(-1, -2) @ feats_t  # (B, K, C)
-            if track_grad:
-                mu_t = mu_t / (eps + z.sum(dim=-2).unsqueeze(-1))
-                mu_t = mu_t / (eps + torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True))
-            else:  # in place: no allocations in the common (no-gradient) path
-                mu_t.div_(z.sum(dim=-2).add_(eps).unsqueeze(-1))
-                mu_t.div_(torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True).add_(eps))
+        for stage in range(num_stages):
+            grad_here = track_grad and (not last_stage_grad or stage == num_stages - 1)
+            with torch.set_grad_enabled(grad_here):
+                z = torch.softmax(feats_t @ mu_t.transpose(-1, -2), dim=-1)  # (B, N, K)  E-step
+                # M-step. z_bar = z / (eps + sum_n z) then x . z_bar equals (x . z) / (eps + sum_n z):
+                # dividing the small (K, C) product instead of the (N, K) responsibilities saves a full pass.
+                mu_t = z.transpose(-1, -2) @ feats_t  # (B, K, C)
+                if grad_here:
+                    mu_t = mu_t / (eps + z.sum(dim=-2).unsqueeze(-1))
+                    mu_t = mu_t / (eps + torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True))
+                else:  # in place: no allocations in the no-gradient stages
+                    mu_t.div_(z.sum(dim=-2).add_(eps).unsqueeze(-1))
+                    mu_t.div_(torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True).add_(eps))
         recon = mu_t.transpose(-1, -2) @ z.transpose(-1, -2)  # (B, C, N), with the last raw z (the reference's)
     if b == 1:
         recon, mu_t, z = recon[None], mu_t[None], z[None]
@@ -121,9 +130,11 @@ class EMAUnit(nn.Module):
         momentum: weight of the NEW estimate in the moving average: mu0 <- (1-m) mu0 + m mean_batch(mu),
             the PyTorch-BN / mmsegmentation convention; the reference's 0.9/0.1 blend is m = 0.1.
         renormalize: L2-normalise the batch estimate before blending (mmsegmentation); the reference does not.
-        differentiable: let gradients flow through the unrolled EM stages into conv_in. The reference cuts
-            them (EM under no_grad), so conv_in never learns: here it is then frozen (requires_grad=False)
-            so optimizers and DDP never see a parameter that cannot get a gradient.
+        differentiable: let gradients flow through the unrolled EM stages into conv_in (True), or through
+            the last stage only ("last": Hamburger's one-step gradient, against the instability of
+            back-propagating through every unrolled stage). The reference cuts them (False: EM under
+            no_grad), so conv_in never learns: here it is then frozen (requires_grad=False) so optimizers
+            and DDP never see a parameter that cannot get a gradient.
         residual: "conv" (the paper) or "gamma": Y = X + gamma * X_hat with a learnable gamma starting at 0.
         store_attention: keep the last responsibilities (B, K, H, W) and bases (B, C, K), detached, in
             ``last_responsibilities`` / ``last_bases`` for visualisation. The output is unchanged.
@@ -139,7 +150,7 @@ class EMAUnit(nn.Module):
         bases_update: BasesUpdate = "ema",
         momentum: float = 0.1,
         renormalize: bool = False,
-        differentiable: bool = False,
+        differentiable: Differentiable = False,
         residual: Residual = "conv",
         norm_layer: type[nn.Module] | None = None,
         eps: float = 1e-6,
@@ -152,6 +163,13 @@ class EMAUnit(nn.Module):
             raise ValueError(f"num_stages and eval_stages must be >= 1, got {num_stages}, {eval_stages}")
         if bases_update not in ("ema", "none", "learned"):
             raise ValueError(f"bases_update must be 'ema', 'none' or 'learned', got {bases_update!r}")
+        if differentiable not in DIFFERENTIABLE:
+            raise ValueError(f"differentiable must be false, true or 'last', got {differentiable!r}")
+        if differentiable == "last" and bases_update == "learned":
+            raise ValueError(
+                "differentiable='last' cuts the gradient before the last stage, so learned bases "
+                "would never get one; use bases_update='ema' or 'none', or differentiable=true"
+            )
         if residual not in ("conv", "gamma"):
             raise ValueError(f"residual must be 'conv' or 'gamma', got {residual!r}")
         if not 0.0 <= momentum <= 1.0:
@@ -221,7 +239,9 @@ class EMAUnit(nn.Module):
         elif self.differentiable:
             # clone: autograd keeps the initial bases for the backward, and the moving average below
             # updates the buffer in place
-            recon, mu, resp = em_attention(feats, self.bases.clone(), self.stages, self.eps)
+            recon, mu, resp = em_attention(
+                feats, self.bases.clone(), self.stages, self.eps, last_stage_grad=self.differentiable == "last"
+            )
         else:
             with torch.no_grad():
                 recon, mu, resp = em_attention(feats, self.bases, self.stages, self.eps)

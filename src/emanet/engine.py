@@ -45,6 +45,7 @@ from emanet.distributed import (
 )
 from emanet.em import EMAUnit
 from emanet.evaluation import evaluate, results_to_json
+from emanet.progress import progress_bar
 from emanet.runs import RunFolderError, describe_checkpoints, os_reason
 from emanet.runtime import autocast, check_precision, select_device
 from emanet.train_data import build_datasets, count_bad_samples
@@ -191,7 +192,12 @@ def _loop(r: TrainRun, signals: StopSignals, stop_at: int | None, *, progress: b
     """lr -> step -> log -> checkpoint -> (stop) -> evaluate, then the final evaluation."""
     cfg, t, o = r.cfg, r.cfg.train, r.cfg.optim
     metrics = MetricsLog(r.folder) if r.env.is_main else None
-    bar = _progress_bar(t.iterations, r.start) if progress else None
+    # a bar on a terminal; in a log file a plain line every log_interval iterations
+    bar = (
+        progress_bar(total=t.iterations, initial=r.start, desc="train", unit="it", every=t.log_interval)
+        if progress
+        else None
+    )
     _set_train_mode(r.model, t.freeze_bn)
     t0 = time.perf_counter()
 
@@ -242,12 +248,6 @@ def _loop(r: TrainRun, signals: StopSignals, stop_at: int | None, *, progress: b
             bar.close()
         if metrics is not None:
             metrics.close()
-
-
-def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True)
 
 
 def train_step(r: TrainRun, step: int, stop_requested: Callable[[int], bool]) -> tuple[float, bool, bool]:

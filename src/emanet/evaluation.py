@@ -16,6 +16,7 @@ from emanet.data import DataError
 from emanet.em import set_eval_stages
 from emanet.inference import infer
 from emanet.metrics import ConfusionMatrix, scores
+from emanet.progress import progress_bar
 from emanet.runtime import autocast
 
 
@@ -45,10 +46,7 @@ def evaluate(
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     indices = range(rank, n, world)
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="eval", unit="img", leave=False)
+    bar = progress_bar(total=len(indices), desc="eval", unit="img", leave=False) if progress and rank == 0 else None
     e = cfg.eval
     skip, skipped = cfg.data.on_bad_sample == "skip", []
     for i in indices:
@@ -64,6 +62,10 @@ def evaluate(
                           crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
                           align_corners=cfg.model.align_corners, out_size=label.shape[-2:])  # fmt: skip
         matrix.update(probs.argmax(1).cpu(), label[None])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     matrix.all_reduce(device)  # on the model's device: NCCL reduces CUDA tensors only
     if world > 1:
         gathered: list[list[str]] = [[] for _ in range(world)]
@@ -72,6 +74,7 @@ def evaluate(
     model.train(was_training)
     results = scores(matrix.matrix)
     results["images"] = n - len(skipped)
+    results["confusion_matrix"] = matrix.matrix.tolist()  # counts, rows = ground truth, columns = prediction
     if skipped:
         results["skipped_files"] = sorted(skipped)
     return results

@@ -370,9 +370,9 @@ def predict_files(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from emanet.progress import progress_bar
 
-        bar = tqdm(total=len(files), desc="predict", unit="img")
+        bar = progress_bar(total=len(files), desc="predict", unit="img")
     try:
         for start in range(0, len(files), predictor.batch_size):
             chunk, images = [], []

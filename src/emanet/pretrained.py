@@ -88,6 +88,9 @@ def save_pretrained(
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "class_names": names,
             "palette": [list(c) for c in colours]}  # fmt: skip
     (folder / CONFIG).write_text(json.dumps(meta, indent=2))
+    from emanet.model_card import write_model_card
+
+    write_model_card(folder)  # README.md: architecture, classes, recipe, how to load (kept if the user's own)
     return folder
 
 
@@ -128,13 +131,23 @@ def load_model(
     overrides: list[str] | tuple[str, ...] = (),
     config: Config | None = None,
 ) -> LoadedModel:
-    """A model folder, a checkpoint file, or a run folder -> the model in eval mode plus its config.
+    """A model folder, a checkpoint file, a run folder or hf://user/repo -> the model in eval mode plus its config.
 
     ``overrides`` (``section.key=value``) apply on top of the saved config, e.g. ``model.eval_stages=5``;
     ``config`` replaces the saved config altogether (its model must match the weights).
     """
     from emanet.config import load_config
 
+    if str(source).startswith("hf://"):  # a Hugging Face Hub repo (pip install emanet[hub])
+        from emanet.hub import download, repo_id_of
+
+        repo = repo_id_of(source)
+        if repo is None:
+            raise ValueError(f"{source}: a Hub source looks like hf://user/repo")
+        try:
+            source = download(repo)
+        except ImportError as e:  # the optional extra is missing: a message, not a traceback
+            raise ValueError(str(e)) from None
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"model source not found: {source} (expected a model folder, a checkpoint "

@@ -234,9 +234,9 @@ def check_dataset(
     paired = isinstance(dataset, SegmentationDataset) and len(dataset.samples) == len(dataset)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from emanet.progress import progress_bar
 
-        bar = tqdm(total=n, desc=f"check {report.split}", unit="sample", dynamic_ncols=True)
+        bar = progress_bar(total=n, desc=f"check {report.split}", unit="sample")
     with strict_decoding() as was_lenient:
         if was_lenient:
             report.notes.append("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True (set by another library): it was "

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from emanet.em import EMAUnit
+from emanet.em import DIFFERENTIABLE, EMAUnit
 from emanet.models.backbone import BACKBONES, RESNETS
 from emanet.models.heads import FCNAuxHead, NonLocal2d, SegHead, upsample_like
 
@@ -48,7 +48,8 @@ class ModelConfig:
     bases_update: str = "ema"  # "ema" (moving average), "none" (fixed), "learned" (back-prop)
     momentum: float = 0.1  # weight of the new batch estimate in the bases' moving average
     renormalize: bool = False  # L2-normalise the batch estimate before blending (mmsegmentation)
-    differentiable: bool = False  # gradients through the EM stages (the reference cuts them)
+    differentiable: bool | Literal["last"] = False  # gradients through the EM stages (reference: none); "last":
+    # through the last stage only (Hamburger's one-step gradient)
     residual: str = "conv"  # "conv" (paper: conv + BN + ReLU) or "gamma" (Y = X + gamma * X_hat)
 
     def __post_init__(self) -> None:
@@ -61,6 +62,13 @@ class ModelConfig:
         for name in ("num_classes", "backbone_width", "channels", "mid_channels", "num_bases", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.differentiable not in DIFFERENTIABLE:
+            raise ValueError(f"model.differentiable must be false, true or 'last', got {self.differentiable!r}")
+        if self.differentiable == "last" and self.bases_update == "learned":
+            raise ValueError(
+                "model.differentiable=last leaves learned bases without a gradient; use "
+                "model.bases_update=ema or none, or model.differentiable=true"
+            )
         if self.head_layout not in ("reference", "mmseg"):
             raise ValueError(f"model.head_layout must be 'reference' or 'mmseg', got {self.head_layout!r}")
 

@@ -1,0 +1,123 @@
+"""Model folders on the Hugging Face Hub: ``push_to_hub`` and ``from_pretrained("user/repo")``.
+
+A Hub repo is a model folder (model.safetensors, config.json, the generated README.md model card, eval.json
+when evaluated). huggingface_hub is the optional extra ``pip install emanet[hub]``; it caches downloads, so
+with ``HF_HUB_OFFLINE=1`` a repo fetched once loads without a network. Local paths never need it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from emanet.model_card import CARD, EVAL, write_model_card
+from emanet.pretrained import CONFIG, WEIGHTS, LoadedModel, is_model_folder, load_model, save_pretrained
+
+HF_PREFIX = "hf://"  # model sources on the command line: hf://user/repo (a plain path is always local)
+REPO_FILES = [WEIGHTS, CONFIG, CARD, EVAL]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class HubError(RuntimeError):
+    """The Hub refused or could not be reached (no login, no network, no permission)."""
+
+
+def _hf():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError("Hugging Face Hub repos need huggingface_hub: pip install emanet[hub]") from None
+    return huggingface_hub
+
+
+def repo_id_of(source: str | Path) -> str | None:
+    """``user/repo`` or ``hf://user/repo`` when ``source`` is not an existing local path, else None."""
+    text = str(source)
+    if text.startswith(HF_PREFIX):
+        text = text[len(HF_PREFIX) :]
+    elif Path(text).exists():
+        return None
+    return text if _REPO_ID.fullmatch(text) else None
+
+
+def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The repo's model folder in the local Hub cache (downloaded if needed; HF_HUB_OFFLINE=1: cache only)."""
+    hf = _hf()
+    try:
+        path = hf.snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=REPO_FILES, library_name="emanet"
+        )
+    except Exception as e:  # not found, offline without a cached copy, no network: a user-facing error
+        raise FileNotFoundError(
+            f"{repo_id!r} is no local path, and as a Hugging Face Hub repo it could not be loaded: {e}"
+        ) from None
+    if not is_model_folder(path):
+        raise FileNotFoundError(
+            f"Hugging Face Hub repo {repo_id!r} is not an emanet model folder (expected {WEIGHTS} and {CONFIG})"
+        )
+    return Path(path)
+
+
+def load(
+    source: str | Path, *, device: str = "cpu", revision: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> LoadedModel:
+    """A local model source (folder, checkpoint, run) or a Hub repo id -> the model, config and class names."""
+    repo = repo_id_of(source)
+    return load_model(download(repo, revision=revision) if repo else source, device=device, overrides=overrides)
+
+
+def from_pretrained(source: str | Path, *, device: str = "cpu", revision: str | None = None) -> nn.Module:
+    """The model (eval mode) of a local model folder / checkpoint / run, or of a Hub repo ``user/repo``."""
+    return load(source, device=device, revision=revision).model
+
+
+def push_to_hub(
+    source: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a model folder (or the model of a run folder / checkpoint, written as one) to ``repo_id``.
+
+    The model card is regenerated first (with the repo id in its loading instructions) unless the folder's
+    README.md is the user's own. Returns the commit URL.
+    """
+    hf = _hf()
+    if not _REPO_ID.fullmatch(repo_id):
+        raise ValueError(f"repo id must look like user/name, got {repo_id!r}")
+    source = Path(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        if is_model_folder(source):
+            folder = Path(tmp) / "model"
+            shutil.copytree(source, folder, ignore=lambda d, names: [n for n in names if n not in REPO_FILES])
+            origin = None
+        else:  # a run folder or checkpoint: its model, config, names and palette as a model folder
+            loaded = load_model(source)
+            folder = save_pretrained(
+                loaded.model, loaded.config, Path(tmp) / "model", class_names=loaded.class_names, palette=loaded.palette
+            )
+            run_eval = (source if source.is_dir() else source.parent) / EVAL
+            if run_eval.is_file():
+                shutil.copy(run_eval, folder / EVAL)
+            origin = str(loaded.source)
+        write_model_card(folder, repo_id=repo_id, source=origin)
+        api = hf.HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                folder_path=str(folder),
+                repo_id=repo_id,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message or "Upload emanet model folder",
+            )
+        except Exception as e:  # huggingface_hub's HTTP / auth / connection errors
+            raise HubError(f"pushing to the Hugging Face Hub repo {repo_id!r} failed: {e}") from e
+    return str(getattr(info, "commit_url", info))

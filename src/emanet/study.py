@@ -1,0 +1,256 @@
+"""The paper's studies as one command each, in one resumable folder.
+
+``iterations`` (paper Fig. 4): train one model per T_train, evaluate each at every T_eval, a mIoU grid.
+``bases`` (paper Fig. 3): the ways of maintaining the bases (moving average, with and without L2-normalising
+the batch estimate, learned by back-propagation, fixed) and of back-propagating through the EM stages
+(none, all unrolled stages, the last stage only: Hamburger's one-step gradient), each trained and evaluated.
+
+The folder holds ``study.json`` (what was asked), ``commands.sh`` (the equivalent train/eval commands),
+``runs/<variant>/`` (ordinary run folders), ``results.json`` (every evaluated cell, written after each one),
+``table.md`` and a figure. Running the same command again continues: finished runs are not retrained, an
+interrupted run resumes from its newest checkpoint, evaluated cells are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STUDIES = ("iterations", "bases")
+TRAIN_STAGES = (1, 2, 3, 4, 5)  # the paper's Fig. 4 trains T = 1..5 (accuracy saturates at T_train = 3)
+EVAL_STAGES = (1, 2, 3, 4, 5, 6, 7, 8)
+# name -> overrides; every variant sets all three axes, so the base config's own choice does not leak in
+BASES_VARIANTS: dict[str, list[str]] = {
+    "ema": ["model.bases_update=ema", "model.renormalize=false", "model.differentiable=false"],
+    "ema_l2": ["model.bases_update=ema", "model.renormalize=true", "model.differentiable=false"],
+    "learned": ["model.bases_update=learned", "model.renormalize=false", "model.differentiable=false"],
+    "none": ["model.bases_update=none", "model.renormalize=false", "model.differentiable=false"],
+    "ema_grad_all": ["model.bases_update=ema", "model.renormalize=false", "model.differentiable=true"],
+    "ema_grad_last": ["model.bases_update=ema", "model.renormalize=false", "model.differentiable=last"],
+}
+BASES_LABELS = {
+    "ema": "moving average (reference)",
+    "ema_l2": "moving average, L2-normalised estimate",
+    "learned": "learned by back-propagation",
+    "none": "fixed (initial bases)",
+    "ema_grad_all": "moving average + gradient through all stages",
+    "ema_grad_last": "moving average + gradient through the last stage",
+}
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: list[str]  # on top of the study's config and overrides
+    eval_stages: list[int | None]  # None: the model's own T
+
+
+def plan(kind: str, *, train_stages=TRAIN_STAGES, eval_stages=EVAL_STAGES, variants=None) -> list[Variant]:
+    if kind == "iterations":
+        bad = [t for t in (*train_stages, *eval_stages) if t < 1]
+        if bad or not train_stages or not eval_stages:
+            raise ValueError(
+                f"--train-stages and --eval-stages need numbers >= 1, got {list(train_stages)} and {list(eval_stages)}"
+            )
+        return [Variant(f"T{t}", [f"model.num_stages={t}"], list(eval_stages)) for t in train_stages]
+    if kind == "bases":
+        names = list(variants or BASES_VARIANTS)
+        unknown = [n for n in names if n not in BASES_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown bases variant(s) {unknown}; choose from {', '.join(BASES_VARIANTS)}")
+        return [Variant(n, list(BASES_VARIANTS[n]), [None]) for n in names]
+    raise ValueError(f"unknown study {kind!r}; choose from {', '.join(STUDIES)}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # a study stopped mid-write keeps the previous file
+
+
+def _commands(
+    kind: str,
+    config: str | None,
+    overrides: list[str],
+    out: Path,
+    variants: list[Variant],
+    runs: dict[str, Path],
+    argv: list[str] | None,
+) -> str:
+    q = shlex.join
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# emanet study {kind}: the equivalent commands, one run and one evaluation each",
+        "set -euo pipefail",
+    ]
+    if argv:
+        lines += ["", "# the study itself (run again to continue an interrupted study):", q(["emanet", *argv])]
+    cfg = ["--config", config] if config else []
+    for v in variants:
+        run = runs[v.name]
+        lines += ["", f"# {v.name}: {' '.join(v.overrides)}"]
+        if run == out / "runs" / v.name:
+            lines.append(q(["emanet", "train", *cfg, *overrides, *v.overrides, f"train.out_dir={run}", "--resume"]))
+        else:
+            lines.append(f"# (existing run {run})")
+        for t in v.eval_stages:
+            extra = [] if t is None else [f"eval.eval_stages={t}"]
+            name = v.name if t is None else f"{v.name}_Teval{t}"
+            lines.append(q(["emanet", "eval", str(run), *extra, "--out", str(out / "evals" / f"{name}.json")]))
+    return "\n".join(lines) + "\n"
+
+
+def run_study(
+    kind: str,
+    out: str | Path,
+    *,
+    config: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    train_stages=TRAIN_STAGES,
+    eval_stages=EVAL_STAGES,
+    variants: list[str] | None = None,
+    existing_runs: dict[str, str] | None = None,
+    max_images: int = 0,
+    progress: bool = True,
+    log: Log = print,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Train (or take) every variant, evaluate every cell, write the table, figure and commands into ``out``."""
+    from emanet.config import load_config
+    from emanet.engine import build_datasets, evaluate, select_device, train
+    from emanet.pretrained import load_model
+
+    out = Path(out)
+    todo = plan(kind, train_stages=train_stages, eval_stages=eval_stages, variants=variants)
+    existing = {k: Path(v) for k, v in (existing_runs or {}).items()}
+    unknown = [k for k in existing if k not in {v.name for v in todo}]
+    if unknown:
+        raise ValueError(f"--run names {unknown} are not variants of this study ({', '.join(v.name for v in todo)})")
+    for name, path in existing.items():
+        if not path.exists():
+            raise FileNotFoundError(f"--run {name}={path}: no such run folder, checkpoint or model folder")
+    configs = {v.name: load_config(config, [*overrides, *v.overrides]) for v in todo}  # every error before work
+    spec = {
+        "study": kind,
+        "config": config,
+        "overrides": list(overrides),
+        "max_images": max_images,
+        "variants": {
+            v.name: {
+                "overrides": v.overrides,
+                "eval_stages": v.eval_stages,
+                "run": str(existing.get(v.name, out / "runs" / v.name)),
+            }
+            for v in todo
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "study.json"
+    if spec_path.is_file():
+        before = json.loads(spec_path.read_text())
+        if before != spec:
+            raise ValueError(
+                f"{out} holds a study started with other settings ({spec_path}); continue it with the "
+                "same arguments, or give another --out"
+            )
+    else:
+        _write_json(spec_path, spec)
+    runs = {v.name: existing.get(v.name, out / "runs" / v.name) for v in todo}
+    (out / "commands.sh").write_text(_commands(kind, config, list(overrides), out, todo, runs, argv))
+    results_path = out / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    cells, timing = results.setdefault("cells", {}), results.setdefault("seconds", {})
+
+    for v in todo:
+        run = runs[v.name]
+        if v.name not in existing and not (run / "eval.json").is_file():  # finished runs end with eval.json
+            cfg = copy.deepcopy(configs[v.name])
+            cfg.train.out_dir = str(run)
+            log(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
+            t0 = time.perf_counter()
+            train(cfg, resume=True, log=log, progress=progress)
+            timing[f"train {v.name}"] = timing.get(f"train {v.name}", 0.0) + time.perf_counter() - t0
+            _write_json(results_path, results)
+        missing = [t for t in v.eval_stages if str(t) not in cells.get(v.name, {})]
+        if not missing:
+            continue
+        loaded = load_model(run)
+        cfg = loaded.config
+        device = select_device(cfg.train.device)
+        model = loaded.model.to(device)
+        _, val = build_datasets(cfg)
+        for t in missing:
+            cfg.eval.eval_stages = t
+            t0 = time.perf_counter()
+            res = evaluate(model, val, cfg, device, max_images=max_images, progress=progress)
+            timing[f"eval {v.name} T_eval={t}"] = time.perf_counter() - t0
+            cells.setdefault(v.name, {})[str(t)] = {
+                "mIoU": float(res["mIoU"]),
+                "aAcc": float(res["aAcc"]),
+                "T_train": cfg.model.num_stages,
+                "images": res["images"],
+            }
+            log(f"{v.name} T_eval={t if t is not None else cfg.model.num_stages}: mIoU {100 * float(res['mIoU']):.2f}")
+            _write_json(results_path, results)
+    results["table"] = write_outputs(kind, out, todo, cells)
+    _write_json(results_path, results)
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str, dict[str, Any]]) -> str:
+    """table.md and the figure (iterations.png heatmap / bases.png bars; skipped without matplotlib)."""
+    from emanet.report import markdown_table
+
+    if kind == "iterations":
+        stages = sorted({t for v in variants for t in v.eval_stages})
+        header = ["T_train \\ T_eval", *map(str, stages)]
+        rows = [
+            [
+                str(cells[v.name][str(stages[0])]["T_train"]),
+                *(_pct(cells[v.name].get(str(t), {}).get("mIoU")) for t in stages),
+            ]
+            for v in variants
+        ]
+        figure, caption = "iterations.png", "mIoU (%) by EM stages in training (rows) and evaluation (columns)"
+    else:
+        header = ["variant", "what", "overrides", "mIoU", "aAcc"]
+        rows = [
+            [
+                v.name,
+                BASES_LABELS[v.name],
+                " ".join(v.overrides),
+                _pct(cells[v.name]["None"]["mIoU"]),
+                _pct(cells[v.name]["None"]["aAcc"]),
+            ]
+            for v in variants
+        ]
+        figure, caption = "bases.png", "mIoU (%) by bases maintenance and gradient"
+    table = markdown_table(header, rows)
+    try:
+        from emanet import plots
+
+        if kind == "iterations":
+            grid = [[100 * cells[v.name][str(t)]["mIoU"] for t in stages] for v in variants]
+            plots.plot_stage_grid(grid, [r[0] for r in rows], stages, out / figure)
+        else:
+            plots.plot_variants(
+                [100 * cells[v.name]["None"]["mIoU"] for v in variants], [v.name for v in variants], out / figure
+            )
+        picture = f"\n\n![{caption}]({figure})"
+    except ImportError:
+        picture = "\n\n(no figure: pip install emanet[report] for matplotlib)"
+    (out / "table.md").write_text(f"# emanet study {kind}\n\n{caption}\n\n{table}{picture}\n")
+    return table

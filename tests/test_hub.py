@@ -1,0 +1,240 @@
+"""Model cards and the Hugging Face Hub extra, offline: a Hub cache laid out by hand, HF_HUB_OFFLINE=1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emanet import ModelConfig, build_model
+from emanet.config import Config
+from emanet.model_card import MARKER, write_model_card
+from emanet.pretrained import save_pretrained
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def tiny_folder(path: Path) -> tuple[Path, torch.nn.Module]:
+    cfg = Config(
+        model=ModelConfig(
+            backbone="resnet10",
+            stem="standard",
+            backbone_width=8,
+            channels=8,
+            mid_channels=8,
+            num_bases=2,
+            num_classes=3,
+        )
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    return save_pretrained(model, cfg, path, class_names=["sky", "road", "car"]), model
+
+
+def put_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
+    """What huggingface_hub's cache holds after a download: refs/main -> a commit, snapshots/<commit>/files."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(folder, repo / "snapshots" / COMMIT, dirs_exist_ok=True)
+
+
+def offline_env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "hf")}
+
+
+def test_model_card_is_generated_and_a_users_own_card_is_kept(tmp_path):
+    folder, _ = tiny_folder(tmp_path / "m")
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: emanet") and MARKER in card
+    assert "| 2 | car |" in card and "K=2 bases" in card and "resnet10" in card and "Not evaluated yet" in card
+    (folder / "eval.json").write_text(json.dumps({"mIoU": 0.5123, "aAcc": 0.9, "mAcc": 0.6, "images": 7}))
+    write_model_card(folder)
+    assert "mIoU **51.23**" in (folder / "README.md").read_text()
+    (folder / "README.md").write_text("# my own card\n")
+    tiny_folder(folder)  # save_pretrained again into the same folder
+    assert write_model_card(folder) is None
+    assert (folder / "README.md").read_text() == "# my own card\n"
+
+
+def test_from_pretrained_repo_id_offline_from_the_cache(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    folder, model = tiny_folder(tmp_path / "m")
+    cache = tmp_path / "cache"
+    put_in_hub_cache(folder, cache, "someone/tiny-emanet")
+    x = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import torch; from emanet.hub import from_pretrained; m = from_pretrained('someone/tiny-emanet'); "
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=offline_env(cache), timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x))
+
+
+def test_cli_takes_hf_sources_offline_and_a_missing_repo_is_a_message(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    folder, _ = tiny_folder(tmp_path / "m")
+    cache = tmp_path / "cache"
+    put_in_hub_cache(folder, cache, "someone/tiny-emanet")
+    Image.fromarray(np.zeros((30, 34, 3), np.uint8)).save(tmp_path / "a.png")
+    cli = [sys.executable, "-m", "emanet", "predict"]
+    ok = subprocess.run(
+        [*cli, "hf://someone/tiny-emanet", str(tmp_path / "a.png"), "--out", str(tmp_path / "p"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=offline_env(cache),
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert Image.open(tmp_path / "p" / "a.png").size == (34, 30)
+    bad = subprocess.run(
+        [*cli, "hf://someone/missing", str(tmp_path / "a.png"), "--out", str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        env=offline_env(cache),
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "'someone/missing'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_push_to_hub_uploads_the_folder_with_its_card_and_it_loads_back(tmp_path, monkeypatch):
+    hf = pytest.importorskip("huggingface_hub")
+    from emanet import hub
+
+    calls = {}
+    remote = tmp_path / "remote"
+
+    class FakeApi:  # records what would be sent; the network is never used
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, **kwargs):
+            calls["create"] = (repo_id, kwargs)
+
+        def upload_folder(self, *, folder_path, repo_id, **kwargs):
+            calls["upload"] = (repo_id, kwargs)
+            shutil.copytree(folder_path, remote)
+            return "https://huggingface.co/someone/pushed/commit/abc"
+
+    monkeypatch.setattr(hf, "HfApi", FakeApi)
+    folder, model = tiny_folder(tmp_path / "m")
+    (folder / "notes.txt").write_text("not part of the model")
+    url = hub.push_to_hub(folder, "someone/pushed", private=True, token="t0k")
+    assert url.endswith("/commit/abc") and calls["token"] == "t0k"
+    assert calls["create"] == ("someone/pushed", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert sorted(p.name for p in remote.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert 'from_pretrained("someone/pushed")' in (remote / "README.md").read_text()
+    assert 'from_pretrained("someone/pushed")' not in (folder / "README.md").read_text()  # the source is unchanged
+    loaded = hub.from_pretrained(remote)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ValueError, match="user/name"):
+        hub.push_to_hub(folder, "not a repo")
+
+
+def test_without_huggingface_hub_the_cli_says_how_to_install(tmp_path):
+    blocker = tmp_path / "block"
+    (blocker / "huggingface_hub").mkdir(parents=True)
+    (blocker / "huggingface_hub" / "__init__.py").write_text("raise ImportError('blocked for this test')\n")
+    Image.fromarray(np.zeros((30, 34, 3), np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emanet",
+            "predict",
+            "hf://someone/x",
+            str(tmp_path / "a.png"),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "pip install emanet[hub]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkeypatch, capsys):
+    hf = pytest.importorskip("huggingface_hub")
+    from emanet.cli import main
+
+    folder, model = tiny_folder(tmp_path / "m")
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {
+        "model": model.state_dict(),
+        "iteration": 5,
+        "config": json.loads((folder / "config.json").read_text())["config"],
+    }
+    torch.save(state, run / "iter_000005.pt")
+    (run / "latest.txt").write_text("iter_000005.pt\n")
+    (run / "eval.json").write_text(json.dumps({"mIoU": 0.25, "aAcc": 0.5, "mAcc": 0.3, "images": 2}))
+    sent = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            if repo_id == "someone/forbidden":
+                raise PermissionError("403 Forbidden")
+
+        def upload_folder(self, *, folder_path, repo_id, **kwargs):
+            sent.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+            return "https://huggingface.co/someone/run/commit/1"
+
+    monkeypatch.setattr(hf, "HfApi", FakeApi)
+    assert main(["push-to-hub", str(run), "someone/run"]) == 0
+    assert "pushed: https://huggingface.co/someone/run/commit/1" in capsys.readouterr().out
+    assert sorted(sent) == ["README.md", "config.json", "eval.json", "model.safetensors"]
+    card = sent["README.md"].decode()
+    assert "mIoU **25.00**" in card and "iter_000005.pt" in card and "hf://someone/run" in card
+    assert main(["push-to-hub", str(folder), "someone/forbidden"]) == 2
+    err = capsys.readouterr().err
+    assert "'someone/forbidden' failed: 403 Forbidden" in err
+
+
+def test_eval_of_a_model_folder_refreshes_its_card(tmp_path, capsys):
+    from emanet.cli import main
+    from emanet.config import load_config
+
+    cfg = load_config(
+        "synthetic_toy",
+        [
+            "model.backbone_width=8",
+            "model.channels=8",
+            "model.mid_channels=8",
+            "data.options.val_length=2",
+            "data.options.image_size=32",
+            "data.options.min_objects=1",
+            "data.options.max_objects=2",
+            "data.options.min_size=4",
+            "data.options.max_size=6",
+        ],
+    )
+    torch.manual_seed(0)
+    folder = save_pretrained(build_model(cfg.model).eval(), cfg, tmp_path / "m")
+    assert "Not evaluated yet" in (folder / "README.md").read_text()
+    assert main(["eval", str(folder), "--no-progress"]) == 0
+    miou = json.loads((folder / "eval.json").read_text())["mIoU"]
+    card = (folder / "README.md").read_text()
+    assert f"mIoU **{100 * miou:.2f}**" in card and "On 2 images of `val`" in card
+    assert f"written: {folder / 'README.md'}" in capsys.readouterr().out
