@@ -111,7 +111,7 @@ SYNTHETIC = ["data.dataset=synthetic", "model.num_classes=5"]
         (["train.keep_checkpoints=-1"], r"train\.keep_checkpoints must be >= 0"),
         (["train.log_interval=0"], r"train\.log_interval must be >= 1"),
         (["train.eval_interval=-1"], r"train\.eval_interval must be >= 0"),
-        (["train.precision=fp8"], r"train\.precision must be fp32, bf16 or fp16"),
+        (["train.precision=fp8"], r"train\.precision must be 'fp32', 'bf16' or 'fp16'"),
         (["train.device=gpu"], r"train\.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         (["train.on_nonfinite=ignore"], r"train\.on_nonfinite must be 'stop' or 'skip'"),
     ],

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import tiny_model
-from emanet.inference import InferenceConfig, infer, infer_slide, infer_whole, window_starts
+from emanet.config import load_config
+from emanet.inference import infer, infer_slide, infer_whole, window_starts
 from emanet.models.emanet import build_model
 
 
@@ -198,16 +199,18 @@ def test_errors(tiny):
         infer_slide(tiny, x, crop_size=8, stride=4, num_classes=5)
 
 
-def test_config_from_dict_and_into_infer(tiny):
-    cfg = InferenceConfig.from_dict({"mode": "slide", "scales": [1.0], "crop_size": 24, "stride": [16, 12]})
-    assert cfg.scales == (1.0,) and cfg.crop_size == (24, 24) and cfg.stride == (16, 12)
+def test_eval_config_drives_infer(tiny):
+    # the run configuration's eval section is the one inference config (no second dataclass restating it)
+    cfg = load_config(None, ["eval.mode=slide", "eval.scales=[1.0]", "eval.crop_size=[24,24]", "eval.stride=[16,12]"])
+    cfg.validate()
+    e = cfg.eval
     x = images(1, 33, 41)
     want = torch.softmax(infer_slide(tiny, x, crop_size=24, stride=(16, 12)), dim=1)
-    torch.testing.assert_close(infer(tiny, x, **cfg.to_dict()), want)
-    assert InferenceConfig() == InferenceConfig.from_dict({})
-    with pytest.raises(ValueError, match="unknown inference config keys"):
-        InferenceConfig.from_dict({"scale": [1.0]})
-    with pytest.raises(ValueError, match="crop_size and stride"):
-        InferenceConfig(mode="slide")
-    with pytest.raises(ValueError, match="scales"):
-        InferenceConfig(scales=(0.5, 0))
+    got = infer(tiny, x, mode=e.mode, scales=tuple(e.scales), flip=e.flip, crop_size=e.crop_size, stride=e.stride)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="unknown config key 'eval.scale'"):
+        load_config(None, ["eval.scale=[1.0]"])
+    with pytest.raises(ValueError, match="crop_size and eval.stride"):
+        load_config(None, ["eval.mode=slide"]).validate()
+    with pytest.raises(ValueError, match="eval.scales"):
+        load_config(None, ["eval.scales=[0.5, 0]"]).validate()

@@ -6,39 +6,43 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 import warnings
 from pathlib import Path
 
-from emanet.models.emanet import ARCHS, ModelConfig
+from emanet.fields import field_choices
+from emanet.inference import Mode
+from emanet.models.backbone import BACKBONES
+from emanet.models.emanet import OUTPUT_STRIDES, ModelConfig
+from emanet.runtime import Precision
+
+# flops' model flags: (flag, ModelConfig field, help); defaults and allowed values come from ModelConfig
+MODEL_FLAGS = (
+    ("--arch", "arch", "context module"),
+    ("--backbone", "backbone", "dilated ResNet"),
+    ("--stem", "stem", "ResNet stem"),
+    ("--output-stride", "output_stride", "output stride"),
+    ("--channels", "channels", "reduction/EMA width: 512 or 256 in the paper"),
+    ("--num-bases", "num_bases", "K"),
+    ("--num-stages", "num_stages", "T"),
+    ("--num-classes", "num_classes", "classes"),
+    ("--head-layout", "head_layout", "head layout"),
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default="emanet", help="context module (default: emanet)")
-    g.add_argument("--backbone", default="resnet101", help="resnet18/34/50/101/152 (default: resnet101)")
-    g.add_argument("--stem", default="deep", choices=("standard", "deep", "v1c"), help="ResNet stem (default: deep)")
-    g.add_argument("--output-stride", type=int, default=8, choices=(8, 16, 32), help="(default: 8)")
-    g.add_argument("--channels", type=int, default=512, help="reduction/EMA width: 512 or 256 in the paper")
-    g.add_argument("--num-bases", type=int, default=64, help="K (default: 64)")
-    g.add_argument("--num-stages", type=int, default=3, help="T (default: 3)")
-    g.add_argument("--num-classes", type=int, default=21, help="(default: 21)")
-    g.add_argument("--head-layout", default="reference", choices=("reference", "mmseg"), help="(default: reference)")
+    defaults = ModelConfig()
+    extra_choices = {"backbone": tuple(BACKBONES), "output_stride": OUTPUT_STRIDES}
+    for flag, name, what in MODEL_FLAGS:
+        default = getattr(defaults, name)
+        allowed = field_choices(ModelConfig, name) or extra_choices.get(name)
+        g.add_argument(flag, type=type(default), default=default, choices=allowed, help=f"{what} (default: {default})")
     g.add_argument("--aux", action="store_true", help="add the auxiliary FCN head on layer3")
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        arch=args.arch,
-        backbone=args.backbone,
-        stem=args.stem,
-        output_stride=args.output_stride,
-        channels=args.channels,
-        num_bases=args.num_bases,
-        num_stages=args.num_stages,
-        num_classes=args.num_classes,
-        head_layout=args.head_layout,
-        aux=args.aux,
-    )
+    return ModelConfig(**{name: getattr(args, name) for _, name, _ in MODEL_FLAGS}, aux=args.aux)
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -370,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start afresh in a train.out_dir that holds a run: the old run is moved aside to <out_dir>.old-<time>",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")
+    p.add_argument("--precision", choices=typing.get_args(Precision), help="autocast precision (EM stays fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -383,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="a YAML file instead of the checkpoint's own config")
     p.add_argument("--device", help="cpu, cuda (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (EM stays fp32)")
+    p.add_argument("--precision", choices=typing.get_args(Precision), help="autocast precision (EM stays fp32)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
     plot_help = "also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; emanet[report]"
@@ -404,8 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; names mirror the inputs (NAME.png, NAME_color.png...)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward; same-size images batch (default: 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (EM stays fp32)")
-    p.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding window (default: the config's)")
+    p.add_argument("--precision", choices=typing.get_args(Precision), default="fp32", help="autocast (EM stays fp32)")
+    p.add_argument(
+        "--mode", choices=typing.get_args(Mode), help="whole image or sliding window (default: the config's)"
+    )
     p.add_argument("--crop-size", type=int, nargs="+", metavar="N", help="sliding window size: N or H W")
     p.add_argument("--stride", type=int, nargs="+", metavar="N", help="sliding window stride: N or H W")
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale factors, e.g. 0.75 1 1.25 (default: config's)")

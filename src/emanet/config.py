@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
-from emanet.models.emanet import ModelConfig
+from emanet.fields import from_dict, literal_errors
+from emanet.inference import Mode
+from emanet.losses import Reduction
+from emanet.models.emanet import OUTPUT_STRIDES, ModelConfig
+from emanet.runtime import Precision
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # the packaged YAML recipes (package data: in the wheel)
 
@@ -40,7 +41,7 @@ class DataConfig:
     eval_resize: list[int] | None = None  # [long, short]: mmseg's keep-ratio test Resize; predictions resized back
     num_workers: int = 2
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (e.g. synthetic scenes)
-    on_bad_sample: str = "raise"  # raise: stop naming the file; skip: use another sample and count it
+    on_bad_sample: Literal["raise", "skip"] = "raise"  # raise: stop naming the file; skip: another sample, counted
 
 
 @dataclass
@@ -55,7 +56,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    reduction: str = "all"  # "all": the reference's mean over all pixels; "valid": over labelled pixels
+    reduction: Reduction = "all"  # "all": the reference's mean over all pixels; "valid": over labelled pixels
     aux_weight: float = 0.4  # used only with model.aux
     ignore_index: int = 255
 
@@ -65,7 +66,7 @@ class TrainConfig:
     iterations: int = 30000  # optimizer steps (reference: 30k)
     batch_size: int = 16  # per process per micro-batch
     accum_steps: int = 1  # micro-batches per step: global batch = batch_size x processes x accum_steps
-    precision: str = "fp32"  # fp32, bf16 (CUDA and CPU autocast), fp16 (CUDA, with a grad scaler)
+    precision: Precision = "fp32"  # fp32, bf16 (CUDA and CPU autocast), fp16 (CUDA, with a grad scaler)
     device: str = "auto"  # auto = cuda if available else cpu
     seed: int = 66  # the reference's seed
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable CPU runs
@@ -75,7 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     out_dir: str = "runs/voc"
     max_eval_images: int = 0  # 0 = the whole validation split
-    on_nonfinite: str = "stop"  # stop: end the run naming the iteration; skip: drop the step and count it
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # stop: end the run naming the step; skip: drop it, counted
     sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA (plain BN on CPU/gloo)
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row (0 = never)
     freeze_bn: bool = False  # BN layers in eval mode: running statistics used, never updated (small batches)
@@ -83,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    mode: str = "whole"  # whole or slide
+    mode: Mode = "whole"  # whole or slide
     scales: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     flip: bool = False
     crop_size: list[int] | None = None  # sliding window size [H, W]
@@ -168,7 +169,8 @@ def validation_errors(cfg: Config) -> list[str]:
     from emanet.data import DATASETS
 
     m, d, o, lo, t, e = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.train, cfg.eval
-    errors: list[str] = []
+    # every Literal field of every section, once, from its type (also catches assignments after loading)
+    errors: list[str] = [e for f in dataclasses.fields(cfg) for e in literal_errors(getattr(cfg, f.name), f"{f.name}.")]
 
     def need(ok: bool, key: str, expected: str, value: Any) -> None:
         if not ok:
@@ -180,16 +182,13 @@ def validation_errors(cfg: Config) -> list[str]:
              f"{n} positive numbers" if n else "a non-empty list of positive numbers", values)  # fmt: skip
 
     # model (ModelConfig checks its own fields on construction; these catch later assignments too)
-    need(m.output_stride in (8, 16, 32), "model.output_stride", "8, 16 or 32", m.output_stride)
+    need(m.output_stride in OUTPUT_STRIDES, "model.output_stride", "8, 16 or 32", m.output_stride)
     for name in MODEL_SIZES:
         need(getattr(m, name) >= 1, f"model.{name}", ">= 1", getattr(m, name))
     need(m.eval_stages is None or m.eval_stages >= 1, "model.eval_stages", ">= 1 or null (= num_stages)", m.eval_stages)
     need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
     need(0 <= m.momentum <= 1, "model.momentum", "in [0, 1] (weight of the new bases estimate)", m.momentum)
     need(0 <= m.bn_momentum <= 1, "model.bn_momentum", "in [0, 1]", m.bn_momentum)
-    need(m.bases_update in ("ema", "none", "learned"), "model.bases_update", "'ema', 'none' or 'learned'",
-         m.bases_update)  # fmt: skip
-    need(m.residual in ("conv", "gamma"), "model.residual", "'conv' or 'gamma'", m.residual)
 
     # data
     if d.dataset not in DATASETS:
@@ -211,7 +210,6 @@ def validation_errors(cfg: Config) -> list[str]:
         no_pad = "0 with data.eval_resize (mmseg resizes and does not pad at test time)"
         need(d.eval_pad_multiple == 0, "data.eval_pad_multiple", no_pad, d.eval_pad_multiple)
     need(d.num_workers >= 0, "data.num_workers", ">= 0 (0 = load in the main process)", d.num_workers)
-    need(d.on_bad_sample in ("raise", "skip"), "data.on_bad_sample", "'raise' or 'skip'", d.on_bad_sample)
 
     # optim, loss
     need(o.lr > 0, "optim.lr", "> 0", o.lr)
@@ -220,7 +218,6 @@ def validation_errors(cfg: Config) -> list[str]:
     need(o.power >= 0, "optim.power", ">= 0", o.power)
     need(0 <= o.warmup_iters <= t.iterations, "optim.warmup_iters", f"in 0..train.iterations ({t.iterations})",
          o.warmup_iters)  # fmt: skip
-    need(lo.reduction in ("all", "valid"), "loss.reduction", "'all' or 'valid'", lo.reduction)
     need(lo.aux_weight >= 0, "loss.aux_weight", ">= 0", lo.aux_weight)
     need(m.num_classes <= 255, "model.num_classes", "at most 255 (label maps are 8-bit, 255 = ignore)", m.num_classes)
     if m.num_classes <= 255:
@@ -233,8 +230,6 @@ def validation_errors(cfg: Config) -> list[str]:
     need(t.eval_interval >= 0, "train.eval_interval", ">= 0 (0 = only at the end)", t.eval_interval)
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0 (0 = keep all)", t.keep_checkpoints)
     need(t.max_eval_images >= 0, "train.max_eval_images", ">= 0 (0 = the whole split)", t.max_eval_images)
-    need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16", t.precision)
-    need(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "'stop' or 'skip'", t.on_nonfinite)
     need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)",
          t.max_consecutive_skips)  # fmt: skip
     need(bool(t.out_dir), "train.out_dir", "a folder", t.out_dir)
@@ -247,7 +242,6 @@ def validation_errors(cfg: Config) -> list[str]:
             errors.append(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
 
     # eval
-    need(e.mode in ("whole", "slide"), "eval.mode", "'whole' or 'slide'", e.mode)
     positive_list(e.scales, "eval.scales")
     need(e.eval_stages is None or e.eval_stages >= 1, "eval.eval_stages", ">= 1 or null (= the model's)",
          e.eval_stages)  # fmt: skip
@@ -265,74 +259,6 @@ def validation_errors(cfg: Config) -> list[str]:
                  f"<= eval.crop_size {e.crop_size} (a larger stride leaves pixels no window covers)",
                  e.stride)  # fmt: skip
     return errors
-
-
-# ----------------------------------------------------------------------------- dict <-> dataclass
-
-
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            if arm is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_type(value, arm, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(f"{key}: expected {tp}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ValueError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (arm,) = typing.get_args(tp)
-        return [_check_type(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    raise ValueError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check_type(value, tp, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # __post_init__ validation (ModelConfig)
-        raise ValueError(str(e)) from None
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from emanet.fields import choices
+
 BasesUpdate = Literal["ema", "none", "learned"]
 Residual = Literal["conv", "gamma"]
 Differentiable = bool | Literal["last"]  # False: no gradient (reference); True: all stages; "last": one step
-DIFFERENTIABLE = (False, True, "last")
+DIFFERENTIABLE = (False, True, *choices(Differentiable))
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -161,7 +164,7 @@ class EMAUnit(nn.Module):
             raise ValueError(f"num_bases must be >= 1, got {num_bases}")
         if num_stages < 1 or (eval_stages is not None and eval_stages < 1):
             raise ValueError(f"num_stages and eval_stages must be >= 1, got {num_stages}, {eval_stages}")
-        if bases_update not in ("ema", "none", "learned"):
+        if bases_update not in typing.get_args(BasesUpdate):
             raise ValueError(f"bases_update must be 'ema', 'none' or 'learned', got {bases_update!r}")
         if differentiable not in DIFFERENTIABLE:
             raise ValueError(f"differentiable must be false, true or 'last', got {differentiable!r}")
@@ -170,7 +173,7 @@ class EMAUnit(nn.Module):
                 "differentiable='last' cuts the gradient before the last stage, so learned bases "
                 "would never get one; use bases_update='ema' or 'none', or differentiable=true"
             )
-        if residual not in ("conv", "gamma"):
+        if residual not in typing.get_args(Residual):
             raise ValueError(f"residual must be 'conv' or 'gamma', got {residual!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")

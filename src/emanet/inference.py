@@ -8,9 +8,7 @@ mmsegmentation's test-time augmentation.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -171,35 +169,3 @@ def infer(
             passes += 1
     assert probs is not None
     return probs / passes
-
-
-@dataclass
-class InferenceConfig:
-    """How to predict at test time; the fields are ``infer``'s keywords: ``infer(m, x, **cfg.to_dict())``."""
-
-    mode: Mode = "whole"  # "slide" for images much larger than the training crop (Cityscapes, ADE20K)
-    scales: tuple[float, ...] = (1.0,)  # e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for multi-scale testing
-    flip: bool = False  # also predict the horizontally flipped image
-    crop_size: tuple[int, int] | None = None  # slide window (H, W), e.g. (769, 769) on Cityscapes
-    stride: tuple[int, int] | None = None  # slide step (H, W), e.g. (513, 513) on Cityscapes
-
-    def __post_init__(self) -> None:
-        # YAML gives lists and single ints: store tuples so configs compare and hash the same way.
-        scales = (self.scales,) if isinstance(self.scales, (int, float)) else self.scales
-        self.scales = tuple(float(s) for s in scales)
-        if self.crop_size is not None:
-            self.crop_size = _pair(self.crop_size, "inference.crop_size")
-        if self.stride is not None:
-            self.stride = _pair(self.stride, "inference.stride")
-        check_inference_args(self.mode, self.scales, self.crop_size, self.stride)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown inference config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

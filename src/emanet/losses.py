@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Reduction = Literal["valid", "all"]
+Reduction = Literal["all", "valid"]
 
 
 class SegmentationLoss(nn.Module):

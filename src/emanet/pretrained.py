@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
-from emanet.config import Config, from_dict
+from emanet.config import Config
 from emanet.data.palettes import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
@@ -30,6 +30,7 @@ from emanet.data.palettes import (
     distinct_palette,
     voc_palette,
 )
+from emanet.fields import from_dict
 from emanet.models.backbone import read_weights_file
 from emanet.models.emanet import build_model
 

@@ -6,8 +6,11 @@ Imports nothing of emanet's, so deployment code (predict, export) does not pull 
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]  # autocast dtype; fp16 needs CUDA (with a grad scaler)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -19,12 +22,12 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def check_precision(device: torch.device, precision: str) -> None:
+def check_precision(device: torch.device, precision: Precision) -> None:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision fp16 needs CUDA, but the device is {device}; use bf16 (or fp32) on CPU")
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     """Mixed precision for convs and matmuls; EM attention keeps its iterations in float32 itself."""
     check_precision(device, precision)
     if precision == "fp32":

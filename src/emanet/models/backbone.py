@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import os
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,8 @@ from torch import Tensor, nn
 from emanet.em import conv_init_
 
 NormLayer = Callable[[int], nn.Module]
-STEMS = ("standard", "deep", "v1c")
+Stem = Literal["standard", "deep", "v1c"]  # torchvision, the reference (PyTorch-Encoding), mmseg ResNetV1c
+STEMS: tuple[str, ...] = typing.get_args(Stem)
 # ImageNet classifier of torchvision-style files: meaningless for a dense backbone, reported as ignored.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from emanet.em import DIFFERENTIABLE, EMAUnit
-from emanet.models.backbone import BACKBONES, RESNETS
-from emanet.models.heads import FCNAuxHead, NonLocal2d, SegHead, upsample_like
+from emanet.em import BasesUpdate, Differentiable, EMAUnit, Residual
+from emanet.fields import from_dict, literal_errors
+from emanet.models.backbone import BACKBONES, RESNETS, Stem
+from emanet.models.heads import FCNAuxHead, HeadLayout, NonLocal2d, SegHead, upsample_like
 
 Arch = Literal["emanet", "fcn", "nonlocal"]
-ARCHS = ("emanet", "fcn", "nonlocal")
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 @dataclass
@@ -28,12 +31,12 @@ class ModelConfig:
     arch: Arch = "emanet"  # "emanet", or the baselines "fcn" (no context module) / "nonlocal"
     num_classes: int = 21  # PASCAL VOC
     backbone: str = "resnet101"  # a key of BACKBONES
-    stem: str = "deep"  # "standard" (torchvision), "deep" (reference), "v1c" (mmsegmentation)
+    stem: Stem = "deep"  # "standard" (torchvision), "deep" (reference), "v1c" (mmsegmentation)
     backbone_width: int = 64  # layer1's planes: 64 in published ResNets (ImageNet weights need it)
     output_stride: int = 8  # 8, 16 or 32
     multi_grid: bool = True  # layer4 dilations (d/2, 2d, 4d): the reference's (2, 8, 16) at OS8
     pretrained_backbone: str | None = None  # local .pth/.safetensors ImageNet weights (strict load)
-    head_layout: str = "reference"  # "reference" or "mmseg" (concat of C5 before the classifier)
+    head_layout: HeadLayout = "reference"  # "reference" or "mmseg" (concat of C5 before the classifier)
     channels: int = 512  # width of the reduction conv and the context module: EMANet(512) / EMANet(256)
     mid_channels: int = 256  # width after the context module
     dropout: float = 0.1
@@ -45,40 +48,33 @@ class ModelConfig:
     num_bases: int = 64  # K in the paper
     num_stages: int = 3  # T in training
     eval_stages: int | None = None  # T at evaluation; None = num_stages
-    bases_update: str = "ema"  # "ema" (moving average), "none" (fixed), "learned" (back-prop)
+    bases_update: BasesUpdate = "ema"  # "ema" (moving average), "none" (fixed), "learned" (back-prop)
     momentum: float = 0.1  # weight of the new batch estimate in the bases' moving average
     renormalize: bool = False  # L2-normalise the batch estimate before blending (mmsegmentation)
-    differentiable: bool | Literal["last"] = False  # gradients through the EM stages (reference: none); "last":
+    differentiable: Differentiable = False  # gradients through the EM stages (reference: none); "last":
     # through the last stage only (Hamburger's one-step gradient)
-    residual: str = "conv"  # "conv" (paper: conv + BN + ReLU) or "gamma" (Y = X + gamma * X_hat)
+    residual: Residual = "conv"  # "conv" (paper: conv + BN + ReLU) or "gamma" (Y = X + gamma * X_hat)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"model.arch must be one of {ARCHS}, got {self.arch!r}")
+        errors = literal_errors(self, "model.")  # arch, stem, head_layout, bases_update, residual, differentiable
+        if errors:
+            raise ValueError("; ".join(errors))
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
-        if self.output_stride not in (8, 16, 32):
+        if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"model.output_stride must be 8, 16 or 32, got {self.output_stride}")
         for name in ("num_classes", "backbone_width", "channels", "mid_channels", "num_bases", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.differentiable not in DIFFERENTIABLE:
-            raise ValueError(f"model.differentiable must be false, true or 'last', got {self.differentiable!r}")
         if self.differentiable == "last" and self.bases_update == "learned":
             raise ValueError(
                 "model.differentiable=last leaves learned bases without a gradient; use "
                 "model.bases_update=ema or none, or model.differentiable=true"
             )
-        if self.head_layout not in ("reference", "mmseg"):
-            raise ValueError(f"model.head_layout must be 'reference' or 'mmseg', got {self.head_layout!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d, "model.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

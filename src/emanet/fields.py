@@ -1,0 +1,123 @@
+"""Typed dataclass fields: dicts (YAML, JSON, checkpoints) -> dataclasses with every value checked against its
+field's type, and the allowed values of ``Literal`` fields. Imports nothing of emanet, so the model layer
+(ModelConfig) and the run configuration (config.py) share one implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from typing import Any
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arm, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: expected {tp}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{key} must be {one_of(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        (arm,) = typing.get_args(tp)
+        return [_check_type(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ValueError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # __post_init__ validation (ModelConfig)
+        raise ValueError(str(e)) from None
+
+
+def one_of(values: typing.Sequence[Any]) -> str:
+    """'a', 'b' or 'c': the allowed values as messages name them."""
+    shown = [repr(v) for v in values]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def choices(tp: Any) -> tuple:
+    """The allowed values of a Literal type (also inside ``X | Literal[...]``), e.g. for argparse choices."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(v for arm in typing.get_args(tp) for v in choices(arm))
+    return ()
+
+
+def field_choices(cls: type, name: str) -> tuple:
+    """The allowed values of the Literal field ``name`` of dataclass ``cls``."""
+    return choices(typing.get_type_hints(cls)[name])
+
+
+def literal_errors(obj: Any, prefix: str = "") -> list[str]:
+    """One message per Literal field of dataclass ``obj`` whose value is not allowed (also after assignment)."""
+    errors = []
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        allowed = choices(tp)
+        value = getattr(obj, name)
+        if allowed and value not in allowed and not _other_arm(tp, value):
+            errors.append(f"{prefix}{name} must be {one_of(allowed)}, got {value!r}")
+    return errors
+
+
+def _other_arm(tp: Any, value: Any) -> bool:
+    # X | Literal[...] also admits any value of its non-Literal arms (e.g. bool | Literal["last"])
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    for arm in typing.get_args(tp):
+        if typing.get_origin(arm) is typing.Literal:
+            continue
+        try:
+            _check_type(value, arm, "")
+            return True
+        except ValueError:
+            pass
+    return False
