@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
 from emanet.checkpoint import RESUME_KEYS, load_checkpoint, load_latest_checkpoint, save_checkpoint
+from emanet.compiled import maybe_compile
 from emanet.config import Config, save_config
 from emanet.data import build_dataset
 from emanet.data.transforms import eval_transform, train_transform
@@ -369,6 +370,7 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
         # construction (all-reduced update), and re-broadcasting would overwrite the per-rank batch sums
         # that gradient accumulation collects between forwards. BN statistics are averaged per step instead.
         net = wrap_ddp(model, device)
+    net = maybe_compile(net, t.compile)  # opt-in; checkpoints and evaluation use `model` itself
     stream = DataStream(loader, sampler, *position)
     if rng_states is not None:
         set_rng_state(rng_states, device)
@@ -414,8 +416,9 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
                 g["lr"] = o.lr * g["lr_mult"] * factor
             saved_bn = [b.clone() for b in bn_buffers] if t.on_nonfinite == "skip" else None
 
-            # forward/backward over micro-batches; DDP all-reduces gradients on the last one only
-            loss_sum = 0.0
+            # forward/backward over micro-batches; DDP all-reduces gradients on the last one only. The loss
+            # stays on the device: the vote below is the step's only host sync.
+            loss_sum = torch.zeros((), device=device)
             for micro in range(t.accum_steps):
                 images, labels = stream.next()
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -426,12 +429,13 @@ def _train(cfg: Config, env: DistEnv, signals: StopSignals, *, resume: bool, log
                     with autocast(device, t.precision):
                         loss = criterion(net(images), labels) / t.accum_steps
                     scaler.scale(loss).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()
                 seen += images.shape[0]
 
-            # one all-reduce: mean loss, any rank non-finite, any rank asked to stop
+            # one all-reduce (and host sync): mean loss, any rank non-finite, any rank asked to stop
             stop_vote = signals.requested or (stop_at is not None and step >= stop_at)
-            total, bad, votes = agree([loss_sum, not math.isfinite(loss_sum), stop_vote], env)
+            vote = torch.stack([loss_sum, (~loss_sum.isfinite()).float(), loss_sum.new_tensor(float(stop_vote))])
+            total, bad, votes = agree(vote, env)
             loss_mean = total / env.world_size
             if bad:
                 if t.on_nonfinite == "stop":
