@@ -365,8 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input size; the graph stays dynamic (default: the config's crop size)")  # fmt: skip
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter: tracing (fast) or torch.export based (default: torchscript)")  # fmt: skip
-    p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="fold BatchNorm into the preceding convolutions, as the prepared model does (default: on)")  # fmt: skip
+    p.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold BatchNorm into the preceding convs, as the prepared model does (default: on)",
+    )
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs; "
                    "exit 1 if the max diff >= --tolerance")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-4,  # emanet.export.TOLERANCE

@@ -139,10 +139,8 @@ class Predictor:
             device = param.device if param is not None else "cpu"
         self.device = select_device(device) if isinstance(device, str) else torch.device(device)
         autocast(self.device, precision)  # fails now, not at the first image, for fp16 without CUDA
-        if prepare:  # a copy: folding BatchNorm rewrites weights the caller may still train
-            model = prepare_for_inference(copy.deepcopy(model).to(self.device))
-        else:
-            model = model.to(self.device).eval()
+        # prepared: a copy, since folding BatchNorm rewrites weights the caller may still train
+        model = prepare_for_inference(copy.deepcopy(model).to(self.device)) if prepare else model.to(self.device).eval()
         stages = eval_stages if eval_stages is not None else e.eval_stages
         if stages is not None:
             set_eval_stages(model, stages)
