@@ -159,8 +159,8 @@ def test_prepare_for_inference():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prepared_model_equals_the_eager_one_for_every_arch_and_head_layout(arch, layout):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, backbone="resnet18", stem="deep", head_layout=layout, aux=True,
-                                    **TINY)).eval()  # fmt: skip
+    cfg = ModelConfig(arch=arch, backbone="resnet18", stem="deep", head_layout=layout, aux=True, **TINY)
+    model = build_model(cfg).eval()
     randomize_bn(model)
     x = images(33, 41)
     with torch.no_grad():

@@ -23,8 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _config() -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4,
-                            num_classes=3, stem="deep", aux=True)  # fmt: skip
+    cfg.model = ModelConfig(
+        backbone="resnet18",
+        backbone_width=8,
+        channels=16,
+        mid_channels=8,
+        num_bases=4,
+        num_classes=3,
+        stem="deep",
+        aux=True,
+    )
     cfg.data.dataset = "synthetic"
     cfg.data.options = {"length": 4, "val_length": 3, "image_size": 41, "max_objects": 4, "min_objects": 2}
     cfg.data.num_workers = 0
@@ -96,8 +104,22 @@ def test_cli_predict_default_and_no_prepare_write_the_same_labels(model_dir, tmp
     for i, image in enumerate(_images(2)):
         Image.fromarray(image).save(folder / f"im{i}.png")
     for out, flags in (("fast", []), ("eager", ["--no-prepare"])):
-        assert main(["predict", str(model_dir), str(folder), "--out", str(tmp_path / out), "--no-progress",
-                     "--device", "cpu", *flags]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "predict",
+                    str(model_dir),
+                    str(folder),
+                    "--out",
+                    str(tmp_path / out),
+                    "--no-progress",
+                    "--device",
+                    "cpu",
+                    *flags,
+                ]
+            )
+            == 0
+        )
     for i in range(2):
         fast = np.asarray(Image.open(tmp_path / "fast" / f"im{i}.png"))
         eager = np.asarray(Image.open(tmp_path / "eager" / f"im{i}.png"))
@@ -122,7 +144,22 @@ def test_cli_predict_compile_writes_the_same_labels(model_dir, tmp_path):
     image = _images(1)[0]
     Image.fromarray(image).save(tmp_path / "im.png")
     for out, flags in (("fast", []), ("compiled", ["--compile"])):
-        assert main(["predict", str(model_dir), str(tmp_path / "im.png"), "--out", str(tmp_path / out),
-                     "--no-progress", "--device", "cpu", *flags]) == 0  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "fast" / "im.png")),
-                                  np.asarray(Image.open(tmp_path / "compiled" / "im.png")))  # fmt: skip
+        assert (
+            main(
+                [
+                    "predict",
+                    str(model_dir),
+                    str(tmp_path / "im.png"),
+                    "--out",
+                    str(tmp_path / out),
+                    "--no-progress",
+                    "--device",
+                    "cpu",
+                    *flags,
+                ]
+            )
+            == 0
+        )
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "fast" / "im.png")), np.asarray(Image.open(tmp_path / "compiled" / "im.png"))
+    )
