@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
-    p.add_argument("--parts", nargs="+", default=("em", "model"), choices=("em", "model"), help="what to run")
+    parts = ("em", "model", "compile")
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to run (default: all)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")
