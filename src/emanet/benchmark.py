@@ -395,10 +395,19 @@ def machine_load() -> dict:
 
 
 def run_benchmarks(
-    out_dir: str | Path = "benchmarks", quick: bool = False, parts=("em", "model", "compile"), log=print
+    out_dir: str | Path = "benchmarks",
+    quick: bool = False,
+    parts=("em", "model", "compile"),
+    log=print,
+    *,
+    memory: bool = True,
+    repeats: int = 5,
 ) -> dict:
+    """Run the parts in order; the report is rewritten after each, so an interrupted run keeps what it
+    measured. ``memory``: the per-case peak-memory subprocesses of (a); ``repeats``: of (b)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stem = "results_quick" if quick else "results"
     # Flush denormals to zero, as CPU inference deployments do: the non-local block's near one-hot softmax
     # is full of denormals that otherwise slow its (N, N) GEMM about 8x here (measured), flattering EM.
     torch.set_flush_denormal(True)
@@ -410,27 +419,32 @@ def run_benchmarks(
     }
     log(f"matmul 2048^3: {result['matmul_gflops']}")
     started = time.perf_counter()
+
+    def write() -> None:
+        result["matmul_gflops_after"] = {"float32": matmul_flops(torch.float32) / 1e9}
+        result["load_after"] = machine_load()
+        result["minutes"] = (time.perf_counter() - started) / 60
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{stem}.md").write_text(format_report(result))
+
     if "em" in parts:
         log("(a) EM attention, C=512 K=64 T=3 B=1")
         sizes = (33, 65) if quick else SIZES
-        result["em"] = bench_em(sizes, budget_s=0.5 if quick else 2.0, memory=not quick, log=log)
+        result["em"] = bench_em(sizes, budget_s=0.5 if quick else 2.0, memory=memory and not quick, log=log)
+        write()
     if "model" in parts:
         size = 129 if quick else 513
         log(f"(b) EMANet OS8 at {size}x{size}: eager forward, prepared forward, Predictor")
-        result["model"] = bench_model(size=size, repeats=2 if quick else 5, log=log)
+        result["model"] = bench_model(size=size, repeats=2 if quick else repeats, log=log)
+        write()
     if "compile" in parts:
         if quick:
             log("(c) torch.compile: skipped with --quick (a cold compile alone takes longer than a quick run)")
         else:
             log("(c) torch.compile, EMANet-R50")
             result["compile"] = bench_compile(log=log)
-    result["matmul_gflops_after"] = {"float32": matmul_flops(torch.float32) / 1e9}
-    result["load_after"] = machine_load()
-    result["minutes"] = (time.perf_counter() - started) / 60
-    (out / ("results_quick.json" if quick else "results.json")).write_text(json.dumps(result, indent=2))
-    md = format_report(result)
-    (out / ("results_quick.md" if quick else "results.md")).write_text(md)
-    log(md)
+    write()
+    log((out / f"{stem}.md").read_text())
     return result
 
 
