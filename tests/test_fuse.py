@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
-from emanet.models.emanet import ModelConfig, build_model
-from emanet.models.fuse import fold_batchnorm, prepare_for_inference
+from emanet.models.emanet import ARCHS, ModelConfig, build_model
+from emanet.models.fuse import fold_batchnorm, is_prepared, prepare_for_inference
 
 TINY = dict(num_classes=3, channels=16, mid_channels=8, num_bases=4, output_stride=8, multi_grid=False)
 
@@ -149,3 +150,62 @@ def test_prepare_for_inference():
     with torch.no_grad():
         after = model(x.to(memory_format=torch.channels_last))
     assert (after - before).abs().max() / before.abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- the prepared model
+
+
+@pytest.mark.parametrize("layout", ["reference", "mmseg"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepared_model_equals_the_eager_one_for_every_arch_and_head_layout(arch, layout):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, backbone="resnet18", stem="deep", head_layout=layout, aux=True, **TINY)
+    model = build_model(cfg).eval()
+    randomize_bn(model)
+    x = images(33, 41)
+    with torch.no_grad():
+        before = model(x)
+        fast = prepare_for_inference(copy.deepcopy(model))
+        after = fast(x)  # NCHW in: the pre-hook hands the network channels_last
+    assert is_prepared(fast) and not is_prepared(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert after.shape == before.shape
+    rel = ((after - before).abs().max() / before.abs().max()).item()
+    assert rel < 1e-4, f"prepared {arch}/{layout} differs from eager by {rel:.2e} relative"
+    assert torch.equal(after.argmax(1), before.argmax(1))
+
+
+def test_prepare_twice_registers_one_input_hook():
+    torch.manual_seed(0)
+    model = prepare_for_inference(prepare_for_inference(build_model(ModelConfig(backbone="resnet18", **TINY))))
+    assert len(model._forward_pre_hooks) == 1
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(images())
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_prepared_model_under_bf16_autocast_keeps_the_em_in_float32(monkeypatch):
+    import emanet.em
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", **TINY)).eval()
+    randomize_bn(model)
+    fast = prepare_for_inference(copy.deepcopy(model))
+    dtypes, real = [], emanet.em.em_attention
+
+    def spy(x, bases, *args):
+        dtypes.append((x.dtype, bases.dtype))
+        return real(x, bases, *args)
+
+    monkeypatch.setattr(emanet.em, "em_attention", spy)
+    x = images(33, 41)
+    with torch.no_grad():
+        want = model(x)
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x)
+    assert dtypes == [(torch.float32, torch.float32)]
+    assert got.dtype == torch.bfloat16  # the convs did run in bf16
+    assert (got.float() - want).abs().max() / want.abs().max() < 5e-2

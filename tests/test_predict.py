@@ -74,7 +74,8 @@ def test_labels_are_argmax_of_infer_on_the_padded_image_cropped(model_dir, optio
     probs = infer(pred_api.model, x, align_corners=True, **kw)[0, :, :30, :37]  # (C, H, W)
     assert got.labels.shape == (30, 37) and got.labels.dtype == np.uint8
     assert got.probs.shape == (3, 30, 37) and got.probs.dtype == np.float32
-    np.testing.assert_allclose(got.probs, probs.numpy(), atol=1e-6)
+    # the two preprocessings differ by float32 rounding (~5e-7), which the network amplifies a little
+    np.testing.assert_allclose(got.probs, probs.numpy(), atol=1e-5)
     np.testing.assert_array_equal(got.labels, probs.argmax(0).numpy())
     assert got.padded_size == (33, 41)
 

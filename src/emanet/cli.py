@@ -80,6 +80,8 @@ def _run_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"train.device={args.device}")
     if getattr(args, "precision", None):
         overrides.append(f"train.precision={args.precision}")
+    if getattr(args, "compile", False):
+        overrides.append("train.compile=true")
     return overrides
 
 
@@ -115,8 +117,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from emanet.compiled import maybe_compile
     from emanet.engine import build_datasets, evaluate, results_to_json
     from emanet.metrics import format_table
+    from emanet.models.fuse import prepare_for_inference
     from emanet.pretrained import load_model
     from emanet.runtime import check_precision, select_device
 
@@ -134,6 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = loaded.config
     device = select_device(cfg.train.device)
     model = loaded.model.to(device)
+    if not args.no_prepare:  # BatchNorm folded, channels_last: the same results within float32 rounding
+        model = prepare_for_inference(model)
+    model = maybe_compile(model, cfg.train.compile)
     _, val = build_datasets(cfg)
     results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
     results = results_to_json(results)
@@ -196,6 +203,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         stride=pair(args.stride),
         eval_stages=args.eval_stages,
         batch_size=args.batch_size,
+        prepare=not args.no_prepare,
+        compile=args.compile,
     )
     if options.attention:
         predictor.require_attention()  # before reading any image
@@ -277,6 +286,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not ok:
         print("  float32 rounding alone can exceed 1e-4 on large EMANets (near one-hot E-step): see docs/export.md")
     return 0 if ok else 1
+
+
+COMPILE_HELP = "torch.compile the model (opt-in: tens of seconds of compiling before the first image or step)"
+NO_PREPARE_HELP = "run the model as loaded: no BatchNorm folding, no channels_last (slower, same results)"
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
@@ -375,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=typing.get_args(Precision), help="autocast precision (EM stays fp32)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -388,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML file instead of the checkpoint's own config")
     p.add_argument("--device", help="cpu, cuda (default: auto)")
     p.add_argument("--precision", choices=typing.get_args(Precision), help="autocast precision (EM stays fp32)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--no-prepare", action="store_true", help=NO_PREPARE_HELP)
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
     plot_help = "also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; emanet[report]"
@@ -417,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale factors, e.g. 0.75 1 1.25 (default: config's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="also predict the mirrored image (averaged)")
     p.add_argument("--eval-stages", type=int, help="EM iterations T at test time (default: the model's)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--no-prepare", action="store_true", help=NO_PREPARE_HELP)
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours in NAME_overlay.png (default: 0.5)")
     p.add_argument("--attention", action="store_true", help="write NAME_attention.png: the heaviest EM bases' maps")
     p.add_argument("--attention-bases", type=int, default=6, help="bases shown with --attention (default: 6)")
@@ -464,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
-    p.add_argument("--parts", nargs="+", default=("em", "model"), choices=("em", "model"), help="what to run")
+    parts = ("em", "model", "compile")
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to run (default: all)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")
@@ -502,7 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input size; the graph stays dynamic (default: the config's crop size)")  # fmt: skip
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter: tracing (fast) or torch.export based (default: torchscript)")  # fmt: skip
-    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding convolutions")
+    p.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold BatchNorm into the preceding convs, as the prepared model does (default: on)",
+    )
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs; "
                    "exit 1 if the max diff >= --tolerance")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=1e-4,  # emanet.export.TOLERANCE

@@ -80,6 +80,7 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm under torchrun on CUDA (plain BN on CPU/gloo)
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row (0 = never)
     freeze_bn: bool = False  # BN layers in eval mode: running statistics used, never updated (small batches)
+    compile: bool = False  # torch.compile the model for training and evaluation (opt-in: slow cold start)
 
 
 @dataclass

@@ -100,8 +100,17 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def agree(values: Sequence[float], env: DistEnv) -> list[float]:
-    """Sum a few numbers over all ranks in one all-reduce (float64): losses, flags, votes."""
+def agree(values: Sequence[float] | torch.Tensor, env: DistEnv) -> list[float]:
+    """Sum a few numbers over all ranks in one all-reduce (float64): losses, flags, votes.
+
+    A 1-D tensor (on any device) is reduced as it is: reading the result back is then the only host sync.
+    """
+    if isinstance(values, torch.Tensor):
+        if not env.distributed:
+            return values.double().tolist()
+        t = values.to(device=_comm_device(), dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
     if not env.distributed:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())

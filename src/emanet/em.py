@@ -71,7 +71,10 @@ def em_attention(
         # The bases are kept transposed, (B, K, C): both products then read the features as (N, C) and
         # write small row-major outputs, which measured ~10% faster than the (C, K) orientation here.
         mu_t = bases.to(dtype).transpose(-1, -2)  # (1|B, K, C); matmul broadcasts a shared (1, K, C)
-        if b == 1:  # plain 2-D GEMMs: a few % faster than batched ones for one image
+        # One image in eager mode: plain 2-D GEMMs, a few % faster than batched ones. Compiled or traced code
+        # takes the batched path for every B, so a graph does not depend on (and recompile for) B == 1.
+        two_d = b == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        if two_d:
             feats_t, mu_t = feats_t[0], mu_t[0]
         for stage in range(num_stages):
             grad_here = track_grad and (not last_stage_grad or stage == num_stages - 1)
@@ -87,7 +90,7 @@ def em_attention(
                     mu_t.div_(z.sum(dim=-2).add_(eps).unsqueeze(-1))
                     mu_t.div_(torch.linalg.vector_norm(mu_t, dim=-1, keepdim=True).add_(eps))
         recon = mu_t.transpose(-1, -2) @ z.transpose(-1, -2)  # (B, C, N), with the last raw z (the reference's)
-    if b == 1:
+    if two_d:
         recon, mu_t, z = recon[None], mu_t[None], z[None]
     recon = recon.view(b, c, h, w).to(x.dtype)
     resp = z.transpose(1, 2).unflatten(2, (h, w))  # (B, K, H, W), a view of z
@@ -279,13 +282,14 @@ class EMAUnit(nn.Module):
         packed = torch.cat([self._acc_sum.flatten(), self._acc_count.view(1)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed)
+        # No host sync (no `if count == 0` on the CPU side): a step that accumulated nothing blends with
+        # weight 0, which leaves the bases bit-for-bit unchanged; the clamp keeps 0 / 0 out of the estimate.
         count = packed[-1]
-        if count.item() == 0:
-            return
-        batch_mu = (packed[:-1] / count).view(1, self.channels, self.num_bases)
+        batch_mu = (packed[:-1] / count.clamp(min=1)).view(1, self.channels, self.num_bases)
         if self.renormalize:
             batch_mu = batch_mu / (self.eps + torch.linalg.vector_norm(batch_mu, dim=1, keepdim=True))
-        self.bases.mul_(1.0 - self.momentum).add_(batch_mu.to(self.bases.dtype), alpha=self.momentum)
+        weight = (count > 0).to(self.bases.dtype) * self.momentum  # 0-d tensor: momentum, or 0 when empty
+        self.bases.mul_(1.0 - weight).add_(batch_mu.to(self.bases.dtype) * weight)
         self._acc_sum.zero_()
         self._acc_count.zero_()
 

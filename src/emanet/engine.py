@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -258,7 +257,7 @@ def train_step(r: TrainRun, step: int, stop_requested: Callable[[int], bool]) ->
     """
     t, env = r.cfg.train, r.env
     saved_bn = [b.clone() for b in r.bn_buffers] if t.on_nonfinite == "skip" else None
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=env.device)  # stays on the device: the vote is the step's only host sync
     for micro in range(t.accum_steps):
         images, labels = r.stream.next()
         images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
@@ -267,9 +266,10 @@ def train_step(r: TrainRun, step: int, stop_requested: Callable[[int], bool]) ->
             with autocast(env.device, t.precision):
                 loss = r.criterion(r.net(images), labels) / t.accum_steps
             r.scaler.scale(loss).backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach().float()
         r.seen += images.shape[0]
-    total, bad, votes = agree([loss_sum, not math.isfinite(loss_sum), stop_requested(step)], env)
+    vote = torch.stack([loss_sum, (~loss_sum.isfinite()).float(), loss_sum.new_tensor(float(stop_requested(step)))])
+    total, bad, votes = agree(vote, env)  # one all-reduce and one host sync: mean loss, non-finite, stop
     loss_mean = total / env.world_size
     if bad:
         _skip_step(r, step, loss_mean, saved_bn or [])

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
 from emanet.checkpoint import RESUME_KEYS, load_checkpoint, restore_training_state
+from emanet.compiled import maybe_compile
 from emanet.config import Config, save_config
 from emanet.distributed import (
     DataStream,
@@ -211,6 +212,7 @@ def setup(
     # (all-reduced update), and re-broadcasting would overwrite the per-rank batch sums that gradient
     # accumulation collects between forwards. BN statistics are averaged per step instead.
     net = wrap_ddp(model, device) if env.distributed else model
+    net = maybe_compile(net, t.compile)  # opt-in; checkpoints and evaluation use `model` itself
     stream = DataStream(loader, sampler, *position)
     if rng_states is not None:
         set_rng_state(rng_states, device)
