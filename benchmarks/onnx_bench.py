@@ -66,8 +66,9 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_case(name: str, cfg: ModelConfig, shape: tuple[int, ...], repeats: int, warmup: int, threads: int,
-             tmp: Path, log) -> dict:  # fmt: skip
+def run_case(
+    name: str, cfg: ModelConfig, shape: tuple[int, ...], repeats: int, warmup: int, threads: int, tmp: Path, log
+) -> dict:
     t_case = time.perf_counter()
     torch.set_num_threads(threads)
     model = calibrated(cfg)
@@ -138,8 +139,15 @@ def lscpu() -> str:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
-    keep = ("Model name", "CPU(s):", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache",
-            "Hypervisor vendor")  # fmt: skip
+    keep = (
+        "Model name",
+        "CPU(s):",
+        "Thread(s) per core",
+        "Core(s) per socket",
+        "L2 cache",
+        "L3 cache",
+        "Hypervisor vendor",
+    )
     return "; ".join(" ".join(line.split()) for line in out.splitlines() if line.startswith(keep))
 
 
@@ -167,15 +175,22 @@ def render(data: dict) -> str:
         shape = "x".join(str(s) for s in r["input"])
         for k, v in r["median_ms"].items():
             diff, same = r["max_abs_diff_vs_eager"].get(k), r["same_argmax_vs_eager"].get(k)
-            lines.append(f"| {r['case']} | {shape} | {r['threads']} | {k} | {v:.1f} | {r['min_ms'][k]:.1f} | "
-                         f"{r['ratio_vs_eager'][k]:.2f}x | {'-' if diff is None else f'{diff:.1e}'} | "
-                         f"{r['max_abs_diff_vs_float64'][k]:.1e} | {_pct(same)} |")  # fmt: skip
-    lines += ["", "| case | params | ONNX file | export time | repeats (after warm-up) | max abs logit | case time |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {r['case']} | {shape} | {r['threads']} | {k} | {v:.1f} | {r['min_ms'][k]:.1f} | "
+                f"{r['ratio_vs_eager'][k]:.2f}x | {'-' if diff is None else f'{diff:.1e}'} | "
+                f"{r['max_abs_diff_vs_float64'][k]:.1e} | {_pct(same)} |"
+            )
+    lines += [
+        "",
+        "| case | params | ONNX file | export time | repeats (after warm-up) | max abs logit | case time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in data["cases"]:
-        lines.append(f"| {r['case']} ({r['threads']} thr.) | {r['params_M']:.2f} M | {r['onnx_MiB']:.1f} MiB | "
-                     f"{r['export_s']:.1f} s | {r['repeats']} ({r['warmup']}) | {r['max_abs_logit']:.1f} | "
-                     f"{r['case_s']:.0f} s |")  # fmt: skip
+        lines.append(
+            f"| {r['case']} ({r['threads']} thr.) | {r['params_M']:.2f} M | {r['onnx_MiB']:.1f} MiB | "
+            f"{r['export_s']:.1f} s | {r['repeats']} ({r['warmup']}) | {r['max_abs_logit']:.1f} | "
+            f"{r['case_s']:.0f} s |"
+        )
     lines += [
         "",
         "Ratios below 1 are faster than eager float32. Random weights (BN calibrated on one random batch): the "

@@ -28,8 +28,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _config(arch: str = "emanet") -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(arch=arch, backbone="resnet18", backbone_width=8, channels=16, mid_channels=8,
-                            num_bases=4, num_classes=3, stem="standard")  # fmt: skip
+    cfg.model = ModelConfig(
+        arch=arch,
+        backbone="resnet18",
+        backbone_width=8,
+        channels=16,
+        mid_channels=8,
+        num_bases=4,
+        num_classes=3,
+        stem="standard",
+    )
     cfg.data.dataset = "synthetic"
     return cfg
 
@@ -117,8 +125,18 @@ def test_predictor_attention_is_the_plain_forwards_responsibilities(model_dir):
 def test_cli_attention_writes_grid_and_arrays(model_dir, tmp_path):
     Image.fromarray(_image(30, 37)).save(tmp_path / "a.png")
     out = tmp_path / "out"
-    args = ["predict", str(model_dir), str(tmp_path / "a.png"), "--out", str(out), "--attention",
-            "--attention-bases", "3", "--save-arrays", "--no-progress"]  # fmt: skip
+    args = [
+        "predict",
+        str(model_dir),
+        str(tmp_path / "a.png"),
+        "--out",
+        str(out),
+        "--attention",
+        "--attention-bases",
+        "3",
+        "--save-arrays",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     arrays = np.load(out / "a_attention.npz")
     resp = arrays["responsibilities"]

@@ -90,8 +90,13 @@ def test_check_finds_each_kind_with_its_message(tmp_path):
     for name, kind in BAD_KIND.items():
         assert [p.kind for p in found[name]] == [kind], name
     assert set(found) == set(BAD_KIND) | {"lonely", "orphan"}
-    assert report.counts() == {"truncated": 3, "label_mode": 2, "missing_pair": 2, "size_mismatch": 1,
-                               "label_values": 1}  # fmt: skip
+    assert report.counts() == {
+        "truncated": 3,
+        "label_mode": 2,
+        "missing_pair": 2,
+        "size_mismatch": 1,
+        "label_values": 1,
+    }
     assert all(p.kind in KINDS for p in report.problems)
 
     msg = {name: problems[0].message for name, problems in found.items()}
@@ -179,8 +184,9 @@ def test_ade_values_are_quoted_as_stored_in_the_file(make_ade):
 def test_check_data_cli_exit_status_and_json(tmp_path, make_folder, capsys):
     root = make_bad_folder(tmp_path / "bad")
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  dataset: folder\n  root: {root}\n  train_split: train\n  val_split: val\n"
-                      "model:\n  num_classes: 5\n")  # fmt: skip
+    config.write_text(
+        f"data:\n  dataset: folder\n  root: {root}\n  train_split: train\n  val_split: val\nmodel:\n  num_classes: 5\n"
+    )
     out = tmp_path / "report.json"
     assert main(["check-data", "--config", str(config), "--no-progress", "--json", str(out)]) == 1
     text = capsys.readouterr().out
@@ -269,6 +275,10 @@ def test_colour_mask_to_index():
 def test_data_error_survives_pickling_and_one_argument_construction():
     e = DataError("/d/x.png", "label values [7]", kind="label_values", details={"values": [7]})
     again = pickle.loads(pickle.dumps(e))
-    assert (str(again), again.path, again.kind, again.details) == ("/d/x.png: label values [7]", "/d/x.png",
-                                                                   "label_values", {"values": [7]})  # fmt: skip
+    assert (str(again), again.path, again.kind, again.details) == (
+        "/d/x.png: label values [7]",
+        "/d/x.png",
+        "label_values",
+        {"values": [7]},
+    )
     assert str(DataError("Caught DataError in worker: /d/x.png: bad")) == "Caught DataError in worker: /d/x.png: bad"

@@ -77,8 +77,10 @@ SYNTHETIC = ["data.dataset=synthetic", "model.num_classes=5"]
         (["eval.scales=[]"], r"eval\.scales must be a non-empty list"),
         (["eval.eval_stages=0"], r"eval\.eval_stages must be >= 1 or null"),
         (["eval.mode=slide"], r"eval\.mode=slide needs eval\.crop_size and eval\.stride"),
-        (["eval.mode=slide", "eval.crop_size=[65,65]", "eval.stride=[66,33]"],
-         r"eval\.stride must be <= eval\.crop_size \[65, 65\].*got \[66, 33\]"),
+        (
+            ["eval.mode=slide", "eval.crop_size=[65,65]", "eval.stride=[66,33]"],
+            r"eval\.stride must be <= eval\.crop_size \[65, 65\].*got \[66, 33\]",
+        ),
         (["eval.crop_size=[4,64]"], r"eval\.crop_size must be >= model\.output_stride \(8\)"),
         (["eval.stride=[64]"], r"eval\.stride must be 2 positive numbers, got \[64\]"),
         (["data.crop_size=4"], r"data\.crop_size must be >= model\.output_stride \(8\).*got 4"),
@@ -92,8 +94,10 @@ SYNTHETIC = ["data.dataset=synthetic", "model.num_classes=5"]
         (["data.on_bad_sample=ignore"], r"data\.on_bad_sample must be 'raise' or 'skip'"),
         (["data.dataset=vocc"], r"data\.dataset must be one of ade20k, .*got 'vocc'; did you mean 'voc'"),
         (["data.options={ag: true}"], r"'data\.options\.ag' for the voc dataset; did you mean 'data\.options\.aug'"),
-        ([*SYNTHETIC, "data.options={length: 8, tint_strenght: 0.1}"],
-         r"'data\.options\.tint_strenght' for the synthetic dataset; did you mean 'data\.options\.tint_strength'"),
+        (
+            [*SYNTHETIC, "data.options={length: 8, tint_strenght: 0.1}"],
+            r"'data\.options\.tint_strenght' for the synthetic dataset; did you mean 'data\.options\.tint_strength'",
+        ),
         ([*SYNTHETIC, "data.options={length: 0}"], r"data\.options\.length must be an int >= 1"),
         ([*SYNTHETIC, "data.options={length: 8, max_objects: 100}"], r"data\.options \(synthetic scenes\):.*fits only"),
         (["optim.weight_decay=-0.0001"], r"optim\.weight_decay must be >= 0"),
@@ -115,18 +119,30 @@ SYNTHETIC = ["data.dataset=synthetic", "model.num_classes=5"]
         (["train.device=gpu"], r"train\.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         (["train.on_nonfinite=ignore"], r"train\.on_nonfinite must be 'stop' or 'skip'"),
     ],
-)  # fmt: skip
+)
 def test_impossible_values_are_refused_naming_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, overrides)
 
 
 def test_edge_values_that_are_allowed():
-    cfg = load_config(None, [
-        "optim.momentum=0", "optim.weight_decay=0", "train.keep_checkpoints=0", "data.num_workers=0",
-        "eval.mode=slide", "eval.crop_size=[8,8]", "eval.stride=[8,8]", "data.crop_size=8", "eval.eval_stages=1",
-        "train.device=cuda:1", "data.options={aug: true}", "data.eval_pad_multiple=0",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "optim.momentum=0",
+            "optim.weight_decay=0",
+            "train.keep_checkpoints=0",
+            "data.num_workers=0",
+            "eval.mode=slide",
+            "eval.crop_size=[8,8]",
+            "eval.stride=[8,8]",
+            "data.crop_size=8",
+            "eval.eval_stages=1",
+            "train.device=cuda:1",
+            "data.options={aug: true}",
+            "data.eval_pad_multiple=0",
+        ],
+    )
     assert cfg.eval.stride == [8, 8] and cfg.train.device == "cuda:1" and cfg.data.options == {"aug": True}
     synthetic = load_config(None, [*SYNTHETIC, "data.options={length: 4, val_length: 2, image_size: 64}"])
     assert synthetic.data.options["image_size"] == 64

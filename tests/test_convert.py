@@ -84,8 +84,14 @@ def _bases(c, k, g):
 def reference_state(seed=0, tracked=True):
     """The reference's EMANet(n_classes, n_layers=50) state dict: extractor.*, fc0, emau, fc1, fc2."""
     g, sd = torch.Generator().manual_seed(seed), {}
-    c5 = _trunk(sd, g, stem="deep:extractor.0.:extractor.1.", stages=[f"extractor.{i}." for i in (4, 5, 6, 7)],
-                blocks=R50, tracked=tracked)  # fmt: skip
+    c5 = _trunk(
+        sd,
+        g,
+        stem="deep:extractor.0.:extractor.1.",
+        stages=[f"extractor.{i}." for i in (4, 5, 6, 7)],
+        blocks=R50,
+        tracked=tracked,
+    )
     _conv(sd, "fc0.conv.", CH, c5, 3, g), _bn(sd, "fc0.bn.", CH, g, tracked)
     sd["emau.mu"] = _bases(CH, K, g)
     _conv(sd, "emau.conv1.", CH, CH, 1, g, bias=True)
@@ -98,8 +104,14 @@ def reference_state(seed=0, tracked=True):
 def mmseg_state(seed=1, *, concat=True, aux=True, blocks=R50, bottleneck=True):
     """mmseg EncoderDecoder(ResNetV1c, EMAHead, FCNHead aux) state dict."""
     g, sd = torch.Generator().manual_seed(seed), {}
-    c5 = _trunk(sd, g, stem="v1c:backbone.stem.", stages=[f"backbone.layer{i}." for i in range(1, 5)],
-                blocks=blocks, bottleneck=bottleneck)  # fmt: skip
+    c5 = _trunk(
+        sd,
+        g,
+        stem="v1c:backbone.stem.",
+        stages=[f"backbone.layer{i}." for i in range(1, 5)],
+        blocks=blocks,
+        bottleneck=bottleneck,
+    )
     h = "decode_head."
     sd[h + "ema_module.bases"] = _bases(CH, K, g)
     _conv(sd, h + "ema_in_conv.conv.", CH, c5, 3, g), _bn(sd, h + "ema_in_conv.bn.", CH, g)
@@ -172,8 +184,13 @@ def reference_forward(sd, x):
     c5 = _resnet_f(y, sd, [f"extractor.{i}." for i in (4, 5, 6, 7)], dil)
     idn = F.relu(_bnf(F.conv2d(c5, sd["fc0.conv.weight"], None, 1, 1), sd, "fc0.bn."))
     feats = F.conv2d(idn, sd["emau.conv1.weight"], sd["emau.conv1.bias"])
-    rec = _em(feats, sd["emau.mu"], 3, lambda z: z / (1e-6 + z.sum(1, keepdim=True)),
-              lambda m: m / (1e-6 + m.norm(dim=1, keepdim=True)))  # fmt: skip
+    rec = _em(
+        feats,
+        sd["emau.mu"],
+        3,
+        lambda z: z / (1e-6 + z.sum(1, keepdim=True)),
+        lambda m: m / (1e-6 + m.norm(dim=1, keepdim=True)),
+    )
     y = F.relu(_bnf(F.conv2d(F.relu(rec), sd["emau.conv2.0.weight"]), sd, "emau.conv2.1.") + idn)
     y = F.relu(_bnf(F.conv2d(y, sd["fc1.0.conv.weight"], None, 1, 1), sd, "fc1.0.bn."))
     y = F.conv2d(y, sd["fc2.weight"], sd["fc2.bias"])
@@ -192,8 +209,9 @@ def mmseg_forward(sd, x, align_corners=False):
     h = "decode_head."
     idn = F.relu(_bnf(F.conv2d(c5, sd[h + "ema_in_conv.conv.weight"], None, 1, 1), sd, h + "ema_in_conv.bn."))
     feats = F.conv2d(idn, sd[h + "ema_mid_conv.conv.weight"], sd[h + "ema_mid_conv.conv.bias"])
-    rec = _em(feats, sd[h + "ema_module.bases"], 3, lambda z: F.normalize(z, dim=1, p=1),
-              lambda m: F.normalize(m, dim=1, p=2))  # fmt: skip
+    rec = _em(
+        feats, sd[h + "ema_module.bases"], 3, lambda z: F.normalize(z, dim=1, p=1), lambda m: F.normalize(m, dim=1, p=2)
+    )
     y = F.relu(idn + _bnf(F.conv2d(F.relu(rec), sd[h + "ema_out_conv.conv.weight"]), sd, h + "ema_out_conv.bn."))
     y = F.relu(_bnf(F.conv2d(y, sd[h + "bottleneck.conv.weight"], None, 1, 1), sd, h + "bottleneck.bn."))
     if h + "conv_cat.conv.weight" in sd:
@@ -205,21 +223,31 @@ def mmseg_forward(sd, x, align_corners=False):
 
 # hand-written renames (regex), the test's own account of where each source tensor belongs
 HAND = {
-    "reference": [(r"^extractor\.0\.", "backbone.conv1."), (r"^extractor\.1\.", "backbone.bn1."),
-                  (r"^extractor\.([4-7])\.", lambda m: f"backbone.layer{int(m.group(1)) - 3}."),
-                  (r"^fc0\.", "head.reduce."), (r"^emau\.mu$", "head.context.bases"),
-                  (r"^emau\.conv1\.", "head.context.conv_in."), (r"^emau\.conv2\.0\.", "head.context.conv_out."),
-                  (r"^emau\.conv2\.1\.", "head.context.bn_out."), (r"^fc1\.0\.", "head.fuse."),
-                  (r"^fc2\.", "head.classifier.")],
-    "mmseg": [(r"^decode_head\.ema_module\.bases$", "head.context.bases"),
-              (r"^decode_head\.ema_in_conv\.", "head.reduce."),
-              (r"^decode_head\.ema_mid_conv\.conv\.", "head.context.conv_in."),
-              (r"^decode_head\.ema_out_conv\.conv\.", "head.context.conv_out."),
-              (r"^decode_head\.ema_out_conv\.bn\.", "head.context.bn_out."),
-              (r"^decode_head\.bottleneck\.", "head.fuse."), (r"^decode_head\.conv_cat\.", "head.cat."),
-              (r"^decode_head\.conv_seg\.", "head.classifier."), (r"^auxiliary_head\.convs\.0\.", "aux_head.conv."),
-              (r"^auxiliary_head\.conv_seg\.", "aux_head.classifier.")],
-}  # fmt: skip
+    "reference": [
+        (r"^extractor\.0\.", "backbone.conv1."),
+        (r"^extractor\.1\.", "backbone.bn1."),
+        (r"^extractor\.([4-7])\.", lambda m: f"backbone.layer{int(m.group(1)) - 3}."),
+        (r"^fc0\.", "head.reduce."),
+        (r"^emau\.mu$", "head.context.bases"),
+        (r"^emau\.conv1\.", "head.context.conv_in."),
+        (r"^emau\.conv2\.0\.", "head.context.conv_out."),
+        (r"^emau\.conv2\.1\.", "head.context.bn_out."),
+        (r"^fc1\.0\.", "head.fuse."),
+        (r"^fc2\.", "head.classifier."),
+    ],
+    "mmseg": [
+        (r"^decode_head\.ema_module\.bases$", "head.context.bases"),
+        (r"^decode_head\.ema_in_conv\.", "head.reduce."),
+        (r"^decode_head\.ema_mid_conv\.conv\.", "head.context.conv_in."),
+        (r"^decode_head\.ema_out_conv\.conv\.", "head.context.conv_out."),
+        (r"^decode_head\.ema_out_conv\.bn\.", "head.context.bn_out."),
+        (r"^decode_head\.bottleneck\.", "head.fuse."),
+        (r"^decode_head\.conv_cat\.", "head.cat."),
+        (r"^decode_head\.conv_seg\.", "head.classifier."),
+        (r"^auxiliary_head\.convs\.0\.", "aux_head.conv."),
+        (r"^auxiliary_head\.conv_seg\.", "aux_head.classifier."),
+    ],
+}
 
 
 def hand_map(sd, source):
@@ -250,17 +278,39 @@ def test_reference_checkpoint_computes_what_the_reference_computes(tmp_path):
     assert sorted(s for s, _ in res.mapped) == sorted(sd) and not res.dropped and not res.filled
     m = res.model_config
     assert (m.backbone, m.backbone_width, m.stem, m.channels, m.mid_channels, m.num_bases, m.num_classes) == (
-        "resnet50", W, "deep", CH, MID, K, CLS)  # fmt: skip
+        "resnet50",
+        W,
+        "deep",
+        CH,
+        MID,
+        K,
+        CLS,
+    )
     assert (m.head_layout, m.aux, m.align_corners, m.multi_grid, m.renormalize, m.bn_momentum) == (
-        "reference", False, True, True, False, 3e-4)  # fmt: skip
+        "reference",
+        False,
+        True,
+        True,
+        False,
+        3e-4,
+    )
     loaded = load_model(tmp_path / "model")
     assert loaded.config.data.std == pytest.approx([0.229, 0.224, 0.225])  # (x/255 - MEAN) / STD since f2afd7f
     assert (loaded.config.data.eval_pad_multiple, loaded.config.data.eval_pad_offset) == (8, 1)
     with torch.no_grad():
         out, expected = loaded.model(X), reference_forward(sd, X)
         # the same tensors loaded by hand into a hand-configured model give bit-identical logits
-        by_hand = build_model(ModelConfig(backbone="resnet50", backbone_width=W, channels=CH, mid_channels=MID,
-                                          num_bases=K, num_classes=CLS, bn_momentum=3e-4))  # fmt: skip
+        by_hand = build_model(
+            ModelConfig(
+                backbone="resnet50",
+                backbone_width=W,
+                channels=CH,
+                mid_channels=MID,
+                num_bases=K,
+                num_classes=CLS,
+                bn_momentum=3e-4,
+            )
+        )
         by_hand.load_state_dict(hand_map(sd, "reference"), strict=True)
         assert torch.equal(by_hand.eval()(X), out)
     assert out.shape == (2, CLS, 33, 33) and torch.isfinite(out).all()
@@ -283,25 +333,51 @@ def test_dataparallel_prefix_and_files_without_bn_counters(tmp_path):
 
 def test_mmseg_checkpoint_computes_what_mmseg_computes(tmp_path):
     sd = mmseg_state()
-    meta = {"CLASSES": [f"c{i}" for i in range(CLS)], "PALETTE": [[i, 2 * i, 3 * i] for i in range(CLS)],
-            "config": MMSEG_CONFIG.replace("TO_RGB", "True")}  # fmt: skip
+    meta = {
+        "CLASSES": [f"c{i}" for i in range(CLS)],
+        "PALETTE": [[i, 2 * i, 3 * i] for i in range(CLS)],
+        "config": MMSEG_CONFIG.replace("TO_RGB", "True"),
+    }
     torch.save({"state_dict": sd, "meta": meta}, tmp_path / "iter_80000.pth")
     res = convert(tmp_path / "iter_80000.pth", tmp_path / "model", "mmseg")
     assert sorted(s for s, _ in res.mapped) == sorted(sd) and not res.dropped
     m = res.model_config
     assert (m.stem, m.head_layout, m.aux, m.aux_channels, m.align_corners, m.multi_grid, m.renormalize) == (
-        "v1c", "mmseg", True, 6, False, False, True)  # fmt: skip
+        "v1c",
+        "mmseg",
+        True,
+        6,
+        False,
+        False,
+        True,
+    )
     loaded = load_model(tmp_path / "model")
     assert loaded.class_names == [f"c{i}" for i in range(CLS)] and loaded.palette[2] == (2, 4, 6)
     assert (loaded.config.eval.mode, loaded.config.eval.crop_size, loaded.config.eval.stride) == (
-        "slide", [769, 769], [513, 513])  # fmt: skip
+        "slide",
+        [769, 769],
+        [513, 513],
+    )
     assert loaded.config.data.mean == pytest.approx([0.485, 0.456, 0.406])
     with torch.no_grad():
         out = loaded.model(X)
-        by_hand = build_model(ModelConfig(backbone="resnet50", backbone_width=W, stem="v1c", multi_grid=False,
-                                          head_layout="mmseg", channels=CH, mid_channels=MID, num_bases=K,
-                                          num_classes=CLS, aux=True, aux_channels=6, align_corners=False,
-                                          renormalize=True))  # fmt: skip
+        by_hand = build_model(
+            ModelConfig(
+                backbone="resnet50",
+                backbone_width=W,
+                stem="v1c",
+                multi_grid=False,
+                head_layout="mmseg",
+                channels=CH,
+                mid_channels=MID,
+                num_bases=K,
+                num_classes=CLS,
+                aux=True,
+                aux_channels=6,
+                align_corners=False,
+                renormalize=True,
+            )
+        )
         by_hand.load_state_dict(hand_map(sd, "mmseg"), strict=True)
         assert torch.equal(by_hand.eval()(X), out)
     torch.testing.assert_close(out, mmseg_forward(sd, X), atol=1e-4, rtol=1e-4)
@@ -332,18 +408,46 @@ def test_aux_head_can_be_left_out_and_overrides_apply():
 @pytest.mark.parametrize(
     "source, stem, name, builder",
     [
-        ("torchvision", "standard", "resnet18", lambda sd, g: _trunk(
-            sd, g, stem="standard", stages=[f"layer{i}." for i in range(1, 5)], blocks=(2, 2, 2, 2),
-            bottleneck=False, fc=True)),
+        (
+            "torchvision",
+            "standard",
+            "resnet18",
+            lambda sd, g: _trunk(
+                sd,
+                g,
+                stem="standard",
+                stages=[f"layer{i}." for i in range(1, 5)],
+                blocks=(2, 2, 2, 2),
+                bottleneck=False,
+                fc=True,
+            ),
+        ),
         # PyTorch-Encoding's deep-stem files, from before BN counted its batches
-        ("reference-backbone", "deep", "resnet50", lambda sd, g: _trunk(
-            sd, g, stem="deep:conv1.:bn1.", stages=[f"layer{i}." for i in range(1, 5)], blocks=R50, tracked=False,
-            fc=True)),
+        (
+            "reference-backbone",
+            "deep",
+            "resnet50",
+            lambda sd, g: _trunk(
+                sd,
+                g,
+                stem="deep:conv1.:bn1.",
+                stages=[f"layer{i}." for i in range(1, 5)],
+                blocks=R50,
+                tracked=False,
+                fc=True,
+            ),
+        ),
         # an mmcls/mmpretrain ImageNet checkpoint: backbone.* plus a classifier head
-        ("mmseg-backbone", "v1c", "resnet50", lambda sd, g: _trunk(
-            sd, g, stem="v1c:backbone.stem.", stages=[f"backbone.layer{i}." for i in range(1, 5)], blocks=R50)),
+        (
+            "mmseg-backbone",
+            "v1c",
+            "resnet50",
+            lambda sd, g: _trunk(
+                sd, g, stem="v1c:backbone.stem.", stages=[f"backbone.layer{i}." for i in range(1, 5)], blocks=R50
+            ),
+        ),
     ],
-)  # fmt: skip
+)
 def test_backbone_conversions_load_strictly(tmp_path, source, stem, name, builder):
     sd = {}
     builder(sd, torch.Generator().manual_seed(3))
@@ -358,8 +462,17 @@ def test_backbone_conversions_load_strictly(tmp_path, source, stem, name, builde
     for src_key, dst_key in res.mapped:
         assert torch.equal(backbone.state_dict()[dst_key], sd[src_key])
     # the written file is what model.pretrained_backbone loads (strictly)
-    model = build_model(ModelConfig(backbone=name, backbone_width=W, stem=stem, channels=CH, mid_channels=MID,
-                                    num_bases=K, pretrained_backbone=str(tmp_path / "bb.safetensors")))  # fmt: skip
+    model = build_model(
+        ModelConfig(
+            backbone=name,
+            backbone_width=W,
+            stem=stem,
+            channels=CH,
+            mid_channels=MID,
+            num_bases=K,
+            pretrained_backbone=str(tmp_path / "bb.safetensors"),
+        )
+    )
     src_key, dst_key = res.mapped[-1]
     assert torch.equal(model.backbone.state_dict()[dst_key], sd[src_key])
 
@@ -372,8 +485,11 @@ def test_bad_checkpoints_are_errors_naming_the_key():
     with pytest.raises(ValueError, match=r"extractor\.9\.weight"):
         convert_checkpoint({**sd, "extractor.9.weight": torch.zeros(1)}, "reference")
     bad = dict(sd, **{"emau.conv2.0.weight": torch.zeros(CH, CH + 1, 1, 1)})
-    with pytest.raises(ValueError, match=r"emau\.conv2\.0\.weight -> head\.context\.conv_out\.weight: source "
-                                         r"\(16, 17, 1, 1\) vs model \(16, 16, 1, 1\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"emau\.conv2\.0\.weight -> head\.context\.conv_out\.weight: source "
+        r"\(16, 17, 1, 1\) vs model \(16, 16, 1, 1\)",
+    ):
         convert_checkpoint(bad, "reference")
     with pytest.raises(ValueError, match=r"head\.fuse\.bn\.running_var \(source key fc1\.0\.bn\.running_var\)"):
         convert_checkpoint({k: v for k, v in sd.items() if k != "fc1.0.bn.running_var"}, "reference")
@@ -411,8 +527,10 @@ def test_mmseg_1x_meta_and_unsupported_backbone_layouts():
     meta = {"dataset_meta": {"classes": ("road", "car"), "palette": [[1, 2, 3], [4, 5, 6]]}, "cfg": cfg}
     out = parse_mmseg_meta(meta)
     assert out["class_names"] == ["road", "car"] and out["palette"] == [(1, 2, 3), (4, 5, 6)]
-    assert out["model"] == {"num_stages": 3, "momentum": 0.1, "dropout": 0.1, "align_corners": False,
-                            "output_stride": 8} and "bgr" not in out  # fmt: skip
+    assert (
+        out["model"] == {"num_stages": 3, "momentum": 0.1, "dropout": 0.1, "align_corners": False, "output_stride": 8}
+        and "bgr" not in out
+    )
     assert out["data"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     with pytest.raises(ValueError, match="contract_dilation"):
         parse_mmseg_meta({"cfg": cfg.replace("contract_dilation=True", "contract_dilation=False")})

@@ -11,11 +11,18 @@ pytest.importorskip("matplotlib")
 from emanet.demo import demo_config, run_demo  # noqa: E402
 
 TINY = [
-    "train.iterations=2", "train.batch_size=2", "train.eval_interval=0", "train.log_interval=1",
-    "model.backbone_width=8", "model.channels=16", "model.mid_channels=8", "data.num_workers=0",
+    "train.iterations=2",
+    "train.batch_size=2",
+    "train.eval_interval=0",
+    "train.log_interval=1",
+    "model.backbone_width=8",
+    "model.channels=16",
+    "model.mid_channels=8",
+    "data.num_workers=0",
     "data.options={length: 4, val_length: 6, image_size: 48, min_objects: 2, max_objects: 6, "
-    "tint_strength: 0.25, noise: 0.03, hue_jitter: 0.9}", "data.crop_size=48",
-]  # fmt: skip
+    "tint_strength: 0.25, noise: 0.03, hue_jitter: 0.9}",
+    "data.crop_size=48",
+]
 
 
 def test_demo_config_is_valid_and_cpu_sized():

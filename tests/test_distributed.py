@@ -117,8 +117,17 @@ def test_stop_signals_set_a_flag_then_abort_and_restore_handlers():
 
 
 def test_digest_sees_bases_and_single_process_collectives_are_identity():
-    model = build_model(ModelConfig(backbone="resnet18", backbone_width=8, stem="standard", num_classes=3,
-                                    channels=16, mid_channels=8, num_bases=4))  # fmt: skip
+    model = build_model(
+        ModelConfig(
+            backbone="resnet18",
+            backbone_width=8,
+            stem="standard",
+            num_classes=3,
+            channels=16,
+            mid_channels=8,
+            num_bases=4,
+        )
+    )
     d0 = state_digest(model)
     model.head.context.bases[0, 0, 0] += 1e-7
     d1 = state_digest(model)
@@ -132,9 +141,21 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
     common = [*TINY, "train.freeze_bn=true", "train.iterations=2", "train.checkpoint_interval=1"]
     ddp_run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "emanet",
-           "train", "--no-progress", *common, "train.batch_size=1", "train.accum_steps=2",
-           f"train.out_dir={ddp_run}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "emanet",
+        "train",
+        "--no-progress",
+        *common,
+        "train.batch_size=1",
+        "train.accum_steps=2",
+        f"train.out_dir={ddp_run}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "global batch = per-process batch x processes x accumulation = 1 x 2 x 2 = 4" in proc.stdout
@@ -146,8 +167,11 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
     assert rank0 == rank1  # parameters, EM bases and other buffers bitwise equal on both ranks
     assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])  # per-rank streams, both saved
 
-    single = train(load_config(None, [*common, "train.batch_size=4", f"train.out_dir={tmp_path / 'one'}"]),
-                   progress=False, log=lambda _: None)  # fmt: skip
+    single = train(
+        load_config(None, [*common, "train.batch_size=4", f"train.out_dir={tmp_path / 'one'}"]),
+        progress=False,
+        log=lambda _: None,
+    )
     ref = single["model"].state_dict()
     first = load_checkpoint(ddp_run / "iter_0000001.pt")
     assert not torch.equal(ddp["model"]["head.context.bases"], first["model"]["head.context.bases"])  # they move

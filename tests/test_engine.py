@@ -53,8 +53,17 @@ def test_bad_override_is_an_error_message(tmp_path, capsys):
 
 
 def test_reference_param_groups():
-    model = build_model(ModelConfig(backbone="resnet18", backbone_width=8, stem="standard", num_classes=3,
-                                    channels=16, mid_channels=8, num_bases=4))  # fmt: skip
+    model = build_model(
+        ModelConfig(
+            backbone="resnet18",
+            backbone_width=8,
+            stem="standard",
+            num_classes=3,
+            channels=16,
+            mid_channels=8,
+            num_bases=4,
+        )
+    )
     groups = param_groups(model, lr=0.01, weight_decay=1e-4, reference=True)
     by_id = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -78,8 +87,10 @@ def test_poly_schedule():
 def test_accumulated_batch_feeds_the_bases_once_per_step(tmp_path):
     # accum_steps=2: the EMA unit defers its update to the optimizer step
     run = tmp_path / "run"
-    assert main(["train", "--no-progress", *TINY, "train.iterations=1", "train.accum_steps=2",
-                 f"train.out_dir={run}"]) == 0  # fmt: skip
+    assert (
+        main(["train", "--no-progress", *TINY, "train.iterations=1", "train.accum_steps=2", f"train.out_dir={run}"])
+        == 0
+    )
     ckpt = load_checkpoint(latest_checkpoint(run))
     init = build_model(ModelConfig(**ckpt["config"]["model"]))
     assert not torch.equal(ckpt["model"]["head.context.bases"], init.head.context.bases)
@@ -90,9 +101,21 @@ def test_bad_samples_are_skipped_and_counted_per_file(make_folder, tmp_path, cap
     make_folder(split="val", names=("v",))
     (root / "images" / "train" / "a.jpg").write_bytes(b"not a jpeg")  # a corrupt training image
     run = tmp_path / "run"
-    args = ["train", "--no-progress", *TINY, "model.num_classes=3", "data.dataset=folder", f"data.root={root}",
-            "data.train_split=train", "data.crop_size=16", "data.options={}", "data.on_bad_sample=skip",
-            "train.batch_size=3", "train.iterations=2", f"train.out_dir={run}"]  # fmt: skip
+    args = [
+        "train",
+        "--no-progress",
+        *TINY,
+        "model.num_classes=3",
+        "data.dataset=folder",
+        f"data.root={root}",
+        "data.train_split=train",
+        "data.crop_size=16",
+        "data.options={}",
+        "data.on_bad_sample=skip",
+        "train.batch_size=3",
+        "train.iterations=2",
+        f"train.out_dir={run}",
+    ]
     assert main(args) == 0
     lines = (run / "bad_samples.txt").read_text().splitlines()
     assert len(lines) == 2 and all(line.startswith(str(root / "images" / "train" / "a.jpg")) for line in lines)

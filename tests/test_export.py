@@ -98,16 +98,31 @@ def test_bad_opset_and_missing_packages_are_clear_errors(tmp_path, monkeypatch, 
 @pytest.fixture
 def model_folder(tmp_path):
     cfg = Config()
-    cfg.model = ModelConfig(backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4,
-                            num_classes=3, stem="standard")  # fmt: skip
+    cfg.model = ModelConfig(
+        backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4, num_classes=3, stem="standard"
+    )
     cfg.data.dataset = "synthetic"
     return save_pretrained(_tiny(), cfg, tmp_path / "model", class_names=["bg", "a", "b"])
 
 
 def test_cli_export_with_check(model_folder, tmp_path, capsys):
     out = tmp_path / "sub" / "m.onnx"
-    rc = cli.main(["export", str(model_folder), "--format", "onnx", "--out", str(out), "--size", "33", "41",
-                   "--check", "--fold-bn", "model.eval_stages=5"])  # fmt: skip
+    rc = cli.main(
+        [
+            "export",
+            str(model_folder),
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+            "--size",
+            "33",
+            "41",
+            "--check",
+            "--fold-bn",
+            "model.eval_stages=5",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "check: max |onnxruntime - pytorch| logits" in text and "same argmax on 100.000% of pixels" in text

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _config() -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4,
-                            num_classes=3, stem="standard")  # fmt: skip
+    cfg.model = ModelConfig(
+        backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4, num_classes=3, stem="standard"
+    )
     cfg.data.dataset = "synthetic"
     return cfg
 
@@ -151,9 +152,27 @@ def test_cli_glob_options_and_exit_0(model_dir, tmp_path, capsys):
     Image.fromarray(_image(30, 37, 9)).save(tmp_path / "d" / "x.png")
     Image.fromarray(_image(30, 37, 9)).save(tmp_path / "d" / "skip.jpg")
     out = tmp_path / "out"
-    rc = cli.main(["predict", str(model_dir), "--out", str(out), str(tmp_path / "d" / "*.png"), "--mode", "slide",
-                   "--crop-size", "25", "--stride", "16", "--flip", "--eval-stages", "2", "--alpha", "1",
-                   "--no-progress"])  # fmt: skip
+    rc = cli.main(
+        [
+            "predict",
+            str(model_dir),
+            "--out",
+            str(out),
+            str(tmp_path / "d" / "*.png"),
+            "--mode",
+            "slide",
+            "--crop-size",
+            "25",
+            "--stride",
+            "16",
+            "--flip",
+            "--eval-stages",
+            "2",
+            "--alpha",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["x.png", "x_color.png", "x_overlay.png"]
     # alpha 1: the overlay is the colour image
@@ -180,7 +199,10 @@ def test_collect_inputs_mirrors_names(tmp_path):
     assert problems == []
     # a.jpg / a.png would share outputs: suffixed; sub/c.png given twice: once; out/ (the output folder) skipped
     assert [(f.path.relative_to(root).as_posix(), f.name) for f in files] == [
-        ("a.jpg", "a_jpg"), ("a.png", "a_png"), ("sub/c.png", "sub/c")]  # fmt: skip
+        ("a.jpg", "a_jpg"),
+        ("a.png", "a_png"),
+        ("sub/c.png", "sub/c"),
+    ]
     files, problems = collect_inputs([str(root / "*" / "*.png"), str(root / "zzz*.png")])
     assert [f.name for f in files] == ["out/old", "sub/c"]
     assert problems == [f"{root / 'zzz*.png'}: the pattern matches no image files"]

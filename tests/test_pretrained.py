@@ -11,8 +11,16 @@ from emanet.pretrained import from_pretrained, load_model, save_pretrained
 
 def _config(**model):
     cfg = Config()
-    cfg.model = ModelConfig(backbone="resnet18", backbone_width=8, channels=16, mid_channels=8, num_bases=4,
-                            num_classes=3, stem="standard", **model)  # fmt: skip
+    cfg.model = ModelConfig(
+        backbone="resnet18",
+        backbone_width=8,
+        channels=16,
+        mid_channels=8,
+        num_bases=4,
+        num_classes=3,
+        stem="standard",
+        **model,
+    )
     cfg.data.dataset = "synthetic"
     return cfg
 

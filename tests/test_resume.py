@@ -34,8 +34,14 @@ def quiet(_: str) -> None:
 
 def test_stopped_and_resumed_run_is_bitwise_equal_to_a_straight_run(tmp_path):
     # 3 batches per epoch, 2 micro-batches per step: the stop after step 2 falls mid-epoch, workers read ahead
-    common = [*TINY, "data.num_workers=2", "train.deterministic=true", "train.iterations=3",
-              "train.accum_steps=2", "train.checkpoint_interval=100"]  # fmt: skip
+    common = [
+        *TINY,
+        "data.num_workers=2",
+        "train.deterministic=true",
+        "train.iterations=3",
+        "train.accum_steps=2",
+        "train.checkpoint_interval=100",
+    ]
     straight = train(load_config(None, [*common, f"train.out_dir={tmp_path / 'a'}"]), progress=False, log=quiet)
     cfg = load_config(None, [*common, f"train.out_dir={tmp_path / 'b'}"])
     with pytest.raises(TrainingInterrupted) as stop:
@@ -65,10 +71,26 @@ def test_stopped_and_resumed_run_is_bitwise_equal_to_a_straight_run(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_the_interrupted_status(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "emanet", "train", "--no-progress", *TINY, "data.num_workers=1",
-           "train.iterations=100000", "train.checkpoint_interval=100000", f"train.out_dir={run}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "emanet",
+        "train",
+        "--no-progress",
+        *TINY,
+        "data.num_workers=1",
+        "train.iterations=100000",
+        "train.checkpoint_interval=100000",
+        f"train.out_dir={run}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # a couple of steps done
@@ -107,8 +129,9 @@ def _inject_nan(monkeypatch, first: int, last: int) -> None:
 def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     _inject_nan(monkeypatch, first=4, last=10**9)  # batch 2: reads 4, 5 are step 3
     run = tmp_path / "run"
-    status = main(["train", "--no-progress", *TINY, "train.iterations=6", "train.checkpoint_interval=1",
-                   f"train.out_dir={run}"])  # fmt: skip
+    status = main(
+        ["train", "--no-progress", *TINY, "train.iterations=6", "train.checkpoint_interval=1", f"train.out_dir={run}"]
+    )
     assert status == EXIT_NONFINITE
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at iteration 3" in err and "iter_0000002.pt" in err
@@ -119,8 +142,17 @@ def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_check
 def test_skip_mode_drops_the_step_its_bases_update_and_counts_it(tmp_path, monkeypatch):
     _inject_nan(monkeypatch, first=4, last=5)  # step 3 only
     run = tmp_path / "run"
-    cfg = load_config(None, [*TINY, "train.iterations=4", "train.checkpoint_interval=1", "train.on_nonfinite=skip",
-                             "train.keep_checkpoints=0", f"train.out_dir={run}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "train.iterations=4",
+            "train.checkpoint_interval=1",
+            "train.on_nonfinite=skip",
+            "train.keep_checkpoints=0",
+            f"train.out_dir={run}",
+        ],
+    )
     out = train(cfg, progress=False, log=quiet)
     assert out["skipped_steps"] == 1
     assert json.loads((run / "eval.json").read_text())["train"]["skipped_steps"] == 1
@@ -134,7 +166,15 @@ def test_skip_mode_drops_the_step_its_bases_update_and_counts_it(tmp_path, monke
 
 def test_skip_mode_gives_up_after_too_many_consecutive_skips(tmp_path, monkeypatch):
     _inject_nan(monkeypatch, first=0, last=10**9)
-    cfg = load_config(None, [*TINY, "train.iterations=5", "train.on_nonfinite=skip", "train.max_consecutive_skips=2",
-                             f"train.out_dir={tmp_path}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "train.iterations=5",
+            "train.on_nonfinite=skip",
+            "train.max_consecutive_skips=2",
+            f"train.out_dir={tmp_path}",
+        ],
+    )
     with pytest.raises(engine.NonFiniteLoss, match="2 consecutive non-finite losses up to iteration 2"):
         train(cfg, progress=False, log=quiet)

@@ -193,9 +193,15 @@ def bench_em(sizes=SIZES, budget_s: float = 2.0, memory: bool = True, log=print)
             flops = {k: count_flops(fn) for k, fn in fns.items()}
             med = interleaved(fns, budget_s=budget_s)
             for (variant, mode), key in zip(group, fns):
-                row = {"size": size, "pixels": size * size, "variant": variant, "mode": mode,
-                       "median_ms": med[key] * 1e3, "gflop": flops[key] / 1e9,
-                       "gflops_per_s": flops[key] / med[key] / 1e9}  # fmt: skip
+                row = {
+                    "size": size,
+                    "pixels": size * size,
+                    "variant": variant,
+                    "mode": mode,
+                    "median_ms": med[key] * 1e3,
+                    "gflop": flops[key] / 1e9,
+                    "gflops_per_s": flops[key] / med[key] / 1e9,
+                }
                 if memory:
                     row["peak_mb"] = probe_memory(variant, size, mode) / 2**20
                 rows.append(row)
@@ -497,9 +503,13 @@ def format_report(r: dict) -> str:
         f"higher float32 figure ({f32:.1f}).",
     ]
     if "em" in r:
-        lines += ["", "## (a) EM attention, C=512, K=64, T=3, B=1", "",
-                  "| size | variant | mode | median ms | GFLOP | GFLOP/s | % fp32 matmul | peak MB | ns/pixel |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## (a) EM attention, C=512, K=64, T=3, B=1",
+            "",
+            "| size | variant | mode | median ms | GFLOP | GFLOP/s | % fp32 matmul | peak MB | ns/pixel |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in r["em"]:
             peak = f"{row['peak_mb']:.1f}" if "peak_mb" in row else "-"
             lines.append(
@@ -571,8 +581,10 @@ def _targets(r: dict) -> list[str]:
             by[(s, "plain_reference", "inference")]["median_ms"] / by[(s, "em_attention", "inference")]["median_ms"]
             for s in sizes
         ]
-        out.append(f"- never slower than the plain loop: plain/ours {', '.join(f'{x:.2f}' for x in ratios)} "
-                   f"-> {verdict(min(ratios) >= 1.0)}")  # fmt: skip
+        out.append(
+            f"- never slower than the plain loop: plain/ours {', '.join(f'{x:.2f}' for x in ratios)} "
+            f"-> {verdict(min(ratios) >= 1.0)}"
+        )
         for variant in ("em_attention", "ema_unit"):
             per_px = [by[(s, variant, "inference")]["median_ms"] * 1e6 / s**2 for s in sizes]
             out.append(

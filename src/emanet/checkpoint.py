@@ -120,8 +120,10 @@ def load_checkpoint(
     except Exception as e:  # truncated or foreign files
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not an emanet checkpoint (expected a dict with 'model'); "
-                         "convert checkpoints from other code bases with `emanet convert`")  # fmt: skip
+        raise ValueError(
+            f"{path}: not an emanet checkpoint (expected a dict with 'model'); "
+            "convert checkpoints from other code bases with `emanet convert`"
+        )
     missing = [k for k in required if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: damaged or incomplete checkpoint, missing {missing}")

@@ -55,15 +55,19 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config": dataclasses.asdict(cfg), "cost": cost.to_dict(), "table1": rows}, indent=2))
         return 0
-    print(f"{cfg.arch} {cfg.backbone} stem={cfg.stem} OS{cfg.output_stride} channels={cfg.channels} "
-          f"K={cfg.num_bases} T={cfg.num_stages}")  # fmt: skip
+    print(
+        f"{cfg.arch} {cfg.backbone} stem={cfg.stem} OS{cfg.output_stride} channels={cfg.channels} "
+        f"K={cfg.num_bases} T={cfg.num_stages}"
+    )
     print(format_model_cost(cost))
     if rows:
         print(f"\nPaper Table 1 (ResNet-101 deep stem, OS8, {size[0]}x{size[1]}; multiply-adds):")
         print(format_table1(rows))
         nl, ema = rows[3]["gmacs"] - rows[4]["gmacs"], rows[1]["gmacs"] - rows[4]["gmacs"]
-        print(f"\ncontext module alone: EMA unit {ema:.2f} GMACs (O(NK)) vs non-local {nl:.2f} GMACs (O(N^2)): "
-              f"{nl / ema:.1f}x")  # fmt: skip
+        print(
+            f"\ncontext module alone: EMA unit {ema:.2f} GMACs (O(NK)) vs non-local {nl:.2f} GMACs (O(N^2)): "
+            f"{nl / ema:.1f}x"
+        )
     return 0
 
 
@@ -190,8 +194,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def pair(value: list[int] | None) -> tuple[int, int] | None:  # N -> (N, N); H W -> (H, W)
         return None if value is None else (value[0], value[-1])
 
-    options = PredictOptions(alpha=args.alpha, attention=args.attention or args.save_arrays,
-                             attention_bases=args.attention_bases, save_arrays=args.save_arrays)  # fmt: skip
+    options = PredictOptions(
+        alpha=args.alpha,
+        attention=args.attention or args.save_arrays,
+        attention_bases=args.attention_bases,
+        save_arrays=args.save_arrays,
+    )
     predictor = Predictor.from_source(
         args.source,
         device=args.device,
@@ -215,8 +223,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("no input images given")
     failures = predict_files(predictor, files, args.out, options=options, progress=not args.no_progress, log=report)
     failed = len(failures) + len(problems)
-    print(f"{len(files) - len(failures)} of {len(files)} images predicted into {args.out}"
-          + (f"; {failed} input(s) failed (listed above)" if failed else ""))  # fmt: skip
+    print(
+        f"{len(files) - len(failures)} of {len(files)} images predicted into {args.out}"
+        + (f"; {failed} input(s) failed (listed above)" if failed else "")
+    )
     return 1 if failed else 0
 
 
@@ -227,16 +237,22 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-files must be >= 1, got {args.max_files}")
     cfg = _run_config(args)
     splits = ("train", "val") if args.split == "both" else (args.split,)
-    reports = check_data_config(cfg.data, splits=splits, num_classes=cfg.model.num_classes,
-                                max_files=args.max_files, progress=not args.no_progress)  # fmt: skip
+    reports = check_data_config(
+        cfg.data,
+        splits=splits,
+        num_classes=cfg.model.num_classes,
+        max_files=args.max_files,
+        progress=not args.no_progress,
+    )
     for report in reports:
         print(report.format(limit=args.show))
     found = sum(len(r.problems) for r in reports)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"config": args.config, "ok": found == 0,
-                                   "reports": [r.to_dict() for r in reports]}, indent=2))  # fmt: skip
+        out.write_text(
+            json.dumps({"config": args.config, "ok": found == 0, "reports": [r.to_dict() for r in reports]}, indent=2)
+        )
         print(f"written: {out}")
     print(f"check-data: {found} problem(s) found" if found else "check-data: no problems found")
     return 1 if found else 0
@@ -245,8 +261,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from emanet.convert import convert
 
-    result = convert(args.src, args.dst, args.source, overrides=args.overrides, allow_pickle=args.allow_pickle,
-                     overwrite=args.overwrite)  # fmt: skip
+    result = convert(
+        args.src,
+        args.dst,
+        args.source,
+        overrides=args.overrides,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+    )
     print(result.summary())
     kind = "model folder" if result.model_config is not None else "backbone weights"
     print(f"written: {args.dst} ({kind})")
@@ -260,8 +282,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance}")
     if args.size is not None and min(args.size) < 32:
-        raise ValueError(f"--size H W must be at least 32 pixels each (the backbone downsamples by up to 32), "
-                         f"got {args.size[0]} {args.size[1]}")  # fmt: skip
+        raise ValueError(
+            f"--size H W must be at least 32 pixels each (the backbone downsamples by up to 32), "
+            f"got {args.size[0]} {args.size[1]}"
+        )
     needed = ["onnx"] + (["onnxruntime"] if args.check else []) + (["onnxscript"] if args.exporter == "dynamo" else [])
     try:
         require_onnx(*needed)  # before loading a large model
@@ -270,19 +294,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = load_model(args.source, device="cpu", overrides=args.overrides)
     h, w = args.size if args.size is not None else (loaded.config.data.crop_size,) * 2
     meta = model_metadata(loaded.config, loaded.class_names, loaded.palette)
-    path = export_onnx(loaded.model, args.out, opset=args.opset, height=h, width=w, fold_bn=args.fold_bn,
-                       exporter=args.exporter, metadata=meta)  # fmt: skip
-    print(f"written: {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.exporter} exporter, "
-          f"input 'image' (B, 3, H, W) normalised float32, output 'logits')")  # fmt: skip
+    path = export_onnx(
+        loaded.model,
+        args.out,
+        opset=args.opset,
+        height=h,
+        width=w,
+        fold_bn=args.fold_bn,
+        exporter=args.exporter,
+        metadata=meta,
+    )
+    print(
+        f"written: {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.exporter} exporter, "
+        f"input 'image' (B, 3, H, W) normalised float32, output 'logits')"
+    )
     if not args.check:
         return 0
     # batch 1 at the export size, batch 2 at another size: both dynamic axes are exercised
     sizes = ((1, 3, h, w), (2, 3, max(32, h // 2 + 1), max(32, w // 2 + 3)))
     parity = onnx_parity(loaded.model, path, sizes)
     ok = parity.max_abs_diff < args.tolerance
-    print(f"check: max |onnxruntime - pytorch| logits = {parity.max_abs_diff:.3g} (largest |logit| "
-          f"{parity.max_abs_logit:.3g}), same argmax on {100 * parity.label_agreement:.3f}% of pixels, inputs "
-          f"{sizes[0]} and {sizes[1]}: {'ok' if ok else 'FAILED'} (tolerance {args.tolerance:g})")  # fmt: skip
+    print(
+        f"check: max |onnxruntime - pytorch| logits = {parity.max_abs_diff:.3g} (largest |logit| "
+        f"{parity.max_abs_logit:.3g}), same argmax on {100 * parity.label_agreement:.3f}% of pixels, inputs "
+        f"{sizes[0]} and {sizes[1]}: {'ok' if ok else 'FAILED'} (tolerance {args.tolerance:g})"
+    )
     if not ok:
         print("  float32 rounding alone can exceed 1e-4 on large EMANets (near one-hot E-step): see docs/export.md")
     return 0 if ok else 1
@@ -489,48 +525,81 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")
     p.add_argument("--config", help="YAML file or packaged recipe name; its data section names the dataset")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=/data/voc")
-    p.add_argument("--split", choices=("train", "val", "both"), default="both",
-                   help="data.train_split, data.val_split or both (default: both)")  # fmt: skip
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "both"),
+        default="both",
+        help="data.train_split, data.val_split or both (default: both)",
+    )
     p.add_argument("--json", metavar="OUT", help="write the full report (every problem, with details) to OUT")
     p.add_argument("--max-files", type=int, metavar="N", help="scan only the first N samples of each split")
     p.add_argument("--show", type=int, default=50, metavar="N", help="problems printed per split (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("convert", help="import a checkpoint from the EMANet reference, mmsegmentation or an "
-                       "ImageNet backbone file (docs/convert.md)")  # fmt: skip
-    p.add_argument("--from", dest="source", required=True,
-                   choices=("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone"),
-                   help="source format: full models (reference, mmseg) or ImageNet backbones")  # fmt: skip
+    p = sub.add_parser(
+        "convert",
+        help="import a checkpoint from the EMANet reference, mmsegmentation or an "
+        "ImageNet backbone file (docs/convert.md)",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone"),
+        help="source format: full models (reference, mmseg) or ImageNet backbones",
+    )
     p.add_argument("src", help="the checkpoint to convert (.pth/.pt/.safetensors)")
     p.add_argument("dst", help="a model folder (full models) or a .safetensors file (backbones)")
     p.add_argument("overrides", nargs="*", help="section.key=value on the inferred config, e.g. model.output_stride=16")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load with weights_only=False (runs pickled code: only for files you trust)")  # fmt: skip
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load with weights_only=False (runs pickled code: only for files you trust)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch/H/W), optionally checked against "
-                       "PyTorch with onnxruntime (docs/export.md)")  # fmt: skip
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX (dynamic batch/H/W), optionally checked against "
+        "PyTorch with onnxruntime (docs/export.md)",
+    )
     p.add_argument("source", help="a model folder (save_pretrained), a checkpoint file or a run folder")
     p.add_argument("overrides", nargs="*", help="section.key=value on the saved config, e.g. model.eval_stages=5")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="(default: onnx)")
     p.add_argument("--out", default="model.onnx", help="the ONNX file to write (default: model.onnx)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17 torchscript, 18 dynamo)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="example input size; the graph stays dynamic (default: the config's crop size)")  # fmt: skip
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
-                   help="torch.onnx exporter: tracing (fast) or torch.export based (default: torchscript)")  # fmt: skip
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="example input size; the graph stays dynamic (default: the config's crop size)",
+    )
+    p.add_argument(
+        "--exporter",
+        choices=("torchscript", "dynamo"),
+        default="torchscript",
+        help="torch.onnx exporter: tracing (fast) or torch.export based (default: torchscript)",
+    )
     p.add_argument(
         "--fold-bn",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="fold BatchNorm into the preceding convs, as the prepared model does (default: on)",
     )
-    p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs; "
-                   "exit 1 if the max diff >= --tolerance")  # fmt: skip
-    p.add_argument("--tolerance", type=float, default=1e-4,  # emanet.export.TOLERANCE
-                   help="largest accepted absolute logit difference for --check (default: 1e-4)")  # fmt: skip
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare onnxruntime with PyTorch on random inputs; exit 1 if the max diff >= --tolerance",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,  # emanet.export.TOLERANCE
+        help="largest accepted absolute logit difference for --check (default: 1e-4)",
+    )
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -179,8 +179,12 @@ def validation_errors(cfg: Config) -> list[str]:
 
     def positive_list(values: list, key: str, n: int | None = None) -> None:
         size_ok = len(values) >= 1 if n is None else len(values) == n
-        need(size_ok and all(v > 0 for v in values), key,
-             f"{n} positive numbers" if n else "a non-empty list of positive numbers", values)  # fmt: skip
+        need(
+            size_ok and all(v > 0 for v in values),
+            key,
+            f"{n} positive numbers" if n else "a non-empty list of positive numbers",
+            values,
+        )
 
     # model (ModelConfig checks its own fields on construction; these catch later assignments too)
     need(m.output_stride in OUTPUT_STRIDES, "model.output_stride", "8, 16 or 32", m.output_stride)
@@ -198,8 +202,12 @@ def validation_errors(cfg: Config) -> list[str]:
         errors.append(f"data.dataset must be one of {', '.join(sorted(DATASETS))}, got {d.dataset!r}{hint}")
     else:
         errors += _option_errors(cfg)
-    need(d.crop_size >= m.output_stride, "data.crop_size",
-         f">= model.output_stride ({m.output_stride}) so the feature map has a pixel", d.crop_size)  # fmt: skip
+    need(
+        d.crop_size >= m.output_stride,
+        "data.crop_size",
+        f">= model.output_stride ({m.output_stride}) so the feature map has a pixel",
+        d.crop_size,
+    )
     positive_list(d.scales, "data.scales")
     need(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B in [0, 1])", d.mean)
     positive_list(d.std, "data.std", 3)
@@ -217,13 +225,21 @@ def validation_errors(cfg: Config) -> list[str]:
     need(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
     need(o.power >= 0, "optim.power", ">= 0", o.power)
-    need(0 <= o.warmup_iters <= t.iterations, "optim.warmup_iters", f"in 0..train.iterations ({t.iterations})",
-         o.warmup_iters)  # fmt: skip
+    need(
+        0 <= o.warmup_iters <= t.iterations,
+        "optim.warmup_iters",
+        f"in 0..train.iterations ({t.iterations})",
+        o.warmup_iters,
+    )
     need(lo.aux_weight >= 0, "loss.aux_weight", ">= 0", lo.aux_weight)
     need(m.num_classes <= 255, "model.num_classes", "at most 255 (label maps are 8-bit, 255 = ignore)", m.num_classes)
     if m.num_classes <= 255:
-        need(m.num_classes <= lo.ignore_index <= 255, "loss.ignore_index",
-             f"in {m.num_classes}..255 (labels are 8-bit; not a class index)", lo.ignore_index)  # fmt: skip
+        need(
+            m.num_classes <= lo.ignore_index <= 255,
+            "loss.ignore_index",
+            f"in {m.num_classes}..255 (labels are 8-bit; not a class index)",
+            lo.ignore_index,
+        )
 
     # train
     for name in ("iterations", "batch_size", "accum_steps", "log_interval", "checkpoint_interval"):
@@ -231,8 +247,7 @@ def validation_errors(cfg: Config) -> list[str]:
     need(t.eval_interval >= 0, "train.eval_interval", ">= 0 (0 = only at the end)", t.eval_interval)
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0 (0 = keep all)", t.keep_checkpoints)
     need(t.max_eval_images >= 0, "train.max_eval_images", ">= 0 (0 = the whole split)", t.max_eval_images)
-    need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)",
-         t.max_consecutive_skips)  # fmt: skip
+    need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)", t.max_consecutive_skips)
     need(bool(t.out_dir), "train.out_dir", "a folder", t.out_dir)
     if t.device != "auto":
         import torch
@@ -244,21 +259,29 @@ def validation_errors(cfg: Config) -> list[str]:
 
     # eval
     positive_list(e.scales, "eval.scales")
-    need(e.eval_stages is None or e.eval_stages >= 1, "eval.eval_stages", ">= 1 or null (= the model's)",
-         e.eval_stages)  # fmt: skip
+    need(e.eval_stages is None or e.eval_stages >= 1, "eval.eval_stages", ">= 1 or null (= the model's)", e.eval_stages)
     if e.mode == "slide" and (e.crop_size is None or e.stride is None):
-        errors.append("eval.mode=slide needs eval.crop_size and eval.stride, e.g. eval.crop_size=[769,769] "
-                      f"eval.stride=[513,513]; got crop_size={e.crop_size!r}, stride={e.stride!r}")  # fmt: skip
+        errors.append(
+            "eval.mode=slide needs eval.crop_size and eval.stride, e.g. eval.crop_size=[769,769] "
+            f"eval.stride=[513,513]; got crop_size={e.crop_size!r}, stride={e.stride!r}"
+        )
     for key, value in (("eval.crop_size", e.crop_size), ("eval.stride", e.stride)):
         if value is not None:
             positive_list(value, key, 2)
     if e.crop_size is not None and len(e.crop_size) == 2:
-        need(min(e.crop_size) >= m.output_stride, "eval.crop_size",
-             f">= model.output_stride ({m.output_stride}) on both sides", e.crop_size)  # fmt: skip
+        need(
+            min(e.crop_size) >= m.output_stride,
+            "eval.crop_size",
+            f">= model.output_stride ({m.output_stride}) on both sides",
+            e.crop_size,
+        )
         if e.stride is not None and len(e.stride) == 2:
-            need(all(s <= c for s, c in zip(e.stride, e.crop_size)), "eval.stride",
-                 f"<= eval.crop_size {e.crop_size} (a larger stride leaves pixels no window covers)",
-                 e.stride)  # fmt: skip
+            need(
+                all(s <= c for s, c in zip(e.stride, e.crop_size)),
+                "eval.stride",
+                f"<= eval.crop_size {e.crop_size} (a larger stride leaves pixels no window covers)",
+                e.stride,
+            )
     return errors
 
 

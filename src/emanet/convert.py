@@ -76,10 +76,14 @@ DROPS: dict[str, list[tuple[str, str]]] = {
     "torchvision": [("fc.", _CLASSIFIER)],
     "reference-backbone": [("fc.", _CLASSIFIER)]
     + [(p, _NOT_BACKBONE) for p in ("fc0.", "emau.", "ema.", "fc1.", "fc2.")],
-    "mmseg-backbone": [("fc.", _CLASSIFIER), ("head.", "classifier head of an ImageNet (mmcls/mmpretrain) model"),
-                       ("neck.", "ImageNet pooling neck"), ("data_preprocessor.", _NORM_BUFFERS)]
+    "mmseg-backbone": [
+        ("fc.", _CLASSIFIER),
+        ("head.", "classifier head of an ImageNet (mmcls/mmpretrain) model"),
+        ("neck.", "ImageNet pooling neck"),
+        ("data_preprocessor.", _NORM_BUFFERS),
+    ]
     + [(p, _NOT_BACKBONE) for p in ("decode_head.", "auxiliary_head.")],
-}  # fmt: skip
+}
 
 EXPECTED_STEM = {"torchvision": "standard", "reference-backbone": "deep", "mmseg-backbone": "v1c"}
 
@@ -147,8 +151,9 @@ def read_source(
         state = {k[len("module.") :]: v for k, v in state.items()}
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors or not state:
-        raise ValueError(f"{name}: no state dict found (top-level keys {sorted(obj)[:8]}; "
-                         f"non-tensor entries {not_tensors[:5]})")  # fmt: skip
+        raise ValueError(
+            f"{name}: no state dict found (top-level keys {sorted(obj)[:8]}; non-tensor entries {not_tensors[:5]})"
+        )
     return state, extra, name
 
 
@@ -162,9 +167,11 @@ def infer_backbone(state: Mapping[str, Tensor], prefix: str = "") -> dict[str, A
     name = resnet_for_blocks(bottleneck, counts)
     if name is None:
         kind = "Bottleneck" if bottleneck else "BasicBlock"
-        raise ValueError(f"blocks per stage {tuple(counts)} ({kind}) match no supported ResNet "
-                         "(resnet18/34: BasicBlock 2-2-2-2 / 3-4-6-3; resnet50/101/152: Bottleneck "
-                         "3-4-6-3 / 3-4-23-3 / 3-8-36-3)")  # fmt: skip
+        raise ValueError(
+            f"blocks per stage {tuple(counts)} ({kind}) match no supported ResNet "
+            "(resnet18/34: BasicBlock 2-2-2-2 / 3-4-6-3; resnet50/101/152: Bottleneck "
+            "3-4-6-3 / 3-4-23-3 / 3-8-36-3)"
+        )
     width_key = f"{prefix}layer1.0.conv1.weight"
     if width_key not in state:
         raise ValueError(f"no {width_key} in the (renamed) source: cannot read the backbone width")
@@ -201,13 +208,37 @@ def infer_model(mapped: Mapping[str, Tensor], source: str) -> dict[str, Any]:
 
 # What each source architecture computes, beyond what the shapes say (docs/convert.md explains each).
 MODEL_SETTINGS: dict[str, dict[str, Any]] = {
-    "reference": dict(stem="deep", output_stride=8, multi_grid=True, align_corners=True, bn_momentum=3e-4,
-                      num_stages=3, eval_stages=None, bases_update="ema", momentum=0.1, renormalize=False,
-                      differentiable=False, residual="conv", dropout=0.1),
-    "mmseg": dict(stem="v1c", output_stride=8, multi_grid=False, align_corners=False, bn_momentum=0.1,
-                  num_stages=3, eval_stages=None, bases_update="ema", momentum=0.1, renormalize=True,
-                  differentiable=False, residual="conv", dropout=0.1),
-}  # fmt: skip
+    "reference": dict(
+        stem="deep",
+        output_stride=8,
+        multi_grid=True,
+        align_corners=True,
+        bn_momentum=3e-4,
+        num_stages=3,
+        eval_stages=None,
+        bases_update="ema",
+        momentum=0.1,
+        renormalize=False,
+        differentiable=False,
+        residual="conv",
+        dropout=0.1,
+    ),
+    "mmseg": dict(
+        stem="v1c",
+        output_stride=8,
+        multi_grid=False,
+        align_corners=False,
+        bn_momentum=0.1,
+        num_stages=3,
+        eval_stages=None,
+        bases_update="ema",
+        momentum=0.1,
+        renormalize=True,
+        differentiable=False,
+        residual="conv",
+        dropout=0.1,
+    ),
+}
 DATA_SETTINGS: dict[str, dict[str, Any]] = {
     # The reference's dataset.py computes (RGB/255 - MEAN) / STD since f2afd7f (2019-08-24; the released
     # final.pth was re-uploaded for it); its first release divided by MEAN: a model trained with that code
@@ -215,9 +246,13 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
     # Eval pads to H, W = 1 mod settings.STRIDE (the output stride: 8 here, set from the model below).
     "reference": dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), eval_pad_multiple=8, eval_pad_offset=1),
     # mmseg: mean 123.675/116.28/103.53, std 58.395/57.12/57.375 on RGB 0-255 = the ImageNet values on 0-1
-    "mmseg": dict(mean=[123.675 / 255, 116.28 / 255, 103.53 / 255], std=[58.395 / 255, 57.12 / 255, 57.375 / 255],
-                  eval_pad_multiple=0, eval_pad_offset=0),
-}  # fmt: skip
+    "mmseg": dict(
+        mean=[123.675 / 255, 116.28 / 255, 103.53 / 255],
+        std=[58.395 / 255, 57.12 / 255, 57.375 / 255],
+        eval_pad_multiple=0,
+        eval_pad_offset=0,
+    ),
+}
 DATASETS_BY_CLASSES = {21: "voc", 19: "cityscapes", 150: "ade20k"}
 
 
@@ -370,8 +405,10 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         out["model"]["output_stride"] = _OUTPUT_STRIDES[layout]
         found.append(f"output stride {out['model']['output_stride']}")
         if out["model"]["output_stride"] != 32 and trunk.get("contract_dilation") is not True:
-            raise ValueError("mmseg backbone without contract_dilation=True: its first dilated blocks use the full "
-                             "dilation, ours half of it (not supported)")  # fmt: skip
+            raise ValueError(
+                "mmseg backbone without contract_dilation=True: its first dilated blocks use the full "
+                "dilation, ours half of it (not supported)"
+            )
     if isinstance(trunk.get("multi_grid"), (list, tuple)):
         raise ValueError("mmseg backbone with multi_grid: not supported by this converter")
     norm = _norm_settings(cfg, model)
@@ -474,9 +511,11 @@ class ConversionResult:
         lines = []
         if self.model_config is not None:
             m = self.model_config
-            lines.append(f"model: {m.arch} {m.backbone} (width {m.backbone_width}) stem={m.stem} OS{m.output_stride} "
-                         f"head={m.head_layout} channels={m.channels} K={m.num_bases} classes={m.num_classes} "
-                         f"aux={m.aux}")  # fmt: skip
+            lines.append(
+                f"model: {m.arch} {m.backbone} (width {m.backbone_width}) stem={m.stem} OS{m.output_stride} "
+                f"head={m.head_layout} channels={m.channels} K={m.num_bases} classes={m.num_classes} "
+                f"aux={m.aux}"
+            )
         if self.backbone is not None:
             b = self.backbone
             lines.append(
@@ -485,8 +524,10 @@ class ConversionResult:
             )
         if self.config is not None:
             d = self.config.data
-            lines.append(f"input: (RGB/255 - mean) / std with mean {[round(v, 4) for v in d.mean]}, "
-                         f"std {[round(v, 4) for v in d.std]} (saved as data.mean/std)")  # fmt: skip
+            lines.append(
+                f"input: (RGB/255 - mean) / std with mean {[round(v, 4) for v in d.mean]}, "
+                f"std {[round(v, 4) for v in d.std]} (saved as data.mean/std)"
+            )
         lines.append(f"mapped {len(self.mapped)} keys, dropped {len(self.dropped)}, filled {len(self.filled)}")
         for verb, entries in (("dropped", self.dropped), ("filled", self.filled)):
             by_reason: dict[str, list[str]] = {}
@@ -580,8 +621,10 @@ def _rename_all(state: Mapping[str, Tensor], source: str, name: str):
         hint = (
             f"; the keys look like a {guess!r} checkpoint (use --from {guess})" if guess not in (None, source) else ""
         )
-        raise ValueError(f"{name}: {len(unknown)} keys not recognised for source {source!r}: "
-                         f"{', '.join(unknown[:10])}{'...' if len(unknown) > 10 else ''}{hint}")  # fmt: skip
+        raise ValueError(
+            f"{name}: {len(unknown)} keys not recognised for source {source!r}: "
+            f"{', '.join(unknown[:10])}{'...' if len(unknown) > 10 else ''}{hint}"
+        )
     return mapped, pairs, dropped
 
 
@@ -644,20 +687,41 @@ def convert_checkpoint(
     if source == "reference" and not any(o.split("=", 1)[0].strip() == "data.eval_pad_multiple" for o in overrides):
         cfg.data.eval_pad_multiple = m.output_stride  # pad_inf pads to 1 mod settings.STRIDE
     if source == "mmseg" and m.backbone in ("resnet18", "resnet34") and m.output_stride != 32:
-        raise ValueError(f"{name}: mmseg's ResNet-18/34 BasicBlock dilates only its first 3x3 conv, ours both: a "
-                         f"dilated (OS{m.output_stride}) {m.backbone} cannot be reproduced exactly "
-                         "(only model.output_stride=32 converts)")  # fmt: skip
+        raise ValueError(
+            f"{name}: mmseg's ResNet-18/34 BasicBlock dilates only its first 3x3 conv, ours both: a "
+            f"dilated (OS{m.output_stride}) {m.backbone} cannot be reproduced exactly "
+            "(only model.output_stride=32 converts)"
+        )
     if class_names is not None and len(class_names) != m.num_classes:
         notes.append(f"ignored {len(class_names)} class names from the checkpoint for {m.num_classes} classes")
         class_names = palette = None
     if palette is not None and len(palette) != m.num_classes:
         palette = None
     model = build_model(m)
-    sd, kept, filled = _reconcile(mapped, pairs, model.state_dict(), source, name, dropped, notes,
-                                  optional=[("aux_head.", "auxiliary head left out (model.aux=false)")])  # fmt: skip
+    sd, kept, filled = _reconcile(
+        mapped,
+        pairs,
+        model.state_dict(),
+        source,
+        name,
+        dropped,
+        notes,
+        optional=[("aux_head.", "auxiliary head left out (model.aux=false)")],
+    )
     model.load_state_dict(sd, strict=True)
-    return ConversionResult(source, sd, kept, dropped, filled, model_config=m, config=cfg, class_names=class_names,
-                            palette=palette, notes=notes, model=model.eval())  # fmt: skip
+    return ConversionResult(
+        source,
+        sd,
+        kept,
+        dropped,
+        filled,
+        model_config=m,
+        config=cfg,
+        class_names=class_names,
+        palette=palette,
+        notes=notes,
+        model=model.eval(),
+    )
 
 
 def convert(
@@ -688,7 +752,13 @@ def convert(
         from safetensors.torch import save_file
 
         dst.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.clone().contiguous() for k, v in result.state_dict.items()}, str(dst),
-                  metadata={"format": "emanet-backbone", "converted_from": source, **{k: str(v) for k, v in
-                            (result.backbone or {}).items()}})  # fmt: skip
+        save_file(
+            {k: v.clone().contiguous() for k, v in result.state_dict.items()},
+            str(dst),
+            metadata={
+                "format": "emanet-backbone",
+                "converted_from": source,
+                **{k: str(v) for k, v in (result.backbone or {}).items()},
+            },
+        )
     return result

@@ -30,18 +30,39 @@ Log = Callable[[str], None]
 DEMO_OVERRIDES = [
     # ResNet-10 (one block per stage), width 16, output stride 8: 22x22 feature maps for 176x176 scenes; its
     # receptive field is a fraction of the scene, so the FCN sees only the blobs near each pixel
-    "model.backbone=resnet10", "model.backbone_width=16", "model.stem=standard", "model.output_stride=8",
-    "model.num_classes=5", "model.channels=64", "model.mid_channels=32", "model.num_bases=2",
-    "model.num_stages=3", "model.differentiable=true", "model.bn_momentum=0.1", "model.align_corners=false",
-    "data.dataset=synthetic", "data.crop_size=176", "data.scales=[1.0]", "data.flip=true",
-    "data.eval_pad_multiple=0", "data.num_workers=1",
+    "model.backbone=resnet10",
+    "model.backbone_width=16",
+    "model.stem=standard",
+    "model.output_stride=8",
+    "model.num_classes=5",
+    "model.channels=64",
+    "model.mid_channels=32",
+    "model.num_bases=2",
+    "model.num_stages=3",
+    "model.differentiable=true",
+    "model.bn_momentum=0.1",
+    "model.align_corners=false",
+    "data.dataset=synthetic",
+    "data.crop_size=176",
+    "data.scales=[1.0]",
+    "data.flip=true",
+    "data.eval_pad_multiple=0",
+    "data.num_workers=1",
     "data.options={length: 4800, val_length: 200, image_size: 176, min_objects: 12, max_objects: 24, "
     "min_size: 12, max_size: 20, tint_strength: 0.25, noise: 0.03, hue_jitter: 1.2}",
-    "optim.lr=0.05", "optim.reference_groups=true", "loss.reduction=valid",
-    "train.iterations=600", "train.batch_size=8", "train.seed=0", "train.log_interval=10",
-    "train.eval_interval=0", "train.checkpoint_interval=600", "train.keep_checkpoints=1",
-    "train.device=cpu", "train.max_eval_images=0",
-]  # fmt: skip
+    "optim.lr=0.05",
+    "optim.reference_groups=true",
+    "loss.reduction=valid",
+    "train.iterations=600",
+    "train.batch_size=8",
+    "train.seed=0",
+    "train.log_interval=10",
+    "train.eval_interval=0",
+    "train.checkpoint_interval=600",
+    "train.keep_checkpoints=1",
+    "train.device=cpu",
+    "train.max_eval_images=0",
+]
 
 
 def demo_config(overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None) -> Config:
@@ -82,8 +103,14 @@ def _pooling_figures(models: dict[str, torch.nn.Module], val, n: int) -> dict[st
     return out
 
 
-def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[str, ...] = (),
-             config_path: str | None = None, *, progress: bool = True, log: Log = print) -> dict[str, Any]:  # fmt: skip
+def run_demo(
+    out_dir: str | Path = "reports/demo",
+    overrides: list[str] | tuple[str, ...] = (),
+    config_path: str | None = None,
+    *,
+    progress: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
     from emanet import report
 
     t_start = time.perf_counter()
@@ -110,8 +137,9 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
     miou32, miou16 = 100 * ema["results"]["mIoU"], 100 * float(bf16["mIoU"])
 
     # figures
-    report.plot_curves({n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()},
-                                out / "curves.png")  # fmt: skip
+    report.plot_curves(
+        {n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()}, out / "curves.png"
+    )
     samples = list(range(6))
     raw = [val.read(i) for i in samples]
     images = [np.asarray(img) for img, _ in raw]
@@ -121,8 +149,9 @@ def run_demo(out_dir: str | Path = "reports/demo", overrides: list[str] | tuple[
     with capture_attention(ema["model"]) as captured:
         _predict(ema["model"], val[0][0])
     resp = captured.responsibilities[0].float().numpy()  # (K, h, w)
-    _, chosen = report.plot_responsibilities(images[0], truths[0], resp, out / "responsibilities.png",
-                                             top=min(6, resp.shape[0]), palette=val.palette)  # fmt: skip
+    _, chosen = report.plot_responsibilities(
+        images[0], truths[0], resp, out / "responsibilities.png", top=min(6, resp.shape[0]), palette=val.palette
+    )
 
     pooling = _pooling_figures({n: r["model"] for n, r in runs.items()}, val, min(100, len(val)))
 

@@ -72,8 +72,10 @@ def init_distributed(device_name: str = "auto") -> DistEnv:
     use_cuda = select_device(device_name).type == "cuda"
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                             "start at most one process per GPU (--nproc_per_node)")  # fmt: skip
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -81,8 +83,9 @@ def init_distributed(device_name: str = "auto") -> DistEnv:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device,
-                   owns_group=owns)  # fmt: skip
+    return DistEnv(
+        rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device, owns_group=owns
+    )
 
 
 def cleanup_distributed(env: DistEnv) -> None:
@@ -284,8 +287,12 @@ class DataStream:
             shutdown()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches, "batch_size": self.loader.batch_size,
-                "world_size": self.sampler.num_replicas}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "batch_size": self.loader.batch_size,
+            "world_size": self.sampler.num_replicas,
+        }
 
 
 # ----------------------------------------------------------------------------- RNG states and digests

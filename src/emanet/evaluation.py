@@ -58,9 +58,18 @@ def evaluate(
             skipped.append(f"{error.path}: {' '.join(error.reason.split())}")
             continue
         with autocast(device, cfg.train.precision):
-            probs = infer(model, image[None].to(device), mode=e.mode, scales=tuple(e.scales), flip=e.flip,
-                          crop_size=e.crop_size, stride=e.stride, num_classes=num_classes,
-                          align_corners=cfg.model.align_corners, out_size=label.shape[-2:])  # fmt: skip
+            probs = infer(
+                model,
+                image[None].to(device),
+                mode=e.mode,
+                scales=tuple(e.scales),
+                flip=e.flip,
+                crop_size=e.crop_size,
+                stride=e.stride,
+                num_classes=num_classes,
+                align_corners=cfg.model.align_corners,
+                out_size=label.shape[-2:],
+            )
         matrix.update(probs.argmax(1).cpu(), label[None])
         if bar is not None:
             bar.update(1)

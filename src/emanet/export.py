@@ -78,8 +78,10 @@ def _check_opset(exporter: str, opset: int | None) -> int:
         return DEFAULT_OPSET[exporter]
     lo, hi = OPSET_RANGE[exporter]
     if not lo <= opset <= hi:
-        raise ValueError(f"opset {opset} is not supported by the {exporter} exporter: use {lo}..{hi} "
-                         f"(default {DEFAULT_OPSET[exporter]})")  # fmt: skip
+        raise ValueError(
+            f"opset {opset} is not supported by the {exporter} exporter: use {lo}..{hi} "
+            f"(default {DEFAULT_OPSET[exporter]})"
+        )
     return opset
 
 
@@ -129,9 +131,16 @@ def export_onnx(
             axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {}
             if per_image:
                 axes.pop(0, None)
-            torch.onnx.export(net, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: axes, OUTPUT: axes} if axes else None)  # fmt: skip
+            torch.onnx.export(
+                net,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_axes={INPUT: axes, OUTPUT: axes} if axes else None,
+            )
         else:
             shapes = None
             if dynamic:
@@ -139,8 +148,16 @@ def export_onnx(
                 if not per_image:
                     dims[0] = torch.export.Dim("batch", min=1)
                 shapes = (dims,)
-            program = torch.onnx.export(net, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
-                                        output_names=[OUTPUT], dynamic_shapes=shapes, verbose=False)  # fmt: skip
+            program = torch.onnx.export(
+                net,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_shapes=shapes,
+                verbose=False,
+            )
             program.save(str(path), external_data=big)
 
     if metadata:
@@ -210,8 +227,10 @@ def onnx_parity(
             expected = net(x).numpy()
         (got,) = session.run([OUTPUT], {INPUT: x.numpy()})
         if got.shape != expected.shape:
-            raise ValueError(f"{path}: onnxruntime returned logits of shape {got.shape} for input {tuple(size)}, "
-                             f"PyTorch {expected.shape}")  # fmt: skip
+            raise ValueError(
+                f"{path}: onnxruntime returned logits of shape {got.shape} for input {tuple(size)}, "
+                f"PyTorch {expected.shape}"
+            )
         worst = max(worst, float(np.abs(got - expected).max()))
         scale = max(scale, float(np.abs(expected).max()))
         same += int((got.argmax(1) == expected.argmax(1)).sum())

@@ -89,8 +89,10 @@ def infer_slide(
         for k in range(0, len(boxes), batch_size):
             logits = _logits(model, crops[k : k + batch_size])  # (n, C, ch, cw)
             if logits.shape[-2:] != (ch, cw):
-                raise ValueError(f"the model returned logits of size {tuple(logits.shape[-2:])} for a "
-                                 f"{(ch, cw)} window; it must upsample to its input size")  # fmt: skip
+                raise ValueError(
+                    f"the model returned logits of size {tuple(logits.shape[-2:])} for a "
+                    f"{(ch, cw)} window; it must upsample to its input size"
+                )
             if out is None:
                 c = num_classes if num_classes is not None else logits.shape[1]
                 # float32 at least: half-precision sums of many overlapping windows lose digits
@@ -151,8 +153,7 @@ def infer(
     def predict(x: Tensor) -> Tensor:
         if mode == "whole":
             return infer_whole(model, x)
-        return infer_slide(model, x, crop_size=crop_size, stride=stride, num_classes=num_classes,
-                           batch_size=batch_size)  # fmt: skip
+        return infer_slide(model, x, crop_size=crop_size, stride=stride, num_classes=num_classes, batch_size=batch_size)
 
     probs: Tensor | None = None
     passes = 0

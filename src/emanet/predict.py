@@ -148,8 +148,13 @@ class Predictor:
         self.model = maybe_compile(model, compile)
         # the evaluation transform: (mmseg's keep-ratio resize,) normalise, pad bottom/right with 0 (the mean)
         self._resized = d.eval_resize is not None
-        self._transform = eval_transform(mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None,
-                                         pad_offset=d.eval_pad_offset, keep_ratio_resize=d.eval_resize)  # fmt: skip
+        self._transform = eval_transform(
+            mean=d.mean,
+            std=d.std,
+            pad_multiple=d.eval_pad_multiple or None,
+            pad_offset=d.eval_pad_offset,
+            keep_ratio_resize=d.eval_resize,
+        )
 
     @classmethod
     def from_source(
@@ -160,8 +165,9 @@ class Predictor:
 
         dev = select_device(device)
         loaded = load_model(source, device=dev, overrides=list(overrides))
-        return cls(loaded.model, loaded.config, class_names=loaded.class_names, palette=loaded.palette, device=dev,
-                   **options)  # fmt: skip
+        return cls(
+            loaded.model, loaded.config, class_names=loaded.class_names, palette=loaded.palette, device=dev, **options
+        )
 
     @property
     def plain(self) -> bool:
@@ -212,10 +218,18 @@ class Predictor:
         hp, wp = x.shape[-2:]
         capture = capture_attention(self.model) if want_attention else None
         with capture or contextlib.nullcontext(), autocast(self.device, self.precision):
-            p = infer(self.model, x, mode=self.mode, scales=self.scales, flip=self.flip, crop_size=self.crop_size,
-                      stride=self.stride, num_classes=self.num_classes,
-                      align_corners=self.config.model.align_corners,
-                      out_size=(rgbs[0].height, rgbs[0].width) if self._resized else None)  # fmt: skip
+            p = infer(
+                self.model,
+                x,
+                mode=self.mode,
+                scales=self.scales,
+                flip=self.flip,
+                crop_size=self.crop_size,
+                stride=self.stride,
+                num_classes=self.num_classes,
+                align_corners=self.config.model.align_corners,
+                out_size=(rgbs[0].height, rgbs[0].width) if self._resized else None,
+            )
             if want_attention and not self.plain:
                 infer_whole(self.model, x)  # attention of the plain forward, not of the last scale/flip/window
         p = p.float()  # (B, C, Hp, Wp)
@@ -226,11 +240,16 @@ class Predictor:
             h, w = rgb.height, rgb.width
             lab = labels[j, :h, :w]
             lab = lab.astype(np.uint8) if self.num_classes <= 256 else lab.astype(np.int64)
-            out.append(Prediction(
-                labels=np.ascontiguousarray(lab), image=rgb, palette=self.palette, padded_size=(int(hp), int(wp)),
-                probs=p[j, :, :h, :w].cpu().numpy().copy() if want_probs else None,
-                attention=resp[j].copy() if resp is not None else None,
-            ))  # fmt: skip
+            out.append(
+                Prediction(
+                    labels=np.ascontiguousarray(lab),
+                    image=rgb,
+                    palette=self.palette,
+                    padded_size=(int(hp), int(wp)),
+                    probs=p[j, :, :h, :w].cpu().numpy().copy() if want_probs else None,
+                    attention=resp[j].copy() if resp is not None else None,
+                )
+            )
         return out
 
 
@@ -332,14 +351,25 @@ def save_outputs(
     pred.color_image().save(written[1])
     pred.overlay(alpha).save(written[2])
     if pred.attention is not None:
-        grid = attention_grid(pred.image, pred.attention, padded_size=pred.padded_size, num_bases=attention_bases,
-                              align_corners=align_corners)  # fmt: skip
+        grid = attention_grid(
+            pred.image,
+            pred.attention,
+            padded_size=pred.padded_size,
+            num_bases=attention_bases,
+            align_corners=align_corners,
+        )
         written.append(stem.with_name(stem.name + "_attention.png"))
         grid.image.save(written[-1])
         if save_arrays:
             written.append(stem.with_name(stem.name + "_attention.npz"))
-            save_attention_arrays(written[-1], pred.attention, grid.indices, grid.shares, image_size=pred.size,
-                                  padded_size=pred.padded_size)  # fmt: skip
+            save_attention_arrays(
+                written[-1],
+                pred.attention,
+                grid.indices,
+                grid.shares,
+                image_size=pred.size,
+                padded_size=pred.padded_size,
+            )
     return written
 
 
@@ -399,8 +429,15 @@ def predict_files(
             preds = predictor.predict_batch(images, attention=want_attention) if images else []
             for f, pred in zip(chunk, preds):
                 try:
-                    save_outputs(pred, out_dir, f.name, alpha=opts.alpha, attention_bases=opts.attention_bases,
-                                 save_arrays=opts.save_arrays, align_corners=align_corners)  # fmt: skip
+                    save_outputs(
+                        pred,
+                        out_dir,
+                        f.name,
+                        alpha=opts.alpha,
+                        attention_bases=opts.attention_bases,
+                        save_arrays=opts.save_arrays,
+                        align_corners=align_corners,
+                    )
                 except OSError as e:
                     fail(f, OSError(f"cannot write outputs to {out_dir}: {e}"))
             if bar is not None:

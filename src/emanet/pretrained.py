@@ -86,8 +86,13 @@ def save_pretrained(
         raise ValueError(f"class_names has {len(names)} entries for {config.model.num_classes} classes")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
-    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "class_names": names,
-            "palette": [list(c) for c in colours]}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "class_names": names,
+        "palette": [list(c) for c in colours],
+    }
     (folder / CONFIG).write_text(json.dumps(meta, indent=2))
     from emanet.model_card import write_model_card
 
@@ -116,13 +121,17 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) 
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(f"{source}: weights do not match the config's model: {key} has shape "
-                             f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")  # fmt: skip
+            raise ValueError(
+                f"{source}: weights do not match the config's model: {key} has shape "
+                f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the config's model; missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")  # fmt: skip
+        raise ValueError(
+            f"{source}: weights do not match the config's model; missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
 
 
 def load_model(
@@ -151,8 +160,9 @@ def load_model(
             raise ValueError(str(e)) from None
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"model source not found: {source} (expected a model folder, a checkpoint "
-                                "file or a run folder)")  # fmt: skip
+        raise FileNotFoundError(
+            f"model source not found: {source} (expected a model folder, a checkpoint file or a run folder)"
+        )
     class_names = palette = None
     if is_model_folder(source):
         state, meta = _read_folder(source)
@@ -167,8 +177,10 @@ def load_model(
                 reasons = [m.removeprefix("skipping damaged checkpoint: ").split("; trying")[0] for m in damaged]
                 raise ValueError(f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(reasons))
             if found is None:
-                raise FileNotFoundError(f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
-                                        "folder with checkpoints (iter_*.pt)")  # fmt: skip
+                raise FileNotFoundError(
+                    f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
+                    "folder with checkpoints (iter_*.pt)"
+                )
             for message in damaged:
                 warnings.warn(message, stacklevel=2)
             path = found

@@ -22,11 +22,23 @@ Log = Callable[[str], None]
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     d = cfg.data
-    train_tf = train_transform(crop_size=d.crop_size, scales=d.scales, flip=d.flip, jitter=d.jitter or None,
-                               mean=d.mean, std=d.std, ignore_index=cfg.loss.ignore_index)  # fmt: skip
-    eval_tf = eval_transform(mean=d.mean, std=d.std, pad_multiple=d.eval_pad_multiple or None,
-                             pad_offset=d.eval_pad_offset, ignore_index=cfg.loss.ignore_index,
-                             keep_ratio_resize=d.eval_resize)  # fmt: skip
+    train_tf = train_transform(
+        crop_size=d.crop_size,
+        scales=d.scales,
+        flip=d.flip,
+        jitter=d.jitter or None,
+        mean=d.mean,
+        std=d.std,
+        ignore_index=cfg.loss.ignore_index,
+    )
+    eval_tf = eval_transform(
+        mean=d.mean,
+        std=d.std,
+        pad_multiple=d.eval_pad_multiple or None,
+        pad_offset=d.eval_pad_offset,
+        ignore_index=cfg.loss.ignore_index,
+        keep_ratio_resize=d.eval_resize,
+    )
     options = dict(d.options)
     val_options = dict(options)
     if d.dataset == "synthetic":  # generated: lengths per split instead of folders
@@ -35,8 +47,7 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
         root = None
     else:
         root = d.root
-    train = build_dataset(d.dataset, root=root, split=d.train_split, transform=train_tf, seed=cfg.train.seed,
-                          **options)  # fmt: skip
+    train = build_dataset(d.dataset, root=root, split=d.train_split, transform=train_tf, seed=cfg.train.seed, **options)
     val = build_dataset(d.dataset, root=root, split=d.val_split, transform=eval_tf, **val_options)
     return train, val
 
@@ -47,8 +58,10 @@ def skip_bad_samples(dataset: Dataset, cfg: Config, run: Path) -> Dataset:
     try:
         from emanet.data import SkipBadSamples  # type: ignore[attr-defined]
     except ImportError:
-        raise ValueError("data.on_bad_sample=skip needs emanet.data.SkipBadSamples, which this version of "
-                         "emanet lacks; use data.on_bad_sample=raise") from None  # fmt: skip
+        raise ValueError(
+            "data.on_bad_sample=skip needs emanet.data.SkipBadSamples, which this version of "
+            "emanet lacks; use data.on_bad_sample=raise"
+        ) from None
     return SkipBadSamples(dataset, log_path=run / "bad_samples.txt")
 
 

@@ -46,8 +46,9 @@ class ADE20KDataset(SegmentationDataset):
         label_dir = require_dir(base / "annotations" / folder, ADE_LAYOUT)
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not images:
-            raise DataError(image_dir, f"split {split!r} is empty: no images; expected {ADE_LAYOUT}",
-                            kind="empty_split")  # fmt: skip
+            raise DataError(
+                image_dir, f"split {split!r} is empty: no images; expected {ADE_LAYOUT}", kind="empty_split"
+            )
         labels = [label_dir / f"{p.stem}.png" for p in images]
         missing = {p for p in labels if not p.is_file()}
         if missing and strict:

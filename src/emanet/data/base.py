@@ -80,8 +80,12 @@ def decode_error(path: str | Path, what: str, error: BaseException) -> DataError
     """A Pillow failure on ``path`` as a DataError: "truncated" when the file ends early, else "unreadable"."""
     text = str(error)
     if "truncated" in text.lower():  # Pillow words it differently in verify() and load(): one message for both
-        return DataError(path, f"{what} file is truncated: it ends before its pixel data does; copy or download it "
-                         "again", kind="truncated", details={"pillow": text})  # fmt: skip
+        return DataError(
+            path,
+            f"{what} file is truncated: it ends before its pixel data does; copy or download it again",
+            kind="truncated",
+            details={"pillow": text},
+        )
     return DataError(path, f"cannot read {what} ({type(error).__name__}: {text})", kind="unreadable")
 
 
@@ -282,8 +286,9 @@ def _read_listed(reader, path: Path):
     try:
         return reader(path)
     except FileNotFoundError as e:
-        raise DataError(path, f"file not found ({e.strerror}); it was listed when the dataset was built",
-                        kind="missing_pair") from e  # fmt: skip
+        raise DataError(
+            path, f"file not found ({e.strerror}); it was listed when the dataset was built", kind="missing_pair"
+        ) from e
 
 
 def reseedable_datasets(dataset) -> list:

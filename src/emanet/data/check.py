@@ -224,9 +224,14 @@ def check_dataset(
     report.problems += [Problem.from_error(e) for e in getattr(dataset, "problems", ())]
     ds_classes = getattr(dataset, "num_classes", None)
     if num_classes is not None and ds_classes is not None and ds_classes != num_classes:
-        report.problems.append(Problem("num_classes", report.root or report.dataset,
-                                       f"the dataset has {ds_classes} classes but model.num_classes is "
-                                       f"{num_classes}; set model.num_classes={ds_classes}"))  # fmt: skip
+        report.problems.append(
+            Problem(
+                "num_classes",
+                report.root or report.dataset,
+                f"the dataset has {ds_classes} classes but model.num_classes is "
+                f"{num_classes}; set model.num_classes={ds_classes}",
+            )
+        )
     if len(dataset) == 0:
         report.problems.append(Problem("empty_split", report.root or report.dataset, "the split has no samples"))
         return report
@@ -239,9 +244,11 @@ def check_dataset(
         bar = progress_bar(total=n, desc=f"check {report.split}", unit="sample")
     with strict_decoding() as was_lenient:
         if was_lenient:
-            report.notes.append("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True (set by another library): it was "
-                                "turned off for this scan, but training in this process would pad truncated "
-                                "files silently")  # fmt: skip
+            report.notes.append(
+                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True (set by another library): it was "
+                "turned off for this scan, but training in this process would pad truncated "
+                "files silently"
+            )
         for i in range(n):
             if paired:
                 report.files_scanned += _scan_pair(dataset, i, report.problems)
@@ -304,8 +311,9 @@ def check_data_config(
                 options["length"] = val_length
             root = None
         split = data.train_split if which == "train" else data.val_split
-        reports.append(check_split(data.dataset, root=root, split=split, options=options, num_classes=num_classes,
-                                   **kwargs))  # fmt: skip
+        reports.append(
+            check_split(data.dataset, root=root, split=split, options=options, num_classes=num_classes, **kwargs)
+        )
     return reports
 
 

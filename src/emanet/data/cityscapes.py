@@ -45,8 +45,11 @@ class CityscapesDataset(SegmentationDataset):
         image_dir = require_dir(root / "leftImg8bit" / split, CITYSCAPES_LAYOUT)
         images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         if not images:
-            raise DataError(image_dir, f"split {split!r} is empty: no */*_leftImg8bit.png images; expected "
-                            f"{CITYSCAPES_LAYOUT}", kind="empty_split")  # fmt: skip
+            raise DataError(
+                image_dir,
+                f"split {split!r} is empty: no */*_leftImg8bit.png images; expected {CITYSCAPES_LAYOUT}",
+                kind="empty_split",
+            )
         stems = [p.name[: -len("_leftImg8bit.png")] for p in images]
         names = [f"{p.parent.name}/{s}" for p, s in zip(images, stems)]
         label_dir = root / "gtFine" / split

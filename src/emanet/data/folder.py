@@ -49,8 +49,9 @@ class FolderDataset(SegmentationDataset):
         for path in find_images(image_dir):
             key = path.relative_to(image_dir).with_suffix("").as_posix()
             if key in images:
-                error = DataError(path, f"another image has the sample name {key!r}: {images[key]}; rename one",
-                                  kind="duplicate")  # fmt: skip
+                error = DataError(
+                    path, f"another image has the sample name {key!r}: {images[key]}; rename one", kind="duplicate"
+                )
                 if strict:
                     raise error
                 problems.append(error)
@@ -58,8 +59,9 @@ class FolderDataset(SegmentationDataset):
             images[key] = path
         masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in find_images(mask_dir, (".png",))}
         if not images and not masks:
-            raise DataError(image_dir, f"split {split!r} is empty: no images; expected {FOLDER_LAYOUT}",
-                            kind="empty_split")  # fmt: skip
+            raise DataError(
+                image_dir, f"split {split!r} is empty: no images; expected {FOLDER_LAYOUT}", kind="empty_split"
+            )
         no_mask = sorted(images.keys() - masks.keys())
         no_image = sorted(masks.keys() - images.keys())
         if (no_mask or no_image) and strict:
@@ -70,11 +72,15 @@ class FolderDataset(SegmentationDataset):
                 parts.append(f"{len(no_image)} mask(s) in {mask_dir} without an image: {_describe_names(no_image)}")
             raise DataError(root, "unpaired files; " + "; ".join(parts), kind="missing_pair")
         for key in no_mask:
-            problems.append(DataError(images[key], f"image without a mask: {mask_dir / key}.png not found",
-                                      kind="missing_pair"))  # fmt: skip
+            problems.append(
+                DataError(images[key], f"image without a mask: {mask_dir / key}.png not found", kind="missing_pair")
+            )
         for key in no_image:
-            problems.append(DataError(masks[key], f"mask without an image: no {image_dir / key}.jpg/.jpeg/.png",
-                                      kind="missing_pair"))  # fmt: skip
+            problems.append(
+                DataError(
+                    masks[key], f"mask without an image: no {image_dir / key}.jpg/.jpeg/.png", kind="missing_pair"
+                )
+            )
         images = {k: v for k, v in images.items() if k in masks}
         names = sorted(images)
         palette_file = root / "palette.txt"

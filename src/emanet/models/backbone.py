@@ -176,18 +176,28 @@ class ResNet(nn.Module):
             # The last conv has no norm inside the Sequential: its BN is `bn1`, so the keys line up with
             # PyTorch-Encoding's files (conv1.0/1/3/4/6, bn1).
             self.conv1 = nn.Sequential(
-                conv3x3(in_channels, w, stride=2), norm(w), nn.ReLU(inplace=True),
-                conv3x3(w, w), norm(w), nn.ReLU(inplace=True),
+                conv3x3(in_channels, w, stride=2),
+                norm(w),
+                nn.ReLU(inplace=True),
+                conv3x3(w, w),
+                norm(w),
+                nn.ReLU(inplace=True),
                 conv3x3(w, 2 * w),
-            )  # fmt: skip
+            )
             self.bn1 = norm(2 * w)
             stem_out = 2 * w
         else:  # v1c
             self.stem = nn.Sequential(
-                conv3x3(in_channels, w // 2, stride=2), norm(w // 2), nn.ReLU(inplace=True),
-                conv3x3(w // 2, w // 2), norm(w // 2), nn.ReLU(inplace=True),
-                conv3x3(w // 2, w), norm(w), nn.ReLU(inplace=True),
-            )  # fmt: skip
+                conv3x3(in_channels, w // 2, stride=2),
+                norm(w // 2),
+                nn.ReLU(inplace=True),
+                conv3x3(w // 2, w // 2),
+                norm(w // 2),
+                nn.ReLU(inplace=True),
+                conv3x3(w // 2, w),
+                norm(w),
+                nn.ReLU(inplace=True),
+            )
             stem_out = w
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -321,8 +331,10 @@ def read_weights_file(path: str | os.PathLike, *, allow_pickle: bool = False, wh
     except Exception as e:  # truncated file, or pickled objects weights_only refuses
         hint = ""
         if not allow_pickle and "weights_only" in str(e).lower():
-            hint = ("; it holds pickled Python objects (e.g. an mmengine message hub): if you trust the file, "
-                    "pass allow_pickle=True (CLI: --allow-pickle)")  # fmt: skip
+            hint = (
+                "; it holds pickled Python objects (e.g. an mmengine message hub): if you trust the file, "
+                "pass allow_pickle=True (CLI: --allow-pickle)"
+            )
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}){hint}") from None
 
 

@@ -91,8 +91,9 @@ def layer4_dilations(output_stride: int, blocks: int = 3) -> tuple[int, ...]:
 class SegmentationModel(nn.Module):
     """backbone -> head on C5 (+ auxiliary head on C4) -> bilinear upsample to the input size."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None,
-                 *, align_corners: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None, *, align_corners: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -173,5 +174,15 @@ fcn_resnet101 = _builder("fcn", "resnet101")
 nonlocal_resnet50 = _builder("nonlocal", "resnet50")
 nonlocal_resnet101 = _builder("nonlocal", "resnet101")
 
-MODELS = {f.__name__: f for f in (emanet_resnet50, emanet_resnet101, emanet_resnet152, fcn_resnet50,
-                                  fcn_resnet101, nonlocal_resnet50, nonlocal_resnet101)}  # fmt: skip
+MODELS = {
+    f.__name__: f
+    for f in (
+        emanet_resnet50,
+        emanet_resnet101,
+        emanet_resnet152,
+        fcn_resnet50,
+        fcn_resnet101,
+        nonlocal_resnet50,
+        nonlocal_resnet101,
+    )
+}

@@ -115,9 +115,14 @@ class FCNAuxHead(nn.Module):
     """Auxiliary FCN head on layer3 (mmsegmentation's, loss weight 0.4): 3x3 conv -> dropout -> 1x1."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, *, channels: int = 256, dropout: float = 0.1,
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        channels: int = 256,
+        dropout: float = 0.1,
         norm_layer: NormLayer = nn.BatchNorm2d,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.conv = ConvBNReLU(in_channels, channels, 3, norm_layer)
         self.dropout = nn.Dropout2d(dropout)
