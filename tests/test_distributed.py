@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import tiny_run
+from conftest import tiny_model, tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.config import load_config
 from emanet.distributed import (
@@ -28,7 +28,7 @@ from emanet.distributed import (
     state_digest,
 )
 from emanet.engine import train
-from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.emanet import build_model
 
 TINY = tiny_run("model.dropout=0.0", "train.log_interval=1", scales="[0.75, 1.25]", length=8)
 
@@ -117,17 +117,7 @@ def test_stop_signals_set_a_flag_then_abort_and_restore_handlers():
 
 
 def test_digest_sees_bases_and_single_process_collectives_are_identity():
-    model = build_model(
-        ModelConfig(
-            backbone="resnet18",
-            backbone_width=8,
-            stem="standard",
-            num_classes=3,
-            channels=16,
-            mid_channels=8,
-            num_bases=4,
-        )
-    )
+    model = build_model(tiny_model())
     d0 = state_digest(model)
     model.head.context.bases[0, 0, 0] += 1e-7
     d1 = state_digest(model)

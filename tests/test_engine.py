@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import emanet.data
-from conftest import tiny_run
+from conftest import tiny_model, tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.cli import main
 from emanet.engine import param_groups, poly_factor
@@ -53,17 +53,7 @@ def test_bad_override_is_an_error_message(tmp_path, capsys):
 
 
 def test_reference_param_groups():
-    model = build_model(
-        ModelConfig(
-            backbone="resnet18",
-            backbone_width=8,
-            stem="standard",
-            num_classes=3,
-            channels=16,
-            mid_channels=8,
-            num_bases=4,
-        )
-    )
+    model = build_model(tiny_model())
     groups = param_groups(model, lr=0.01, weight_decay=1e-4, reference=True)
     by_id = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())

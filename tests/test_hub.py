@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from emanet import ModelConfig, build_model
+from conftest import tiny_model
+from emanet import build_model
 from emanet.config import Config
 from emanet.model_card import MARKER, write_model_card
 from emanet.pretrained import save_pretrained
@@ -23,17 +24,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def tiny_folder(path: Path) -> tuple[Path, torch.nn.Module]:
-    cfg = Config(
-        model=ModelConfig(
-            backbone="resnet10",
-            stem="standard",
-            backbone_width=8,
-            channels=8,
-            mid_channels=8,
-            num_bases=2,
-            num_classes=3,
-        )
-    )
+    cfg = Config(model=tiny_model(backbone="resnet10", channels=8, num_bases=2))
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     return save_pretrained(model, cfg, path, class_names=["sky", "road", "car"]), model

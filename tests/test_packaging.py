@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import emanet
+from conftest import tiny_model
 from emanet.config import RECIPES_DIR, load_config, packaged_configs, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,21 +146,11 @@ def test_torch_hub_load_from_the_checkout(tmp_path):
 
 
 def test_torch_hub_from_pretrained_loads_a_model_folder(tmp_path):
-    from emanet import ModelConfig, build_model
+    from emanet import build_model
     from emanet.config import Config
     from emanet.pretrained import save_pretrained
 
-    cfg = Config(
-        model=ModelConfig(
-            backbone="resnet10",
-            stem="standard",
-            backbone_width=8,
-            channels=8,
-            mid_channels=8,
-            num_bases=2,
-            num_classes=3,
-        )
-    )
+    cfg = Config(model=tiny_model(backbone="resnet10", channels=8, num_bases=2))
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     folder = save_pretrained(model, cfg, tmp_path / "m")
