@@ -389,17 +389,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from emanet import __version__
-
-    parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
-    parser.add_argument("--version", action="version", version=f"emanet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_configs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("configs", help="list the packaged YAML recipes (use them with --config NAME)")
     p.add_argument("--show", metavar="NAME", help="print one recipe (to copy and edit)")
     p.set_defaults(func=cmd_configs)
 
+
+def _add_flops(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="parameters and multiply-adds, beside the paper's Table 1")
     _model_args(p)
     p.add_argument("--size", type=int, nargs=2, default=(513, 513), metavar=("H", "W"), help="(default: 513 513)")
@@ -407,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-paper", action="store_true", help="skip the Table 1 comparison")
     p.set_defaults(func=cmd_flops)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config (+ section.key=value overrides)")
     p.add_argument("--config", help="YAML file or packaged recipe name (emanet configs); default: the VOC recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.iterations=1000 model.num_bases=32")
@@ -428,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")
     p.add_argument("checkpoint", help="a model folder, a checkpoint file or a run folder (its newest checkpoint)")
     p.add_argument(
@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train EMANet and FCN on the synthetic context set (CPU) and write a report")
     p.add_argument("--out", default="reports/demo", help="report folder (default: reports/demo)")
     p.add_argument("--config", help="a YAML file instead of the built-in demo settings")
@@ -454,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label maps, colour images and overlays (+ EM attention maps) for images")
     p.add_argument("source", help="a model folder (save_pretrained), a checkpoint file or a run folder")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or quoted globs")
@@ -478,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "study",
         help="the paper's studies: T_train x T_eval grid (iterations) or bases "
@@ -505,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_study)
 
+
+def _add_push_to_hub(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "push-to-hub",
         help="upload a model folder, run or checkpoint to the Hugging Face Hub "
@@ -516,12 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="a branch to push to (default: main)")
     p.set_defaults(func=cmd_push_to_hub)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
     p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
     parts = ("em", "model", "compile")
     p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to run (default: all)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
     p.set_defaults(func=cmd_bench)
+
+
+def _add_check_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")
     p.add_argument("--config", help="YAML file or packaged recipe name; its data section names the dataset")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=/data/voc")
@@ -537,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check_data)
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="import a checkpoint from the EMANet reference, mmsegmentation or an "
@@ -560,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a model to ONNX (dynamic batch/H/W), optionally checked against "
@@ -601,6 +618,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest accepted absolute logit difference for --check (default: 1e-4)",
     )
     p.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from emanet import __version__
+
+    parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
+    parser.add_argument("--version", action="version", version=f"emanet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_configs,
+        _add_flops,
+        _add_train,
+        _add_eval,
+        _add_demo,
+        _add_predict,
+        _add_study,
+        _add_push_to_hub,
+        _add_bench,
+        _add_check_data,
+        _add_convert,
+        _add_export,
+    ):
+        add(sub)
     return parser
 
 
