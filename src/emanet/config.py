@@ -167,122 +167,147 @@ def validation_errors(cfg: Config) -> list[str]:
     window (pixels that no window covers). Whether the dataset's class count matches model.num_classes is
     known only once the data is read: ``emanet check-data`` reports it (configs also serve inference).
     """
+    checks = _Checks(
+        # every Literal field of every section, once, from its type (also catches assignments after loading)
+        [err for f in dataclasses.fields(cfg) for err in literal_errors(getattr(cfg, f.name), f"{f.name}.")]
+    )
+    for section in (_model_errors, _data_errors, _optim_loss_errors, _train_errors, _eval_errors):
+        section(cfg, checks)
+    return checks.errors
+
+
+class _Checks:
+    """Collects the messages of failed checks: ``need(ok, key, expected, value)``."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+
+    def need(self, ok: bool, key: str, expected: str, value: Any) -> None:
+        if not ok:
+            self.errors.append(f"{key} must be {expected}, got {value!r}")
+
+    def positive_list(self, values: list, key: str, n: int | None = None) -> None:
+        size_ok = len(values) >= 1 if n is None else len(values) == n
+        expected = f"{n} positive numbers" if n else "a non-empty list of positive numbers"
+        self.need(size_ok and all(v > 0 for v in values), key, expected, values)
+
+
+def _model_errors(cfg: Config, c: _Checks) -> None:
+    m = cfg.model
+    # model (ModelConfig checks its own fields on construction; these catch later assignments too)
+    c.need(m.output_stride in OUTPUT_STRIDES, "model.output_stride", "8, 16 or 32", m.output_stride)
+    for name in MODEL_SIZES:
+        c.need(getattr(m, name) >= 1, f"model.{name}", ">= 1", getattr(m, name))
+    c.need(
+        m.eval_stages is None or m.eval_stages >= 1, "model.eval_stages", ">= 1 or null (= num_stages)", m.eval_stages
+    )
+    c.need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    c.need(0 <= m.momentum <= 1, "model.momentum", "in [0, 1] (weight of the new bases estimate)", m.momentum)
+    c.need(0 <= m.bn_momentum <= 1, "model.bn_momentum", "in [0, 1]", m.bn_momentum)
+
+
+def _data_errors(cfg: Config, c: _Checks) -> None:
     from emanet.data import DATASETS
 
-    m, d, o, lo, t, e = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.train, cfg.eval
-    # every Literal field of every section, once, from its type (also catches assignments after loading)
-    errors: list[str] = [e for f in dataclasses.fields(cfg) for e in literal_errors(getattr(cfg, f.name), f"{f.name}.")]
-
-    def need(ok: bool, key: str, expected: str, value: Any) -> None:
-        if not ok:
-            errors.append(f"{key} must be {expected}, got {value!r}")
-
-    def positive_list(values: list, key: str, n: int | None = None) -> None:
-        size_ok = len(values) >= 1 if n is None else len(values) == n
-        need(
-            size_ok and all(v > 0 for v in values),
-            key,
-            f"{n} positive numbers" if n else "a non-empty list of positive numbers",
-            values,
-        )
-
-    # model (ModelConfig checks its own fields on construction; these catch later assignments too)
-    need(m.output_stride in OUTPUT_STRIDES, "model.output_stride", "8, 16 or 32", m.output_stride)
-    for name in MODEL_SIZES:
-        need(getattr(m, name) >= 1, f"model.{name}", ">= 1", getattr(m, name))
-    need(m.eval_stages is None or m.eval_stages >= 1, "model.eval_stages", ">= 1 or null (= num_stages)", m.eval_stages)
-    need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
-    need(0 <= m.momentum <= 1, "model.momentum", "in [0, 1] (weight of the new bases estimate)", m.momentum)
-    need(0 <= m.bn_momentum <= 1, "model.bn_momentum", "in [0, 1]", m.bn_momentum)
-
+    m, d = cfg.model, cfg.data
     # data
     if d.dataset not in DATASETS:
         close = difflib.get_close_matches(d.dataset, list(DATASETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        errors.append(f"data.dataset must be one of {', '.join(sorted(DATASETS))}, got {d.dataset!r}{hint}")
+        c.errors.append(f"data.dataset must be one of {', '.join(sorted(DATASETS))}, got {d.dataset!r}{hint}")
     else:
-        errors += _option_errors(cfg)
-    need(
+        c.errors += _option_errors(cfg)
+    c.need(
         d.crop_size >= m.output_stride,
         "data.crop_size",
         f">= model.output_stride ({m.output_stride}) so the feature map has a pixel",
         d.crop_size,
     )
-    positive_list(d.scales, "data.scales")
-    need(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B in [0, 1])", d.mean)
-    positive_list(d.std, "data.std", 3)
-    need(d.jitter >= 0, "data.jitter", ">= 0 (0 = off)", d.jitter)
-    need(d.eval_pad_multiple >= 0, "data.eval_pad_multiple", ">= 0 (0 = no padding)", d.eval_pad_multiple)
-    need(d.eval_pad_offset >= 0, "data.eval_pad_offset", ">= 0", d.eval_pad_offset)
+    c.positive_list(d.scales, "data.scales")
+    c.need(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B in [0, 1])", d.mean)
+    c.positive_list(d.std, "data.std", 3)
+    c.need(d.jitter >= 0, "data.jitter", ">= 0 (0 = off)", d.jitter)
+    c.need(d.eval_pad_multiple >= 0, "data.eval_pad_multiple", ">= 0 (0 = no padding)", d.eval_pad_multiple)
+    c.need(d.eval_pad_offset >= 0, "data.eval_pad_offset", ">= 0", d.eval_pad_offset)
     if d.eval_resize is not None:
-        positive_list(d.eval_resize, "data.eval_resize", 2)
+        c.positive_list(d.eval_resize, "data.eval_resize", 2)
         no_pad = "0 with data.eval_resize (mmseg resizes and does not pad at test time)"
-        need(d.eval_pad_multiple == 0, "data.eval_pad_multiple", no_pad, d.eval_pad_multiple)
-    need(d.num_workers >= 0, "data.num_workers", ">= 0 (0 = load in the main process)", d.num_workers)
+        c.need(d.eval_pad_multiple == 0, "data.eval_pad_multiple", no_pad, d.eval_pad_multiple)
+    c.need(d.num_workers >= 0, "data.num_workers", ">= 0 (0 = load in the main process)", d.num_workers)
 
+
+def _optim_loss_errors(cfg: Config, c: _Checks) -> None:
+    m, o, lo, t = cfg.model, cfg.optim, cfg.loss, cfg.train
     # optim, loss
-    need(o.lr > 0, "optim.lr", "> 0", o.lr)
-    need(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
-    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
-    need(o.power >= 0, "optim.power", ">= 0", o.power)
-    need(
+    c.need(o.lr > 0, "optim.lr", "> 0", o.lr)
+    c.need(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+    c.need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    c.need(o.power >= 0, "optim.power", ">= 0", o.power)
+    c.need(
         0 <= o.warmup_iters <= t.iterations,
         "optim.warmup_iters",
         f"in 0..train.iterations ({t.iterations})",
         o.warmup_iters,
     )
-    need(lo.aux_weight >= 0, "loss.aux_weight", ">= 0", lo.aux_weight)
-    need(m.num_classes <= 255, "model.num_classes", "at most 255 (label maps are 8-bit, 255 = ignore)", m.num_classes)
+    c.need(lo.aux_weight >= 0, "loss.aux_weight", ">= 0", lo.aux_weight)
+    c.need(m.num_classes <= 255, "model.num_classes", "at most 255 (label maps are 8-bit, 255 = ignore)", m.num_classes)
     if m.num_classes <= 255:
-        need(
+        c.need(
             m.num_classes <= lo.ignore_index <= 255,
             "loss.ignore_index",
             f"in {m.num_classes}..255 (labels are 8-bit; not a class index)",
             lo.ignore_index,
         )
 
+
+def _train_errors(cfg: Config, c: _Checks) -> None:
+    t = cfg.train
     # train
     for name in ("iterations", "batch_size", "accum_steps", "log_interval", "checkpoint_interval"):
-        need(getattr(t, name) >= 1, f"train.{name}", ">= 1", getattr(t, name))
-    need(t.eval_interval >= 0, "train.eval_interval", ">= 0 (0 = only at the end)", t.eval_interval)
-    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0 (0 = keep all)", t.keep_checkpoints)
-    need(t.max_eval_images >= 0, "train.max_eval_images", ">= 0 (0 = the whole split)", t.max_eval_images)
-    need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)", t.max_consecutive_skips)
-    need(bool(t.out_dir), "train.out_dir", "a folder", t.out_dir)
+        c.need(getattr(t, name) >= 1, f"train.{name}", ">= 1", getattr(t, name))
+    c.need(t.eval_interval >= 0, "train.eval_interval", ">= 0 (0 = only at the end)", t.eval_interval)
+    c.need(t.keep_checkpoints >= 0, "train.keep_checkpoints", ">= 0 (0 = keep all)", t.keep_checkpoints)
+    c.need(t.max_eval_images >= 0, "train.max_eval_images", ">= 0 (0 = the whole split)", t.max_eval_images)
+    c.need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)", t.max_consecutive_skips)
+    c.need(bool(t.out_dir), "train.out_dir", "a folder", t.out_dir)
     if t.device != "auto":
         import torch
 
         try:
             torch.device(t.device)
         except (RuntimeError, ValueError):
-            errors.append(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+            c.errors.append(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
 
+
+def _eval_errors(cfg: Config, c: _Checks) -> None:
+    m, e = cfg.model, cfg.eval
     # eval
-    positive_list(e.scales, "eval.scales")
-    need(e.eval_stages is None or e.eval_stages >= 1, "eval.eval_stages", ">= 1 or null (= the model's)", e.eval_stages)
+    c.positive_list(e.scales, "eval.scales")
+    c.need(
+        e.eval_stages is None or e.eval_stages >= 1, "eval.eval_stages", ">= 1 or null (= the model's)", e.eval_stages
+    )
     if e.mode == "slide" and (e.crop_size is None or e.stride is None):
-        errors.append(
+        c.errors.append(
             "eval.mode=slide needs eval.crop_size and eval.stride, e.g. eval.crop_size=[769,769] "
             f"eval.stride=[513,513]; got crop_size={e.crop_size!r}, stride={e.stride!r}"
         )
     for key, value in (("eval.crop_size", e.crop_size), ("eval.stride", e.stride)):
         if value is not None:
-            positive_list(value, key, 2)
+            c.positive_list(value, key, 2)
     if e.crop_size is not None and len(e.crop_size) == 2:
-        need(
+        c.need(
             min(e.crop_size) >= m.output_stride,
             "eval.crop_size",
             f">= model.output_stride ({m.output_stride}) on both sides",
             e.crop_size,
         )
         if e.stride is not None and len(e.stride) == 2:
-            need(
+            c.need(
                 all(s <= c for s, c in zip(e.stride, e.crop_size)),
                 "eval.stride",
                 f"<= eval.crop_size {e.crop_size} (a larger stride leaves pixels no window covers)",
                 e.stride,
             )
-    return errors
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:
