@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from emanet.cli import main
-from emanet.convert import Unresolved, convert, convert_checkpoint, parse_mmseg_meta, read_config_text
+from emanet.convert import convert, convert_checkpoint
+from emanet.mmseg_config import Unresolved, parse_mmseg_meta, read_config_text
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import load_model
