@@ -48,12 +48,13 @@ def tiny_run(
     return [*model, *data, "train.device=cpu", *extra]
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m emanet ARGS` in a subprocess, one intra-op thread, output captured as text."""
+def run_cli(*args: str, timeout: int = 300, processes: int = 0) -> subprocess.CompletedProcess:
+    """`python -m emanet ARGS` in a subprocess, one intra-op thread, output captured as text; with
+    ``processes`` > 0 under `torchrun --standalone --nproc_per_node=processes`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "emanet", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes else []
+    cmd = [sys.executable, *launcher, "-m", "emanet", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture

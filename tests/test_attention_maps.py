@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_model
 from emanet import cli
 from emanet.attention_maps import (
     GAP,
@@ -19,7 +20,7 @@ from emanet.attention_maps import (
     upsample_maps,
 )
 from emanet.config import Config
-from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.emanet import build_model
 from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
 
@@ -28,16 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _config(arch: str = "emanet") -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(
-        arch=arch,
-        backbone="resnet18",
-        backbone_width=8,
-        channels=16,
-        mid_channels=8,
-        num_bases=4,
-        num_classes=3,
-        stem="standard",
-    )
+    cfg.model = tiny_model(arch=arch)
     cfg.data.dataset = "synthetic"
     return cfg
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import tiny_model, tiny_run
+from conftest import run_cli, tiny_model, tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.config import load_config
 from emanet.distributed import (
@@ -130,23 +128,15 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
     # (train.freeze_bn) and no dropout: the two runs then compute the same function of the same 4 samples.
     common = [*TINY, "train.freeze_bn=true", "train.iterations=2", "train.checkpoint_interval=1"]
     ddp_run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "emanet",
+    proc = run_cli(
         "train",
         "--no-progress",
         *common,
         "train.batch_size=1",
         "train.accum_steps=2",
         f"train.out_dir={ddp_run}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        processes=2,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "global batch = per-process batch x processes x accumulation = 1 x 2 x 2 = 4" in proc.stdout
     assert proc.stdout.count("run folder:") == 1  # only rank 0 reports

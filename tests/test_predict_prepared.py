@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import tiny_model
 from emanet.cli import main
 from emanet.config import Config
-from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.emanet import build_model
 from emanet.models.fuse import is_prepared
 from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
@@ -23,16 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _config() -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(
-        backbone="resnet18",
-        backbone_width=8,
-        channels=16,
-        mid_channels=8,
-        num_bases=4,
-        num_classes=3,
-        stem="deep",
-        aux=True,
-    )
+    cfg.model = tiny_model(stem="deep", aux=True)
     cfg.data.dataset = "synthetic"
     cfg.data.options = {"length": 4, "val_length": 3, "image_size": 41, "max_objects": 4, "min_objects": 2}
     cfg.data.num_workers = 0

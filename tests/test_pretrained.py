@@ -3,24 +3,16 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_model
 from emanet.checkpoint import save_checkpoint
 from emanet.config import Config
-from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.emanet import build_model
 from emanet.pretrained import from_pretrained, load_model, save_pretrained
 
 
 def _config(**model):
     cfg = Config()
-    cfg.model = ModelConfig(
-        backbone="resnet18",
-        backbone_width=8,
-        channels=16,
-        mid_channels=8,
-        num_bases=4,
-        num_classes=3,
-        stem="standard",
-        **model,
-    )
+    cfg.model = tiny_model(**model)
     cfg.data.dataset = "synthetic"
     return cfg
 

@@ -499,21 +499,14 @@ def test_under_torchrun_rank_0_refuses_for_every_rank_and_says_it_once(tmp_path)
     run = tmp_path / "run"
     train_in_process(run, "train.iterations=1")
     before = hashes(run)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "emanet",
+    proc = emanet(
         "train",
         "--no-progress",
         *TINY,
         "train.iterations=1",
         f"train.out_dir={run}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        processes=2,
+    )
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("already holds a run") == 1, proc.stderr[-4000:]
     assert "exitcode  : 2" in proc.stderr or "exit code 2" in proc.stderr.lower(), proc.stderr[-4000:]
