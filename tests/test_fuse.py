@@ -1,4 +1,4 @@
-"""BatchNorm folding: same outputs, no BatchNorm left, on every backbone stem and head in the package."""
+"""BatchNorm folding and activation fusion: same outputs, no BatchNorm left, on every backbone stem and head."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from emanet.models.emanet import ARCHS, ModelConfig, build_model
-from emanet.models.fuse import fold_batchnorm, is_prepared, prepare_for_inference
+from emanet.models.fuse import fold_batchnorm, fuse_activations, is_prepared, prepare_for_inference
 
 TINY = dict(num_classes=3, channels=16, mid_channels=8, num_bases=4, output_stride=8, multi_grid=False)
 
@@ -208,4 +208,94 @@ def test_prepared_model_under_bf16_autocast_keeps_the_em_in_float32(monkeypatch)
             got = fast(x)
     assert dtypes == [(torch.float32, torch.float32)]
     assert got.dtype == torch.bfloat16  # the convs did run in bf16
+    assert (got.float() - want).abs().max() / want.abs().max() < 5e-2
+
+
+# ----------------------------------------------------------------------------- activation fusion
+
+
+def dispatched_ops(fn) -> tuple[torch.Tensor, list[tuple[str, torch.dtype | None]]]:
+    """Run ``fn``; the (op, first tensor argument's dtype) of every op it dispatched, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            ops.append((str(func.overloadpacket), None if first is None else first.dtype))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, ops
+
+
+def count(ops, *names) -> int:
+    return sum(op in names for op, _ in ops)
+
+
+FUSED_OP = "mkldnn._convolution_pointwise"
+CONVS = ("aten.conv2d", "aten.convolution")
+RELUS = ("aten.relu", "aten.relu_", "aten.clamp_min", "aten.clamp_min_")
+
+
+@pytest.mark.parametrize("stem", ["standard", "deep", "v1c"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_fused_model_equals_the_folded_one_and_runs_conv_relu_add_as_one_op(backbone, stem):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, stem=stem, **TINY)).eval()
+    randomize_bn(model)
+    plain = prepare_for_inference(copy.deepcopy(model), fuse=False)
+    fused = prepare_for_inference(copy.deepcopy(model))
+    blocks = [m for m in plain.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    assert sum(type(m).__name__ in ("FusedBasicBlock", "FusedBottleneck") for m in fused.modules()) == len(blocks)
+    assert plain.state_dict().keys() == fused.state_dict().keys()  # the subclasses keep every child
+    x = images(33, 41)
+    with torch.inference_mode():
+        want, plain_ops = dispatched_ops(lambda: plain(x))
+        got, fused_ops = dispatched_ops(lambda: fused(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    n_fused = count(fused_ops, FUSED_OP)
+    # every ReLU in a block (2 per BasicBlock, 3 per Bottleneck) and every residual add went into a conv
+    relus_per_block = 3 if backbone == "resnet50" else 2
+    assert n_fused >= relus_per_block * len(blocks)
+    assert count(plain_ops, *RELUS) - count(fused_ops, *RELUS) == n_fused
+    assert count(plain_ops, "aten.add", "aten.add_") - count(fused_ops, "aten.add", "aten.add_") == len(blocks)
+    assert count(plain_ops, *CONVS) - count(fused_ops, *CONVS) == n_fused
+
+
+def test_fusion_leaves_autograd_tracing_and_unfolded_models_to_the_plain_ops():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet50", stem="deep", **TINY)).eval()
+    randomize_bn(model)
+    assert fuse_activations(copy.deepcopy(model)) == 0  # BatchNorm not folded: nothing matches
+    plain = prepare_for_inference(copy.deepcopy(model), fuse=False)
+    fused = prepare_for_inference(copy.deepcopy(model))
+    x = images(17, 19).requires_grad_()
+    got, ops = dispatched_ops(lambda: fused(x))  # autograd on: the fused op has no backward
+    assert count(ops, FUSED_OP) == 0
+    got.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+        graph = str(torch.jit.trace(fused, x.detach(), check_trace=False).inlined_graph)
+    assert "_convolution_pointwise" not in graph and "aten::relu" in graph  # traced (ONNX too): the plain ops
+
+
+def test_fused_ops_run_in_the_autocast_dtype_and_stay_close_to_the_plain_model():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet50", stem="v1c", **TINY)).eval()
+    randomize_bn(model)
+    plain = prepare_for_inference(copy.deepcopy(model), fuse=False)
+    fused = prepare_for_inference(copy.deepcopy(model))
+    x = images(33, 41)
+    with torch.inference_mode():
+        want = plain(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, ops = dispatched_ops(lambda: fused(x))
+    dtypes = {dtype for op, dtype in ops if op == FUSED_OP}
+    assert dtypes == {torch.bfloat16}
+    assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() / want.abs().max() < 5e-2

@@ -68,6 +68,25 @@ def test_default_predictor_is_prepared_and_agrees_with_the_eager_model(model_dir
             np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def test_labels_only_skip_the_softmax_and_equal_the_argmax_of_the_logits(model_dir, monkeypatch):
+    import emanet.predict
+
+    predictor = Predictor.from_source(model_dir, device="cpu")
+    image = _images(1)[0]
+    calls, real = [], emanet.predict.infer  # infer: the probabilities (softmax at full resolution)
+    monkeypatch.setattr(emanet.predict, "infer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    labels = predictor(image).labels
+    assert calls == []  # one whole-image pass, no probabilities asked: logits -> argmax
+    with_probs = predictor(image, probs=True)
+    assert calls == [1]
+    np.testing.assert_array_equal(labels, with_probs.labels)
+    np.testing.assert_array_equal(labels, with_probs.probs.argmax(0))
+    x = predictor.preprocess(image)[1][None]
+    with torch.inference_mode():
+        logits = predictor.model(x)[0, :, : image.shape[0], : image.shape[1]]
+    np.testing.assert_array_equal(labels, logits.argmax(0).numpy())
+
+
 def test_the_callers_model_is_left_as_it_was():
     cfg = _config()
     model = _trained_looking(cfg)
