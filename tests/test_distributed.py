@@ -21,6 +21,8 @@ from emanet.distributed import (
     ResumableSampler,
     StopSignals,
     agree,
+    all_gather_lists,
+    replica_states,
     rng_state,
     set_rng_state,
     state_digest,
@@ -121,6 +123,9 @@ def test_digest_sees_bases_and_single_process_collectives_are_identity():
     d1 = state_digest(model)
     assert d1["bases"] != d0["bases"] and d1["parameters"] == d0["parameters"]
     assert agree([1.5, 0, 1], DistEnv()) == [1.5, 0.0, 1.0]
+    rngs, digests = replica_states(model, DistEnv())
+    assert digests == [d1] and len(rngs) == 1 and torch.equal(rngs[0]["torch"], torch.get_rng_state())
+    assert all_gather_lists(["a: bad"]) == ["a: bad"]
 
 
 def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_path):

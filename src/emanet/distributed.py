@@ -6,8 +6,10 @@
   augmentation generator from (seed, epoch, index), so neither the worker that reads a sample, nor the
   number of workers, nor a restart changes what a step sees; a resumed epoch starts part-way in.
 - ``DataStream``: the batches of those epochs, with a position (epoch, batches consumed) to save and resume.
-- ``agree`` / ``broadcast_object`` / ``gather_objects`` / ``average_``: collectives that are no-ops in a
-  single process.
+- The collectives the engine calls, each a no-op in a single process: ``agree`` (the step's one vote: a few
+  numbers summed in one all-reduce), ``average_`` (BN statistics), ``replica_states`` (every rank's RNG
+  state and replica digest for a checkpoint, one gather), ``barrier``; set-up uses ``broadcast_object`` and
+  ``broadcast_buffers_``, evaluation ``shard`` and ``all_gather_lists``.
 - RNG states (python, numpy, torch, CUDA) for checkpoints; ``state_digest`` to check replicas agree.
 - ``StopSignals``: SIGTERM/SIGINT only set a flag; a second signal aborts at once.
 
@@ -137,6 +139,32 @@ def gather_objects(obj: Any, env: DistEnv) -> list[Any] | None:
     out: list[Any] | None = [None] * env.world_size if env.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def replica_states(model: nn.Module, env: DistEnv) -> tuple[list[dict], list[dict]] | tuple[None, None]:
+    """(RNG states, replica digests) of every rank, in rank order, on rank 0 ((None, None) elsewhere): what a
+    checkpoint records, in one gather."""
+    states = gather_objects((rng_state(env.device), state_digest(model)), env)
+    if states is None:
+        return None, None
+    return [rng for rng, _ in states], [digest for _, digest in states]
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the running process group, (0, 1) without one: for code handed no DistEnv."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_lists(items: list[Any]) -> list[Any]:
+    """Every rank's list, concatenated in rank order, on every rank (the list itself alone)."""
+    _, world = shard()
+    if world == 1:
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
 
 
 def barrier(env: DistEnv) -> None:

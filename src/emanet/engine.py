@@ -37,10 +37,8 @@ from emanet.distributed import (
     average_,
     barrier,
     cleanup_distributed,
-    gather_objects,
     init_distributed,
-    rng_state,
-    state_digest,
+    replica_states,
 )
 from emanet.em import EMAUnit
 from emanet.evaluation import evaluate, results_to_json
@@ -82,12 +80,6 @@ __all__ = [
     "select_device",
     "train",
 ]
-
-
-# ----------------------------------------------------------------------------- set-up helpers
-
-
-# ----------------------------------------------------------------------------- evaluation
 
 
 # ----------------------------------------------------------------------------- training
@@ -179,9 +171,6 @@ def train(
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         cleanup_distributed(env)
-
-
-# ----------------------------------------------------------------------------- set-up
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -327,7 +316,7 @@ def save_training_checkpoint(r: TrainRun, step: int, loss: float | None) -> str 
     """Every rank contributes its RNG state and a digest of its replica; rank 0 writes. Nobody leaves (or
     exits) before the file is complete, and a failed save stops every rank."""
     cfg, env, o = r.cfg, r.env, r.cfg.optim
-    rngs, digests = gather_objects(rng_state(env.device), env), gather_objects(state_digest(r.model), env)
+    rngs, digests = replica_states(r.model, env)
 
     def save() -> str:
         assert rngs is not None and digests is not None

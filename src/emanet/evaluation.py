@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from emanet.config import Config
 from emanet.data import DataError
+from emanet.distributed import all_gather_lists, shard
 from emanet.em import set_eval_stages
 from emanet.inference import infer
 from emanet.metrics import ConfusionMatrix, scores
@@ -43,8 +44,7 @@ def evaluate(
     num_classes = cfg.model.num_classes
     matrix = ConfusionMatrix(num_classes, ignore_index=cfg.loss.ignore_index)
     n = len(dataset) if not max_images else min(max_images, len(dataset))  # type: ignore[arg-type]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    rank, world = shard()
     indices = range(rank, n, world)
     bar = progress_bar(total=len(indices), desc="eval", unit="img", leave=False) if progress and rank == 0 else None
     e = cfg.eval
@@ -76,10 +76,7 @@ def evaluate(
     if bar is not None:
         bar.close()
     matrix.all_reduce(device)  # on the model's device: NCCL reduces CUDA tensors only
-    if world > 1:
-        gathered: list[list[str]] = [[] for _ in range(world)]
-        torch.distributed.all_gather_object(gathered, skipped)
-        skipped = [x for part in gathered for x in part]
+    skipped = all_gather_lists(skipped)
     model.train(was_training)
     results = scores(matrix.matrix)
     results["images"] = n - len(skipped)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emanet.checkpoint import RESUME_KEYS, load_checkpoint, restore_training_state
 from emanet.compiled import maybe_compile
-from emanet.config import Config, save_config
+from emanet.config import Config, TrainConfig, save_config
 from emanet.distributed import (
     DataStream,
     DistEnv,
@@ -182,25 +182,12 @@ def setup(
         return resume_point(run, resume_from, cfg.to_dict(), log) if resume else None
 
     found = on_rank0(env, 0, None, open_folder)
-    train_set, val_set = build_datasets(cfg)  # file lists only: cheap, checked before anything heavy
-    if len(train_set) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
-    on_rank0(env, 0, None, lambda: (check_class_count(cfg, train_set, val_set), check_val_files(val_set, cfg, log)))
-    class_names = list(getattr(train_set, "classes", []))
-    palette = [list(map(int, c)) for c in getattr(train_set, "palette", [])][: len(class_names)]
-
-    if t.deterministic and device.type == "cuda":  # cuBLAS needs this before its first handle
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    seed_everything(t.seed, t.deterministic)  # the same seed everywhere: identical initial replicas
+    train_set, val_set, class_names, palette = _checked_datasets(cfg, env, log)
+    _seed_for_init(t, device)  # the same seed everywhere: identical initial replicas
     model, synced_bn = _build_model(cfg, env, log)
     loader, sampler = _train_loader(train_set, cfg, env, run, log)
     optimizer, scaler, criterion = _optimizer_and_loss(model, cfg, device)
-    units = ema_units(model)
-    for unit in units:  # blended once per step, over the global batch, after the finite-loss check
-        unit.defer_bases_update = True
-    bn_buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
-    bn_stats = bn_statistics(model) if env.distributed and not synced_bn and not t.freeze_bn else []
+    units, bn_buffers, bn_stats = _step_state(model, cfg, env, synced_bn)
 
     seed_everything(t.seed + env.rank)  # per-rank streams (dropout); the model is built already
     start, skipped, position, rng_states, last_ckpt = 0, 0, (0, 0), None, None
@@ -216,11 +203,7 @@ def setup(
     stream = DataStream(loader, sampler, *position)
     if rng_states is not None:
         set_rng_state(rng_states, device)
-    log(
-        f"global batch = per-process batch x processes x accumulation = {t.batch_size} x {env.world_size} x "
-        f"{t.accum_steps} = {t.batch_size * env.world_size * t.accum_steps}"
-    )
-    log(f"device {device}, precision {t.precision}, {stream.per_epoch} batches per epoch and process, run folder {run}")
+    _log_layout(cfg, env, stream, run, log)
     r = TrainRun(
         cfg,
         env,
@@ -248,6 +231,47 @@ def setup(
         stream.close()
         raise
     return r
+
+
+def _checked_datasets(cfg: Config, env: DistEnv, log: Log) -> tuple[Dataset, Dataset, list[str], list[list[int]]]:
+    """(train set, val set, class names, palette); file lists only, cheap, checked before anything heavy."""
+    train_set, val_set = build_datasets(cfg)
+    if len(train_set) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
+    on_rank0(env, 0, None, lambda: (check_class_count(cfg, train_set, val_set), check_val_files(val_set, cfg, log)))
+    class_names = list(getattr(train_set, "classes", []))
+    palette = [list(map(int, c)) for c in getattr(train_set, "palette", [])][: len(class_names)]
+    return train_set, val_set, class_names, palette
+
+
+def _seed_for_init(t: TrainConfig, device: torch.device) -> None:
+    if t.deterministic and device.type == "cuda":  # cuBLAS needs this before its first handle
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    seed_everything(t.seed, t.deterministic)
+
+
+def _step_state(
+    model: nn.Module, cfg: Config, env: DistEnv, synced_bn: bool
+) -> tuple[list[EMAUnit], list[torch.Tensor], list[torch.Tensor]]:
+    """The EMA units (their bases blended once per step, over the global batch, after the finite-loss check),
+    every BN buffer (restored after a skipped step) and the BN statistics averaged over ranks each step."""
+    units = ema_units(model)
+    for unit in units:
+        unit.defer_bases_update = True
+    bn_buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+    average = env.distributed and not synced_bn and not cfg.train.freeze_bn
+    return units, bn_buffers, bn_statistics(model) if average else []
+
+
+def _log_layout(cfg: Config, env: DistEnv, stream: DataStream, run: Path, log: Log) -> None:
+    t = cfg.train
+    log(
+        f"global batch = per-process batch x processes x accumulation = {t.batch_size} x {env.world_size} x "
+        f"{t.accum_steps} = {t.batch_size * env.world_size * t.accum_steps}"
+    )
+    per_epoch = stream.per_epoch
+    log(f"device {env.device}, precision {t.precision}, {per_epoch} batches per epoch and process, run folder {run}")
 
 
 def _optimizer_and_loss(model: nn.Module, cfg: Config, device: torch.device):
