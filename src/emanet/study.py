@@ -21,7 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emanet.config import Config
 
 STUDIES = ("iterations", "bases")
 TRAIN_STAGES = (1, 2, 3, 4, 5)  # the paper's Fig. 4 trains T = 1..5 (accuracy saturates at T_train = 3)
@@ -109,6 +112,83 @@ def _commands(
     return "\n".join(lines) + "\n"
 
 
+def _existing_runs(existing_runs: dict[str, str] | None, todo: list[Variant]) -> dict[str, Path]:
+    """The --run NAME=PATH runs, checked: each names a variant of this study and a path that exists."""
+    existing = {k: Path(v) for k, v in (existing_runs or {}).items()}
+    unknown = [k for k in existing if k not in {v.name for v in todo}]
+    if unknown:
+        raise ValueError(f"--run names {unknown} are not variants of this study ({', '.join(v.name for v in todo)})")
+    for name, path in existing.items():
+        if not path.exists():
+            raise FileNotFoundError(f"--run {name}={path}: no such run folder, checkpoint or model folder")
+    return existing
+
+
+def _start_folder(out: Path, spec: dict[str, Any]) -> None:
+    """Write study.json, or check that the folder's study was started with the same settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "study.json"
+    if spec_path.is_file():
+        before = json.loads(spec_path.read_text())
+        if before != spec:
+            raise ValueError(
+                f"{out} holds a study started with other settings ({spec_path}); continue it with the "
+                "same arguments, or give another --out"
+            )
+    else:
+        _write_json(spec_path, spec)
+
+
+def _train_variant(
+    kind: str, v: Variant, config: Config, run: Path, timing: dict[str, float], *, progress: bool, log: Log
+) -> None:
+    """Train one variant into ``run`` (resuming an interrupted run), adding its time to ``timing``."""
+    from emanet.engine import train
+
+    cfg = copy.deepcopy(config)
+    cfg.train.out_dir = str(run)
+    log(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
+    t0 = time.perf_counter()
+    train(cfg, resume=True, log=log, progress=progress)
+    timing[f"train {v.name}"] = timing.get(f"train {v.name}", 0.0) + time.perf_counter() - t0
+
+
+def _evaluate_cells(
+    v: Variant,
+    run: Path,
+    missing: list[int | None],
+    results: dict[str, Any],
+    results_path: Path,
+    *,
+    max_images: int,
+    progress: bool,
+    log: Log,
+) -> None:
+    """Evaluate ``run`` at each T_eval of ``missing``, saving results.json after each cell."""
+    from emanet.engine import build_datasets, evaluate, select_device
+    from emanet.pretrained import load_model
+
+    cells, timing = results["cells"], results["seconds"]
+    loaded = load_model(run)
+    cfg = loaded.config
+    device = select_device(cfg.train.device)
+    model = loaded.model.to(device)
+    _, val = build_datasets(cfg)
+    for t in missing:
+        cfg.eval.eval_stages = t
+        t0 = time.perf_counter()
+        res = evaluate(model, val, cfg, device, max_images=max_images, progress=progress)
+        timing[f"eval {v.name} T_eval={t}"] = time.perf_counter() - t0
+        cells.setdefault(v.name, {})[str(t)] = {
+            "mIoU": float(res["mIoU"]),
+            "aAcc": float(res["aAcc"]),
+            "T_train": cfg.model.num_stages,
+            "images": res["images"],
+        }
+        log(f"{v.name} T_eval={t if t is not None else cfg.model.num_stages}: mIoU {100 * float(res['mIoU']):.2f}")
+        _write_json(results_path, results)
+
+
 def run_study(
     kind: str,
     out: str | Path,
@@ -126,81 +206,34 @@ def run_study(
 ) -> dict[str, Any]:
     """Train (or take) every variant, evaluate every cell, write the table, figure and commands into ``out``."""
     from emanet.config import load_config
-    from emanet.engine import build_datasets, evaluate, select_device, train
-    from emanet.pretrained import load_model
 
     out = Path(out)
     todo = plan(kind, train_stages=train_stages, eval_stages=eval_stages, variants=variants)
-    existing = {k: Path(v) for k, v in (existing_runs or {}).items()}
-    unknown = [k for k in existing if k not in {v.name for v in todo}]
-    if unknown:
-        raise ValueError(f"--run names {unknown} are not variants of this study ({', '.join(v.name for v in todo)})")
-    for name, path in existing.items():
-        if not path.exists():
-            raise FileNotFoundError(f"--run {name}={path}: no such run folder, checkpoint or model folder")
+    existing = _existing_runs(existing_runs, todo)
     configs = {v.name: load_config(config, [*overrides, *v.overrides]) for v in todo}  # every error before work
+    runs = {v.name: existing.get(v.name, out / "runs" / v.name) for v in todo}
     spec = {
         "study": kind,
         "config": config,
         "overrides": list(overrides),
         "max_images": max_images,
         "variants": {
-            v.name: {
-                "overrides": v.overrides,
-                "eval_stages": v.eval_stages,
-                "run": str(existing.get(v.name, out / "runs" / v.name)),
-            }
-            for v in todo
+            v.name: {"overrides": v.overrides, "eval_stages": v.eval_stages, "run": str(runs[v.name])} for v in todo
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "study.json"
-    if spec_path.is_file():
-        before = json.loads(spec_path.read_text())
-        if before != spec:
-            raise ValueError(
-                f"{out} holds a study started with other settings ({spec_path}); continue it with the "
-                "same arguments, or give another --out"
-            )
-    else:
-        _write_json(spec_path, spec)
-    runs = {v.name: existing.get(v.name, out / "runs" / v.name) for v in todo}
+    _start_folder(out, spec)
     (out / "commands.sh").write_text(_commands(kind, config, list(overrides), out, todo, runs, argv))
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     cells, timing = results.setdefault("cells", {}), results.setdefault("seconds", {})
-
     for v in todo:
         run = runs[v.name]
         if v.name not in existing and not (run / "eval.json").is_file():  # finished runs end with eval.json
-            cfg = copy.deepcopy(configs[v.name])
-            cfg.train.out_dir = str(run)
-            log(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
-            t0 = time.perf_counter()
-            train(cfg, resume=True, log=log, progress=progress)
-            timing[f"train {v.name}"] = timing.get(f"train {v.name}", 0.0) + time.perf_counter() - t0
+            _train_variant(kind, v, configs[v.name], run, timing, progress=progress, log=log)
             _write_json(results_path, results)
         missing = [t for t in v.eval_stages if str(t) not in cells.get(v.name, {})]
-        if not missing:
-            continue
-        loaded = load_model(run)
-        cfg = loaded.config
-        device = select_device(cfg.train.device)
-        model = loaded.model.to(device)
-        _, val = build_datasets(cfg)
-        for t in missing:
-            cfg.eval.eval_stages = t
-            t0 = time.perf_counter()
-            res = evaluate(model, val, cfg, device, max_images=max_images, progress=progress)
-            timing[f"eval {v.name} T_eval={t}"] = time.perf_counter() - t0
-            cells.setdefault(v.name, {})[str(t)] = {
-                "mIoU": float(res["mIoU"]),
-                "aAcc": float(res["aAcc"]),
-                "T_train": cfg.model.num_stages,
-                "images": res["images"],
-            }
-            log(f"{v.name} T_eval={t if t is not None else cfg.model.num_stages}: mIoU {100 * float(res['mIoU']):.2f}")
-            _write_json(results_path, results)
+        if missing:
+            _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress, log=log)
     results["table"] = write_outputs(kind, out, todo, cells)
     _write_json(results_path, results)
     return results
