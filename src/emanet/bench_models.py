@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -112,11 +113,34 @@ def bench_compile(
     """What the opt-in --compile buys on this CPU: cold compile (first call) and steady medians of
     (i) the prepared model's forward at size x size, float32 and bfloat16 autocast, compiled vs not, and
     (ii) one training step (forward, loss, backward, SGD) at batch 2 x train_size^2, compiled vs not."""
+    rows = _compile_forward_rows(backbone, size, repeats, log)  # frees its models before the training step
+    return rows + [_compile_train_row(backbone, train_size, repeats, log)]
+
+
+def _first_call_s(fn: Callable[[], object]) -> float:
+    """Seconds of one call: for a compiled model's first call, the cold compile."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _compile_row(case: str, precision: str, med: dict, cold: float, rel_diff: float | None, log) -> dict:
+    """A (c) row's timings (without its case), logged as one line."""
+    log(f"  compile {case}: eager {med['eager']:.3f} s, compiled {med['compiled']:.3f} s, first call {cold:.1f} s")
+    return {
+        "precision": precision,
+        "eager_s": med["eager"],
+        "compiled_s": med["compiled"],
+        "cold_first_call_s": cold,
+        "rel_diff": rel_diff,
+    }
+
+
+def _compile_forward_rows(backbone: str, size: int, repeats: int, log) -> list[dict]:
+    """(i): the prepared model's forward on one size x size input, compiled vs not, float32 then bfloat16."""
     from emanet.compiled import maybe_compile
-    from emanet.losses import SegmentationLoss
     from emanet.models.fuse import prepare_for_inference
 
-    rows = []
     fast = prepare_for_inference(calibrated_model(backbone))
     compiled = maybe_compile(fast, True)
     x = torch.randn(1, 3, size, size)
@@ -125,11 +149,10 @@ def bench_compile(
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return m(x)
 
+    rows = []
     for p in ("fp32", "bf16"):
         bf16 = p == "bf16"
-        t0 = time.perf_counter()
-        forward(compiled, bf16)
-        cold = time.perf_counter() - t0
+        cold = _first_call_s(functools.partial(forward, compiled, bf16))
         want, got = forward(fast, bf16).float(), forward(compiled, bf16).float()
         rel = ((got - want).norm() / want.norm()).item()
         med = interleaved(
@@ -137,21 +160,15 @@ def bench_compile(
             budget_s=repeats * 3.0,
             max_repeats=repeats,
         )
-        rows.append(
-            {
-                "case": f"prepared {backbone} forward {size}x{size}",
-                "precision": p,
-                "eager_s": med["eager"],
-                "compiled_s": med["compiled"],
-                "cold_first_call_s": cold,
-                "rel_diff": rel,
-            }
-        )
-        log(
-            f"  compile {backbone} forward {p}: eager {med['eager']:.3f} s, compiled {med['compiled']:.3f} s, "
-            f"first call {cold:.1f} s"
-        )
-    del fast, compiled
+        row = _compile_row(f"{backbone} forward {p}", p, med, cold, rel, log)
+        rows.append({"case": f"prepared {backbone} forward {size}x{size}", **row})
+    return rows
+
+
+def _compile_train_row(backbone: str, train_size: int, repeats: int, log) -> dict:
+    """(ii): one training step (forward, loss, backward, SGD) at batch 2 x train_size^2, compiled vs not."""
+    from emanet.compiled import maybe_compile
+    from emanet.losses import SegmentationLoss
 
     torch.manual_seed(0)
     model = calibrated_model(backbone).train()
@@ -168,24 +185,9 @@ def bench_compile(
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    t0 = time.perf_counter()
-    step(net)
-    cold = time.perf_counter() - t0
+    cold = _first_call_s(lambda: step(net))
     med = interleaved(
         {"eager": lambda: step(model), "compiled": lambda: step(net)}, budget_s=repeats * 3.0, max_repeats=repeats
     )
-    rows.append(
-        {
-            "case": f"{backbone} train step, batch 2 x {train_size}x{train_size}",
-            "precision": "fp32",
-            "eager_s": med["eager"],
-            "compiled_s": med["compiled"],
-            "cold_first_call_s": cold,
-            "rel_diff": None,
-        }
-    )
-    log(
-        f"  compile {backbone} train step: eager {med['eager']:.3f} s, compiled {med['compiled']:.3f} s, "
-        f"first call {cold:.1f} s"
-    )
-    return rows
+    row = _compile_row(f"{backbone} train step", "fp32", med, cold, None, log)
+    return {"case": f"{backbone} train step, batch 2 x {train_size}x{train_size}", **row}
