@@ -37,9 +37,22 @@ def _load_line(r: dict) -> str:
 
 
 def format_report(r: dict) -> str:
+    """benchmarks/results.md for a results dict: the machine, the tables of the parts it holds, the targets."""
+    lines = _header_lines(r)
+    if "em" in r:
+        lines += _em_lines(r)
+    if "model" in r:
+        lines += _model_lines(r)
+    if "compile" in r:
+        lines += _compile_lines(r)
+    lines += ["", "## Targets (computed from the tables above)", ""] + _targets(r)
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(r: dict) -> list[str]:
     m = r["machine"]
     f32, bf16 = _f32_rate(r), r["matmul_gflops"]["bfloat16"]
-    lines = [
+    return [
         "# Benchmark results",
         "",
         f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']} ({m['torch_threads']} threads), "
@@ -51,64 +64,76 @@ def format_report(r: dict) -> str:
         f"(float32 again at the end: {r['matmul_gflops_after']['float32']:.1f}). Percentages and bounds use the "
         f"higher float32 figure ({f32:.1f}).",
     ]
-    if "em" in r:
-        lines += [
-            "",
-            "## (a) EM attention, C=512, K=64, T=3, B=1",
-            "",
-            "| size | variant | mode | median ms | GFLOP | GFLOP/s | % fp32 matmul | peak MB | ns/pixel |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in r["em"]:
-            peak = f"{row['peak_mb']:.1f}" if "peak_mb" in row else "-"
-            lines.append(
-                f"| {row['size']}^2 | {row['variant']} | {row['mode']} | {row['median_ms']:.2f} | {row['gflop']:.2f} | "
-                f"{row['gflops_per_s']:.1f} | {100 * row['gflops_per_s'] / f32:.0f}% | {peak} | "
-                f"{1e6 * row['median_ms'] / row['pixels']:.1f} |"
-            )
-        lines += ["", "Ratios (same run):", ""]
-        by = {(row["size"], row["variant"], row["mode"]): row for row in r["em"]}
-        for size in sorted({row["size"] for row in r["em"]}):
-            ours, plain = by[(size, "em_attention", "inference")], by[(size, "plain_reference", "inference")]
-            ema, nl = by[(size, "ema_unit", "inference")], by[(size, "nonlocal", "inference")]
-            ema_t, nl_t = by[(size, "ema_unit", "train_step")], by[(size, "nonlocal", "train_step")]
-            lines.append(
-                f"- {size}^2: plain/em_attention {plain['median_ms'] / ours['median_ms']:.2f}x; "
-                f"non-local/em_attention {nl['median_ms'] / ours['median_ms']:.1f}x; "
-                f"non-local/EMAUnit inference {nl['median_ms'] / ema['median_ms']:.1f}x, "
-                f"train step {nl_t['median_ms'] / ema_t['median_ms']:.1f}x"
-            )
-    if "model" in r:
-        size = r["model"][0]["size"]
-        lines += ["", f"## (b) EMANet OS8 inference, one {size}x{size} image", ""] + MODEL_NOTE
-        lines += [
-            "| backbone | precision | variant | median s | x eager forward | GMACs | bound s | x bound | labels |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in r["model"]:
-            rate = bf16 if row["precision"] == "bf16" else f32
-            bound = 2 * row["gmacs"] / rate
-            lines.append(
-                f"| {row['backbone']} | {row['precision']} | {row['variant']} | {row['median_s']:.3f} | "
-                f"{row['ratio_to_eager_forward']:.2f} | {row['gmacs']:.1f} | {bound:.3f} | "
-                f"{row['median_s'] / bound:.2f}x | {row['label_agreement_vs_eager_fp32']:.4f} |"
-            )
-    if "compile" in r:
-        lines += [
-            "",
-            "## (c) torch.compile (opt-in `--compile`), Inductor on this CPU",
-            "",
-            "| case | precision | eager s | compiled s | compiled / eager | first call (compile) s | rel. diff |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for row in r["compile"]:
-            diff = f"{row['rel_diff']:.1e}" if row["rel_diff"] is not None else "-"
-            lines.append(
-                f"| {row['case']} | {row['precision']} | {row['eager_s']:.3f} | {row['compiled_s']:.3f} | "
-                f"{row['compiled_s'] / row['eager_s']:.2f} | {row['cold_first_call_s']:.1f} | {diff} |"
-            )
-    lines += ["", "## Targets (computed from the tables above)", ""] + _targets(r)
-    return "\n".join(lines) + "\n"
+
+
+def _em_lines(r: dict) -> list[str]:
+    """Table (a), one row per case, and the same-run ratios per size."""
+    f32 = _f32_rate(r)
+    lines = [
+        "",
+        "## (a) EM attention, C=512, K=64, T=3, B=1",
+        "",
+        "| size | variant | mode | median ms | GFLOP | GFLOP/s | % fp32 matmul | peak MB | ns/pixel |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["em"]:
+        peak = f"{row['peak_mb']:.1f}" if "peak_mb" in row else "-"
+        lines.append(
+            f"| {row['size']}^2 | {row['variant']} | {row['mode']} | {row['median_ms']:.2f} | {row['gflop']:.2f} | "
+            f"{row['gflops_per_s']:.1f} | {100 * row['gflops_per_s'] / f32:.0f}% | {peak} | "
+            f"{1e6 * row['median_ms'] / row['pixels']:.1f} |"
+        )
+    lines += ["", "Ratios (same run):", ""]
+    by = {(row["size"], row["variant"], row["mode"]): row for row in r["em"]}
+    for size in sorted({row["size"] for row in r["em"]}):
+        ours, plain = by[(size, "em_attention", "inference")], by[(size, "plain_reference", "inference")]
+        ema, nl = by[(size, "ema_unit", "inference")], by[(size, "nonlocal", "inference")]
+        ema_t, nl_t = by[(size, "ema_unit", "train_step")], by[(size, "nonlocal", "train_step")]
+        lines.append(
+            f"- {size}^2: plain/em_attention {plain['median_ms'] / ours['median_ms']:.2f}x; "
+            f"non-local/em_attention {nl['median_ms'] / ours['median_ms']:.1f}x; "
+            f"non-local/EMAUnit inference {nl['median_ms'] / ema['median_ms']:.1f}x, "
+            f"train step {nl_t['median_ms'] / ema_t['median_ms']:.1f}x"
+        )
+    return lines
+
+
+def _model_lines(r: dict) -> list[str]:
+    """Table (b), each median against the bound its multiply-adds imply at the measured matmul rate."""
+    f32, bf16 = _f32_rate(r), r["matmul_gflops"]["bfloat16"]
+    size = r["model"][0]["size"]
+    lines = ["", f"## (b) EMANet OS8 inference, one {size}x{size} image", ""] + MODEL_NOTE
+    lines += [
+        "| backbone | precision | variant | median s | x eager forward | GMACs | bound s | x bound | labels |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["model"]:
+        rate = bf16 if row["precision"] == "bf16" else f32
+        bound = 2 * row["gmacs"] / rate
+        lines.append(
+            f"| {row['backbone']} | {row['precision']} | {row['variant']} | {row['median_s']:.3f} | "
+            f"{row['ratio_to_eager_forward']:.2f} | {row['gmacs']:.1f} | {bound:.3f} | "
+            f"{row['median_s'] / bound:.2f}x | {row['label_agreement_vs_eager_fp32']:.4f} |"
+        )
+    return lines
+
+
+def _compile_lines(r: dict) -> list[str]:
+    """Table (c)."""
+    lines = [
+        "",
+        "## (c) torch.compile (opt-in `--compile`), Inductor on this CPU",
+        "",
+        "| case | precision | eager s | compiled s | compiled / eager | first call (compile) s | rel. diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["compile"]:
+        diff = f"{row['rel_diff']:.1e}" if row["rel_diff"] is not None else "-"
+        lines.append(
+            f"| {row['case']} | {row['precision']} | {row['eager_s']:.3f} | {row['compiled_s']:.3f} | "
+            f"{row['compiled_s'] / row['eager_s']:.2f} | {row['cold_first_call_s']:.1f} | {diff} |"
+        )
+    return lines
 
 
 def _targets(r: dict) -> list[str]:
