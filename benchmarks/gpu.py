@@ -43,7 +43,7 @@ try:
 except ImportError:  # run from a checkout without installing: use its src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from emanet.benchmark import count_flops
+from emanet.bench_timing import count_flops
 from emanet.em import em_attention
 from emanet.losses import SegmentationLoss
 from emanet.models.emanet import ModelConfig, build_model

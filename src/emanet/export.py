@@ -18,6 +18,7 @@ over the images in Python; for such models the batch size is fixed at the exampl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -121,53 +122,87 @@ def export_onnx(
     example = torch.randn(batch, 3, height, width)
     big = sum(t.numel() * t.element_size() for t in net.state_dict().values()) >= _TWO_GB
 
+    with _quiet_export():
+        if exporter == "torchscript":
+            _export_torchscript(net, example, path, opset, dynamic=dynamic, per_image=per_image)
+        else:
+            _export_dynamo(net, example, path, opset, dynamic=dynamic, per_image=per_image, external_data=big)
+    if metadata:
+        _add_metadata(path, metadata, external_data=big)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """No gradients, and none of the warnings that are expected and handled: the tracer's notes on shape checks
+    and the `b == 1` branch (export_onnx traces batch 2), and the deprecation notice of the TorchScript
+    exporter."""
     with warnings.catch_warnings(), torch.no_grad():
-        # Expected and handled: the tracer's notes on shape checks and the `b == 1` branch (batch 2 above),
-        # and the deprecation notice of the TorchScript exporter.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*The feature will be removed.*")
-        if exporter == "torchscript":
-            axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {}
-            if per_image:
-                axes.pop(0, None)
-            torch.onnx.export(
-                net,
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_axes={INPUT: axes, OUTPUT: axes} if axes else None,
-            )
-        else:
-            shapes = None
-            if dynamic:
-                dims = {2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)}
-                if not per_image:
-                    dims[0] = torch.export.Dim("batch", min=1)
-                shapes = (dims,)
-            program = torch.onnx.export(
-                net,
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_shapes=shapes,
-                verbose=False,
-            )
-            program.save(str(path), external_data=big)
+        yield
 
-    if metadata:
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = str(key), str(value)
-        onnx.save(proto, str(path), save_as_external_data=big)
-    onnx.checker.check_model(str(path))
-    return path
+
+def _export_torchscript(
+    net: nn.Module, example: torch.Tensor, path: Path, opset: int, *, dynamic: bool, per_image: bool
+) -> None:
+    """The tracing exporter; a per-image loop fixes the batch axis."""
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {}
+    if per_image:
+        axes.pop(0, None)
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_axes={INPUT: axes, OUTPUT: axes} if axes else None,
+    )
+
+
+def _export_dynamo(
+    net: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    *,
+    dynamic: bool,
+    per_image: bool,
+    external_data: bool,
+) -> None:
+    """The ``torch.export``-based exporter; a per-image loop fixes the batch axis."""
+    shapes = None
+    if dynamic:
+        dims = {2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)}
+        if not per_image:
+            dims[0] = torch.export.Dim("batch", min=1)
+        shapes = (dims,)
+    program = torch.onnx.export(
+        net,
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes=shapes,
+        verbose=False,
+    )
+    program.save(str(path), external_data=external_data)
+
+
+def _add_metadata(path: Path, metadata: dict[str, str], *, external_data: bool) -> None:
+    """Append ``metadata`` to the saved model's metadata_props (keys and values as strings)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save(proto, str(path), save_as_external_data=external_data)
 
 
 def model_metadata(config: Any, class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> dict[str, str]:

@@ -1,8 +1,8 @@
-"""emanet.benchmark's report: the tables name the size actually run and the targets come from the rows."""
+"""emanet.bench_report: the tables name the size actually run and the targets come from the rows."""
 
 from __future__ import annotations
 
-from emanet.benchmark import format_report, machine_load
+from emanet.bench_report import format_report
 
 
 def _result(size: int, predictor_ratio: float) -> dict:
@@ -49,8 +49,3 @@ def test_quick_run_heading_names_the_size_it_ran():
 def test_predictor_target_is_judged_from_the_rows():
     assert "resnet50 fp32: default Predictor / eager forward 0.80 -> met" in format_report(_result(513, 0.8))
     assert "resnet101 fp32: default Predictor / eager forward 0.90 -> MISSED" in format_report(_result(513, 0.9))
-
-
-def test_machine_load_reads_proc():
-    load = machine_load()
-    assert set(load) == {"loadavg_1m", "loadavg_5m", "loadavg_15m"} and all(v >= 0 for v in load.values())

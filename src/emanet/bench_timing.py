@@ -1,0 +1,86 @@
+"""Measuring primitives of the benchmarks: the machine and its load, median seconds of a call and of calls
+taken in turn (interleaved), the machine's matmul FLOP/s, and FLOP counts of a call."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "amx_bf16": "amx_bf16" in flags,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], budget_s: float = 2.0, max_repeats: int = 30) -> dict:
+    """Median seconds per call of each fn, calling them in turn; repeats sized to ~budget_s each."""
+    est = {}
+    for name, fn in fns.items():  # warm-up doubles as the estimate
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        est[name] = time.perf_counter() - t0
+    reps = {n: max(3, min(max_repeats, int(budget_s / max(t, 1e-6)))) for n, t in est.items()}
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for i in range(max(reps.values())):
+        for name, fn in fns.items():
+            if i < reps[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    return 2 * n**3 / median_time(lambda: a @ b, repeats)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def machine_load() -> dict:
+    """The 1/5/15-minute load averages and the other processes' CPU use, as far as /proc tells."""
+    try:
+        one, five, fifteen = (float(v) for v in Path("/proc/loadavg").read_text().split()[:3])
+    except (OSError, ValueError):
+        return {}
+    return {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen}
