@@ -1,4 +1,4 @@
-"""emanet.predict: Predictor (preprocessing as in evaluation, batching, EXIF) and `emanet predict` (files out)."""
+"""emanet.predict: Predictor (preprocessing as in evaluation, batching, EXIF), and `emanet predict` end to end (files out)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from emanet.config import Config
 from emanet.data.base import read_image
 from emanet.inference import infer
 from emanet.models.emanet import ModelConfig, build_model
-from emanet.predict import Predictor, collect_inputs
+from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
 
 PALETTE = [(10, 20, 30), (200, 0, 0), (0, 200, 0)]
@@ -187,24 +187,3 @@ def test_cli_user_errors_exit_2(model_dir, tmp_path, capsys):
     assert "crop_size" in capsys.readouterr().err
     assert cli.main(["predict", str(model_dir), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 1
     assert "missing.png: no such file" in capsys.readouterr().err
-
-
-def test_collect_inputs_mirrors_names(tmp_path):
-    root = tmp_path / "imgs"
-    (root / "sub").mkdir(parents=True)
-    for rel in ("a.jpg", "a.png", "sub/c.png", "notes.txt", "out/old.png"):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(b"")
-    files, problems = collect_inputs([str(root), str(root / "sub" / "c.png")], exclude=root / "out")
-    assert problems == []
-    # a.jpg / a.png would share outputs: suffixed; sub/c.png given twice: once; out/ (the output folder) skipped
-    assert [(f.path.relative_to(root).as_posix(), f.name) for f in files] == [
-        ("a.jpg", "a_jpg"),
-        ("a.png", "a_png"),
-        ("sub/c.png", "sub/c"),
-    ]
-    files, problems = collect_inputs([str(root / "*" / "*.png"), str(root / "zzz*.png")])
-    assert [f.name for f in files] == ["out/old", "sub/c"]
-    assert problems == [f"{root / 'zzz*.png'}: the pattern matches no image files"]
-    files, _ = collect_inputs([str(root / "sub" / "c.png")])
-    assert [f.name for f in files] == ["c"]

@@ -152,7 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from emanet.predict import PredictOptions, Predictor, collect_inputs, predict_files
+    from emanet.predict import Predictor
+    from emanet.predict_files import PredictOptions, collect_inputs, predict_files
     from emanet.progress import write
 
     def report(message: str) -> None:  # keeps a terminal's progress bar intact

@@ -1,4 +1,5 @@
-"""Predict label maps for new images: a ``Predictor`` built once, and the file loop behind ``emanet predict``.
+"""Predict label maps for new images: a ``Predictor`` built once (the file loop behind ``emanet predict`` is
+predict_files.py).
 
 Every image goes through the evaluation pipeline: EXIF orientation (``data.read_image``), the config's
 mean/std on RGB in [0, 1], padding of the normalised tensor bottom/right with 0 to H, W = offset mod multiple
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +21,10 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from emanet.attention_maps import attention_grid, attention_unit, blend, capture_attention, save_attention_arrays
+from emanet.attention_maps import attention_unit, blend, capture_attention
 from emanet.compiled import maybe_compile
 from emanet.config import Config
-from emanet.data.base import IMAGE_SUFFIXES, DataError, read_image
+from emanet.data.base import read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
 from emanet.data.transforms import eval_transform
 from emanet.em import set_eval_stages
@@ -258,211 +258,3 @@ class Predictor:
                 )
             )
         return out
-
-
-# ----------------------------------------------------------------------------- files in, files out
-
-_MAGIC = re.compile(r"[*?\[]")
-
-
-@dataclass
-class InputFile:
-    path: Path
-    name: str  # output name without suffix, relative to --out (may contain folders)
-
-
-def _images_in(folder: Path, exclude: Path | None) -> list[Path]:
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if exclude is not None:  # do not predict on our own outputs when --out lies inside an input folder
-        found = [p for p in found if not p.resolve().is_relative_to(exclude)]
-    return found
-
-
-def _rel_name(path: Path, base: Path) -> str:
-    return path.relative_to(base).with_suffix("").as_posix()
-
-
-def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) -> tuple[list[InputFile], list[str]]:
-    """Files, folders (recursive, image suffixes) and globs -> (inputs with output names, problems).
-
-    Names mirror the inputs: a file gives its stem, a folder the paths relative to it, a glob the paths
-    relative to its last folder without wildcards. Names two inputs would share get the suffix appended
-    (``a_jpg``, ``a_png``). ``problems`` lists inputs that matched nothing.
-    """
-    ex = Path(exclude).resolve() if exclude is not None else None
-    found: list[InputFile] = []
-    problems: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            found.append(InputFile(path, path.stem))
-        elif path.is_dir():
-            files = _images_in(path, ex)
-            if not files:
-                problems.append(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            found += [InputFile(p, _rel_name(p, path)) for p in files]
-        elif _MAGIC.search(item):
-            parts = path.parts
-            fixed = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
-            base = Path(*parts[:fixed]) if fixed else Path(".")
-            matches = sorted(base.glob(Path(*parts[fixed:]).as_posix()))
-            files = []
-            for m in matches:
-                if m.is_dir():
-                    files += _images_in(m, ex)
-                elif m.is_file() and (ex is None or not m.resolve().is_relative_to(ex)):
-                    files.append(m)
-            if not files:
-                problems.append(f"{item}: the pattern matches no image files")
-            found += [InputFile(p, _rel_name(p, base)) for p in files]
-        else:
-            problems.append(f"{item}: no such file or folder")
-
-    unique, seen = [], set()  # a file named twice (as a file and inside a folder) is predicted once
-    for f in found:
-        key = f.path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    counts: dict[str, int] = {}
-    for f in unique:
-        counts[f.name] = counts.get(f.name, 0) + 1
-    taken: set[str] = set()
-    for f in unique:
-        name = f"{f.name}_{f.path.suffix.lstrip('.').lower()}" if counts[f.name] > 1 else f.name
-        base_name, n = name, 1
-        while name in taken:
-            n += 1
-            name = f"{base_name}_{n}"
-        taken.add(name)
-        f.name = name
-    return unique, problems
-
-
-def save_outputs(
-    pred: Prediction,
-    out_dir: str | Path,
-    name: str,
-    *,
-    alpha: float = 0.5,
-    attention_bases: int = 6,
-    save_arrays: bool = False,
-    align_corners: bool = True,
-) -> list[Path]:
-    """Write NAME.png (index, palette), NAME_color.png, NAME_overlay.png and, with attention,
-    NAME_attention.png (+ NAME_attention.npz when ``save_arrays``). Returns the paths written."""
-    stem = Path(out_dir) / name
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    written = [stem.with_name(stem.name + s) for s in (".png", "_color.png", "_overlay.png")]
-    pred.index_image().save(written[0])
-    pred.color_image().save(written[1])
-    pred.overlay(alpha).save(written[2])
-    if pred.attention is not None:
-        grid = attention_grid(
-            pred.image,
-            pred.attention,
-            padded_size=pred.padded_size,
-            num_bases=attention_bases,
-            align_corners=align_corners,
-        )
-        written.append(stem.with_name(stem.name + "_attention.png"))
-        grid.image.save(written[-1])
-        if save_arrays:
-            written.append(stem.with_name(stem.name + "_attention.npz"))
-            save_attention_arrays(
-                written[-1],
-                pred.attention,
-                grid.indices,
-                grid.shares,
-                image_size=pred.size,
-                padded_size=pred.padded_size,
-            )
-    return written
-
-
-@dataclass
-class PredictOptions:
-    alpha: float = 0.5  # overlay opacity of the label colours
-    attention: bool = False  # write NAME_attention.png (EMANet models only)
-    attention_bases: int = 6  # bases shown, the heaviest by responsibility mass
-    save_arrays: bool = False  # also NAME_attention.npz with the raw responsibilities
-
-
-def predict_files(
-    predictor: Predictor,
-    files: Sequence[InputFile],
-    out_dir: str | Path,
-    *,
-    options: PredictOptions | None = None,
-    progress: bool = False,
-    log: Callable[[str], None] = lambda message: None,
-) -> list[tuple[Path, str]]:
-    """Predict every file and write its outputs; unreadable files are logged, skipped and returned.
-
-    Files are read ``predictor.batch_size`` at a time. Returns ``[(path, reason), ...]`` for the failures.
-    """
-    opts = options or PredictOptions()
-    if not 0.0 <= opts.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {opts.alpha}")
-    if opts.attention_bases < 1:
-        raise ValueError(f"--attention-bases must be >= 1, got {opts.attention_bases}")
-    want_attention = opts.attention or opts.save_arrays
-    if want_attention:
-        predictor.require_attention()
-    align_corners = predictor.config.model.align_corners
-    failures: list[tuple[Path, str]] = []
-
-    def fail(f: InputFile, error: Exception) -> None:
-        reason = str(error)
-        if isinstance(error, DataError) and reason.startswith(f"{f.path}: "):
-            reason = reason[len(f"{f.path}: ") :]
-        failures.append((f.path, reason))
-        log(f"{f.path}: {reason}")
-
-    bar = None
-    if progress:
-        from emanet.progress import progress_bar
-
-        bar = progress_bar(total=len(files), desc="predict", unit="img")
-    try:
-        for start in range(0, len(files), predictor.batch_size):
-            chunk, images = [], []
-            for f in files[start : start + predictor.batch_size]:
-                try:
-                    images.append(read_image(f.path))
-                    chunk.append(f)
-                except (OSError, DataError, Image.DecompressionBombError) as e:
-                    fail(f, e)
-            preds = predictor.predict_batch(images, attention=want_attention) if images else []
-            for f, pred in zip(chunk, preds):
-                try:
-                    save_outputs(
-                        pred,
-                        out_dir,
-                        f.name,
-                        alpha=opts.alpha,
-                        attention_bases=opts.attention_bases,
-                        save_arrays=opts.save_arrays,
-                        align_corners=align_corners,
-                    )
-                except OSError as e:
-                    fail(f, OSError(f"cannot write outputs to {out_dir}: {e}"))
-            if bar is not None:
-                bar.update(len(files[start : start + predictor.batch_size]))
-    finally:
-        if bar is not None:
-            bar.close()
-    return failures
-
-
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "InputFile",
-    "PredictOptions",
-    "Prediction",
-    "Predictor",
-    "collect_inputs",
-    "predict_files",
-    "save_outputs",
-    "to_rgb",
-]
