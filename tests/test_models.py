@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
 from conftest import tiny_model
+from emanet.em import EMAUnit
+from emanet.models.backbone import RESNETS
 from emanet.models.emanet import (
     MODELS,
     ModelConfig,
+    ModelOverrides,
     SegmentationModel,
     build_model,
     emanet_resnet101,
     layer4_dilations,
 )
+from emanet.models.heads import NonLocal2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,6 +111,25 @@ def test_reference_dilations_and_builders():
     with pytest.raises(TypeError):
         emanet_resnet101(21)  # keyword-only
     assert set(MODELS) >= {"emanet_resnet50", "emanet_resnet101", "fcn_resnet101", "nonlocal_resnet101"}
+
+
+def test_builder_keywords_are_the_model_config_fields():
+    # ModelOverrides gives type checkers the builders' keywords; ModelConfig keeps the defaults: same fields
+    fields = typing.get_type_hints(ModelConfig)
+    del fields["arch"], fields["backbone"]  # fixed by each builder's name
+    assert typing.get_type_hints(ModelOverrides) == fields and not ModelOverrides.__required_keys__
+    with pytest.raises(TypeError, match="num_clases"):
+        emanet_resnet101(num_clases=21)  # an unknown keyword is named
+    with pytest.raises(TypeError, match="arch"):
+        emanet_resnet101(arch="fcn")
+    with torch.device("meta"):
+        for name, builder in MODELS.items():
+            arch, backbone = name.split("_")
+            model = builder(num_classes=3)
+            assert builder.__name__ == name and model.backbone.layers == RESNETS[backbone][1]
+            assert (
+                type(model.head.context) is {"emanet": EMAUnit, "fcn": torch.nn.Identity, "nonlocal": NonLocal2d}[arch]
+            )
 
 
 @pytest.mark.parametrize(

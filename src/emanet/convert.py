@@ -7,8 +7,12 @@ counter, which older files lack: it is set to 0 and listed in ``filled``.
 
 Full models get a config inferred from the tensor shapes (depth, widths, classes, K, auxiliary head) plus
 the settings the source architecture needs so that our model computes what it computed there (stem,
-dilations, align_corners, BN momentum, the bases' moving average, input normalisation). docs/convert.md
-has the per-source table, the key-mapping rules and the known numerical differences.
+dilations, align_corners, BN momentum, the bases' moving average, input normalisation).
+
+This module infers the model from the renamed tensors, builds it and writes the result (``convert``);
+convert_keys.py holds the per-source key rules, the reading of the source file and the key-by-key check
+against the model; mmseg_config.py reads an mmseg checkpoint's config text. docs/convert.md has the
+per-source table, the key-mapping rules and the known numerical differences.
 """
 
 from __future__ import annotations
@@ -19,143 +23,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from emanet.config import Config, load_config
+from emanet.convert_keys import (
+    EXPECTED_STEM,
+    FULL_MODEL_SOURCES,
+    RULES,
+    SOURCES,
+    detect_format,
+    read_source,
+    reconcile,
+    rename,
+    rename_all,
+)
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from emanet.mmseg_config import parse_mmseg_meta
-from emanet.models.backbone import BACKBONES, blocks_per_stage, read_weights_file, resnet_for_blocks
+from emanet.models.backbone import BACKBONES, resnet_for_blocks
+from emanet.models.backbone_weights import blocks_per_stage
 from emanet.models.emanet import ModelConfig, build_model
-
-SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
-FULL_MODEL_SOURCES = ("reference", "mmseg")
-
-# ----------------------------------------------------------------------------- key rules
-# A rule is (source name, our name). A name ending in "." renames a whole subtree; otherwise one key.
-
-_STAGES = [(f"layer{i}.", f"layer{i}.") for i in range(1, 5)]
-_REFERENCE_TRUNK = [("extractor.0.", "conv1."), ("extractor.1.", "bn1.")] + [
-    (f"extractor.{i + 3}.", f"layer{i}.") for i in range(1, 5)
-]  # extractor = Sequential(conv1, bn1, relu, maxpool, layer1..layer4)
-_REFERENCE_EMAU = [("mu", "bases"), ("conv1.", "conv_in."), ("conv2.0.", "conv_out."), ("conv2.1.", "bn_out.")]
-
-RULES: dict[str, list[tuple[str, str]]] = {
-    "reference": [(s, "backbone." + d) for s, d in _REFERENCE_TRUNK]
-    + [("fc0.conv.", "head.reduce.conv."), ("fc0.bn.", "head.reduce.bn.")]
-    # the module is `emau` (train.py wrote `ema` before ced8694, a typo it fixed); `ema.` is accepted too
-    + [(f"{unit}.{s}", f"head.context.{d}") for unit in ("emau", "ema") for s, d in _REFERENCE_EMAU]
-    + [("fc1.0.conv.", "head.fuse.conv."), ("fc1.0.bn.", "head.fuse.bn."), ("fc2.", "head.classifier.")],
-    "mmseg": [("backbone.stem.", "backbone.stem.")]
-    + [("backbone." + s, "backbone." + d) for s, d in _STAGES]
-    + [
-        ("decode_head.ema_module.bases", "head.context.bases"),
-        ("decode_head.ema_in_conv.", "head.reduce."),  # ConvModule children are conv / bn, like ours
-        ("decode_head.ema_mid_conv.conv.", "head.context.conv_in."),
-        ("decode_head.ema_out_conv.conv.", "head.context.conv_out."),
-        ("decode_head.ema_out_conv.bn.", "head.context.bn_out."),
-        ("decode_head.bottleneck.", "head.fuse."),
-        ("decode_head.conv_cat.", "head.cat."),
-        ("decode_head.conv_seg.", "head.classifier."),
-        ("auxiliary_head.convs.0.", "aux_head.conv."),
-        ("auxiliary_head.conv_seg.", "aux_head.classifier."),
-    ],
-    "torchvision": [("conv1.", "conv1."), ("bn1.", "bn1.")] + _STAGES,
-    "reference-backbone": [("conv1.", "conv1."), ("bn1.", "bn1.")] + _STAGES + _REFERENCE_TRUNK,
-    "mmseg-backbone": [("stem.", "stem."), ("backbone.stem.", "stem.")]
-    + _STAGES
-    + [("backbone." + s, d) for s, d in _STAGES],
-}
-
-_CLASSIFIER = "ImageNet classifier: a dense backbone has none"
-_NOT_BACKBONE = "segmentation head of a full checkpoint: not part of the backbone"
-_NORM_BUFFERS = "input normalisation buffers, not weights (data.mean/std carry the normalisation)"
-DROPS: dict[str, list[tuple[str, str]]] = {
-    "reference": [],
-    "mmseg": [("data_preprocessor.", _NORM_BUFFERS)],
-    "torchvision": [("fc.", _CLASSIFIER)],
-    "reference-backbone": [("fc.", _CLASSIFIER)]
-    + [(p, _NOT_BACKBONE) for p in ("fc0.", "emau.", "ema.", "fc1.", "fc2.")],
-    "mmseg-backbone": [
-        ("fc.", _CLASSIFIER),
-        ("head.", "classifier head of an ImageNet (mmcls/mmpretrain) model"),
-        ("neck.", "ImageNet pooling neck"),
-        ("data_preprocessor.", _NORM_BUFFERS),
-    ]
-    + [(p, _NOT_BACKBONE) for p in ("decode_head.", "auxiliary_head.")],
-}
-
-EXPECTED_STEM = {"torchvision": "standard", "reference-backbone": "deep", "mmseg-backbone": "v1c"}
-
-
-def _match(key: str, name: str) -> bool:
-    return key.startswith(name) if name.endswith(".") else key == name
-
-
-def rename(key: str, rules: Sequence[tuple[str, str]], *, inverse: bool = False) -> str | None:
-    """Apply the first matching rule (source -> ours, or ours -> source with ``inverse``); None if none."""
-    for src, dst in rules:
-        a, b = (dst, src) if inverse else (src, dst)
-        if _match(key, a):
-            return b + key[len(a) :]
-    return None
-
-
-def detect_format(keys: Sequence[str]) -> str | None:
-    """Guess a state dict's source format from its key names."""
-    ks = set(keys)
-    if any(k.startswith(("extractor.", "emau.", "fc0.")) for k in ks):
-        return "reference"
-    if any(k.startswith("decode_head.") for k in ks):
-        return "mmseg"
-    if "stem.0.weight" in ks or "backbone.stem.0.weight" in ks:
-        return "mmseg-backbone"
-    if "conv1.0.weight" in ks:
-        return "reference-backbone"
-    if "conv1.weight" in ks:
-        return "torchvision"
-    return None
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_source(
-    src: str | os.PathLike | Mapping[str, Any], *, allow_pickle: bool = False
-) -> tuple[dict[str, Tensor], dict[str, Any], str]:
-    """A checkpoint file or dict -> (state dict, the file's other entries, a name for messages).
-
-    Unwraps {'net': ...} (reference), {'state_dict': ..., 'meta': ...} (mmseg) and {'model': ...}, and strips a
-    'module.' prefix that (Distributed)DataParallel leaves on every key.
-    """
-    if isinstance(src, Mapping):
-        obj, name = dict(src), "<state dict>"
-    else:
-        name = str(src)
-        obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
-    if "format_version" in obj and isinstance(obj.get("model"), Mapping) and "config" in obj:
-        raise ValueError(
-            f"{name} is already an emanet checkpoint (iteration {obj.get('iteration', '?')}): "
-            "use it directly with emanet eval/predict/export, or emanet.load_model"
-        )
-    extra: dict[str, Any] = {}
-    for wrapper in ("state_dict", "net", "model"):
-        if isinstance(obj.get(wrapper), Mapping):
-            extra = {k: v for k, v in obj.items() if k != wrapper}
-            obj = dict(obj[wrapper])
-            break
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if not_tensors or not state:
-        raise ValueError(
-            f"{name}: no state dict found (top-level keys {sorted(obj)[:8]}; non-tensor entries {not_tensors[:5]})"
-        )
-    return state, extra, name
-
 
 # ----------------------------------------------------------------------------- inference from shapes
 
@@ -307,92 +193,27 @@ class ConversionResult:
         return "\n".join(lines)
 
 
-def _bgr_to_rgb(mapped: dict[str, Tensor], key: str) -> None:
-    # a BGR-trained first conv fed RGB: permute its input channels and the result is unchanged
-    mapped[key] = mapped[key].flip(1)
+@dataclass
+class _Renamed:
+    """A source checkpoint after rename_all: what the conversion steps read (and add notes to)."""
+
+    source: str
+    name: str  # the file, for messages
+    mapped: dict[str, Tensor]  # our key -> source tensor
+    pairs: list[tuple[str, str]]  # (source key, our key)
+    dropped: list[tuple[str, str]]  # (source key, reason)
+    notes: list[str]
 
 
-def _reconcile(
-    mapped: dict[str, Tensor],
-    pairs: list[tuple[str, str]],
-    target: Mapping[str, Tensor],
-    source: str,
-    name: str,
-    dropped: list[tuple[str, str]],
-    notes: list[str],
-    optional: Sequence[tuple[str, str]] = (),
-) -> tuple[dict[str, Tensor], list[tuple[str, str]], list[tuple[str, str]]]:
-    """Check the renamed tensors against the model: every key placed, every shape equal, nothing missing."""
-    state, kept, filled, unaccounted, mismatched = {}, [], [], [], []
-    for src, dst in pairs:
-        value = mapped[dst]
-        if dst not in target:
-            reason = next((why for p, why in optional if dst.startswith(p)), None)
-            if reason is None and dst.endswith("num_batches_tracked"):
-                reason = "BN step counter the model does not keep"
-            if reason is None:
-                unaccounted.append(f"{src} (-> {dst})")
-            else:
-                dropped.append((src, reason))
-            continue
-        if tuple(value.shape) != tuple(target[dst].shape):
-            mismatched.append(f"{src} -> {dst}: source {tuple(value.shape)} vs model {tuple(target[dst].shape)}")
-            continue
-        state[dst] = value.to(target[dst].dtype) if value.dtype != target[dst].dtype else value
-        kept.append((src, dst))
-    missing, placed = [], {d for _, d in pairs}
-    for dst, ref in target.items():
-        if dst in placed:
-            continue
-        if dst.endswith("num_batches_tracked"):
-            state[dst] = torch.zeros_like(ref)
-            filled.append((dst, "BN step counter absent from the source (older PyTorch); set to 0"))
-        else:
-            src = rename(dst, RULES[source], inverse=True)
-            missing.append(f"{dst} (source key {src})" if src else dst)
-    casts = sorted({f"{mapped[d].dtype} -> {state[d].dtype}" for _, d in kept if mapped[d].dtype != state[d].dtype})
-    if casts:  # exact from float16/bfloat16; float64 is rounded to the model's float32
-        notes.append(f"tensors cast to the model's dtype: {', '.join(casts)}")
-    problems = []
-    if unaccounted:
-        problems.append(f"{len(unaccounted)} source keys the model has no place for: {', '.join(unaccounted[:10])}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:10])}")
-    if missing:
-        problems.append(f"{len(missing)} model keys missing from the source: {', '.join(missing[:10])}")
-    if problems:
-        raise ValueError("\n  ".join([f"{name} does not convert as a {source!r} checkpoint:", *problems]))
-    return state, kept, filled
+@dataclass
+class _Settings:
+    """Config fields of a full-model conversion by section, before the user's overrides."""
 
-
-def _rename_all(state: Mapping[str, Tensor], source: str, name: str):
-    rules, drops = RULES[source], DROPS[source]
-    mapped: dict[str, Tensor] = {}
-    pairs, dropped, unknown = [], [], []
-    for key, value in state.items():
-        reason = next((why for p, why in drops if _match(key, p)), None)
-        dst = None if reason else rename(key, rules)
-        if reason:
-            dropped.append((key, reason))
-        elif dst is None:
-            unknown.append(key)
-        elif dst in mapped:
-            raise ValueError(f"{name}: {key} and another source key both map to {dst}")
-        else:
-            mapped[dst] = value
-            pairs.append((key, dst))
-    if unknown:
-        guess = detect_format(list(state))
-        if source not in FULL_MODEL_SOURCES and guess in FULL_MODEL_SOURCES:
-            guess += "-backbone"  # a full model's file given to a backbone conversion: its backbone part
-        hint = (
-            f"; the keys look like a {guess!r} checkpoint (use --from {guess})" if guess not in (None, source) else ""
-        )
-        raise ValueError(
-            f"{name}: {len(unknown)} keys not recognised for source {source!r}: "
-            f"{', '.join(unknown[:10])}{'...' if len(unknown) > 10 else ''}{hint}"
-        )
-    return mapped, pairs, dropped
+    model: dict[str, Any]
+    data: dict[str, Any]
+    eval: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    palette: list[tuple[int, int, int]] | None = None
 
 
 def convert_checkpoint(
@@ -410,85 +231,127 @@ def convert_checkpoint(
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     state, extra, name = read_source(src, allow_pickle=allow_pickle)
-    mapped, pairs, dropped = _rename_all(state, source, name)
+    mapped, pairs, dropped = rename_all(state, source, name)
     notes = []
     if isinstance(extra.get("step"), int):
         notes.append(f"the source checkpoint was saved at step {extra['step']}")
+    renamed = _Renamed(source, name, mapped, pairs, dropped, notes)
+    if source in FULL_MODEL_SOURCES:
+        return _convert_model(renamed, extra, overrides)
+    if overrides:
+        raise ValueError("overrides apply to full-model conversions (reference, mmseg) only")
+    return _convert_backbone(renamed)
 
-    if source not in FULL_MODEL_SOURCES:
-        if overrides:
-            raise ValueError("overrides apply to full-model conversions (reference, mmseg) only")
-        stem = EXPECTED_STEM[source]
-        found = detect_format(list(mapped))
-        if found is not None and EXPECTED_STEM.get(found, stem) != stem:
-            raise ValueError(f"{name}: the stem keys are those of a {EXPECTED_STEM[found]!r} stem: use --from {found}")
-        arch = {**infer_backbone(mapped), "stem": stem}
-        backbone = BACKBONES[arch["backbone"]](stem=stem, width=arch["backbone_width"])
-        sd, kept, filled = _reconcile(mapped, pairs, backbone.state_dict(), source, name, dropped, notes)
-        backbone.load_state_dict(sd, strict=True)
-        return ConversionResult(source, sd, kept, dropped, filled, backbone=arch, notes=notes, model=backbone.eval())
 
-    cfg = Config()
-    model_fields = {**MODEL_SETTINGS[source], **infer_model(mapped, source)}
-    data_fields = dict(DATA_SETTINGS[source])
-    eval_fields: dict[str, Any] = {}
-    class_names = palette = None
-    if source == "mmseg":
-        meta = parse_mmseg_meta(extra.get("meta") or {})
-        model_fields.update(meta["model"])
-        data_fields.update(meta["data"])
-        eval_fields.update(meta["eval"])
-        notes += meta["notes"]
-        class_names, palette = meta.get("class_names"), meta.get("palette")
-        if meta.get("bgr"):
-            _bgr_to_rgb(mapped, "backbone.stem.0.weight")
-            data_fields["mean"], data_fields["std"] = data_fields["mean"][::-1], data_fields["std"][::-1]
-            notes.append("BGR model: the first conv's input channels and mean/std were reordered to RGB")
-    cfg.data.dataset = DATASETS_BY_CLASSES.get(model_fields["num_classes"], cfg.data.dataset)
-    base = cfg.to_dict()
-    base["model"].update(model_fields, pretrained_backbone=None)
-    base["data"].update(data_fields)
-    base["eval"].update(eval_fields)
-    cfg = load_config(None, overrides, base=base)
+def _convert_backbone(r: _Renamed) -> ConversionResult:
+    """An ImageNet backbone file -> our ResNet of the depth and width its keys say, with the source's stem."""
+    stem = EXPECTED_STEM[r.source]
+    found = detect_format(list(r.mapped))
+    if found is not None and EXPECTED_STEM.get(found, stem) != stem:
+        raise ValueError(f"{r.name}: the stem keys are those of a {EXPECTED_STEM[found]!r} stem: use --from {found}")
+    arch = {**infer_backbone(r.mapped), "stem": stem}
+    backbone = BACKBONES[arch["backbone"]](stem=stem, width=arch["backbone_width"])
+    sd, kept, filled = reconcile(r.mapped, r.pairs, backbone.state_dict(), r.source, r.name, r.dropped, r.notes)
+    backbone.load_state_dict(sd, strict=True)
+    return ConversionResult(r.source, sd, kept, r.dropped, filled, backbone=arch, notes=r.notes, model=backbone.eval())
+
+
+def _convert_model(r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[str]) -> ConversionResult:
+    """A full segmentation model -> our model, built from the config the tensors, the source's settings, its
+    metadata (mmseg) and the overrides say."""
+    settings = _source_settings(r)
+    if r.source == "mmseg":
+        _apply_mmseg_meta(settings, r, extra.get("meta") or {})
+    cfg = _model_config(settings, r, overrides)
     m = cfg.model
-    if source == "reference" and not any(o.split("=", 1)[0].strip() == "data.eval_pad_multiple" for o in overrides):
-        cfg.data.eval_pad_multiple = m.output_stride  # pad_inf pads to 1 mod settings.STRIDE
-    if source == "mmseg" and m.backbone in ("resnet18", "resnet34") and m.output_stride != 32:
-        raise ValueError(
-            f"{name}: mmseg's ResNet-18/34 BasicBlock dilates only its first 3x3 conv, ours both: a "
-            f"dilated (OS{m.output_stride}) {m.backbone} cannot be reproduced exactly "
-            "(only model.output_stride=32 converts)"
-        )
-    if class_names is not None and len(class_names) != m.num_classes:
-        notes.append(f"ignored {len(class_names)} class names from the checkpoint for {m.num_classes} classes")
-        class_names = palette = None
-    if palette is not None and len(palette) != m.num_classes:
-        palette = None
+    class_names, palette = _names_for(settings, m.num_classes, r.notes)
     model = build_model(m)
-    sd, kept, filled = _reconcile(
-        mapped,
-        pairs,
+    sd, kept, filled = reconcile(
+        r.mapped,
+        r.pairs,
         model.state_dict(),
-        source,
-        name,
-        dropped,
-        notes,
+        r.source,
+        r.name,
+        r.dropped,
+        r.notes,
         optional=[("aux_head.", "auxiliary head left out (model.aux=false)")],
     )
     model.load_state_dict(sd, strict=True)
     return ConversionResult(
-        source,
+        r.source,
         sd,
         kept,
-        dropped,
+        r.dropped,
         filled,
         model_config=m,
         config=cfg,
         class_names=class_names,
         palette=palette,
-        notes=notes,
+        notes=r.notes,
         model=model.eval(),
     )
+
+
+def _source_settings(r: _Renamed) -> _Settings:
+    """What the source architecture computes (MODEL_SETTINGS, DATA_SETTINGS) and what its tensors say."""
+    return _Settings(
+        model={**MODEL_SETTINGS[r.source], **infer_model(r.mapped, r.source)}, data=dict(DATA_SETTINGS[r.source])
+    )
+
+
+def _bgr_to_rgb(mapped: dict[str, Tensor], key: str) -> None:
+    # a BGR-trained first conv fed RGB: permute its input channels and the result is unchanged
+    mapped[key] = mapped[key].flip(1)
+
+
+def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any]) -> None:
+    """Add what an mmseg checkpoint's meta says (its config text, class names, palette); a BGR model's first
+    conv and mean/std are reordered to RGB."""
+    found = parse_mmseg_meta(meta)
+    settings.model.update(found["model"])
+    settings.data.update(found["data"])
+    settings.eval.update(found["eval"])
+    r.notes += found["notes"]
+    settings.class_names, settings.palette = found.get("class_names"), found.get("palette")
+    if found.get("bgr"):
+        _bgr_to_rgb(r.mapped, "backbone.stem.0.weight")
+        data = settings.data
+        data["mean"], data["std"] = data["mean"][::-1], data["std"][::-1]
+        r.notes.append("BGR model: the first conv's input channels and mean/std were reordered to RGB")
+
+
+def _model_config(settings: _Settings, r: _Renamed, overrides: Sequence[str]) -> Config:
+    """The full Config of the converted model: our defaults, the settings, then the user's overrides."""
+    cfg = Config()
+    cfg.data.dataset = DATASETS_BY_CLASSES.get(settings.model["num_classes"], cfg.data.dataset)
+    base = cfg.to_dict()
+    base["model"].update(settings.model, pretrained_backbone=None)
+    base["data"].update(settings.data)
+    base["eval"].update(settings.eval)
+    cfg = load_config(None, overrides, base=base)
+    m = cfg.model
+    if r.source == "reference" and not any(o.split("=", 1)[0].strip() == "data.eval_pad_multiple" for o in overrides):
+        cfg.data.eval_pad_multiple = m.output_stride  # pad_inf pads to 1 mod settings.STRIDE
+    if r.source == "mmseg" and m.backbone in ("resnet18", "resnet34") and m.output_stride != 32:
+        raise ValueError(
+            f"{r.name}: mmseg's ResNet-18/34 BasicBlock dilates only its first 3x3 conv, ours both: a "
+            f"dilated (OS{m.output_stride}) {m.backbone} cannot be reproduced exactly "
+            "(only model.output_stride=32 converts)"
+        )
+    return cfg
+
+
+def _names_for(
+    settings: _Settings, num_classes: int, notes: list[str]
+) -> tuple[list[str] | None, list[tuple[int, int, int]] | None]:
+    """The checkpoint's class names and palette, each kept only when it has one entry per class."""
+    class_names, palette = settings.class_names, settings.palette
+    if class_names is not None and len(class_names) != num_classes:
+        notes.append(f"ignored {len(class_names)} class names from the checkpoint for {num_classes} classes")
+        class_names = palette = None
+    if palette is not None and len(palette) != num_classes:
+        palette = None
+    return class_names, palette
 
 
 def convert(

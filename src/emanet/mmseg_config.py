@@ -118,29 +118,53 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     mmseg 0.x stores CLASSES, PALETTE and the config text (``config``, mmcv's pretty text); 1.x stores
     ``dataset_meta`` and the config text as ``cfg`` (mmengine's: sorted keys, sequences over several lines).
     The text is parsed as Python source with ``ast``, literals and ``dict(...)`` calls only (never executed).
+    Returns {'model': ..., 'data': ..., 'eval': ...} config fields, 'notes' for the user and, when found,
+    'class_names', 'palette' and 'bgr'.
     """
     out: dict[str, Any] = {"model": {}, "data": {}, "eval": {}, "notes": []}
+    _dataset_meta(meta, out)
+    text = meta.get("config", meta.get("cfg"))
+    if not isinstance(text, str):
+        return out
+    cfg = read_config_text(text)
+    model = _section(cfg, "model")
+    found: list[str] = []  # what was read, reported in one note
+    _head_settings(_section(model, "decode_head"), out, found)
+    _output_stride(_section(model, "backbone"), out, found)
+    norm = _norm_settings(cfg, model)
+    _normalisation(norm, out, found)
+    _test_padding(norm, out, found)
+    _test_mode(_section(model, "test_cfg") or _section(cfg, "test_cfg"), out, found)  # 0.x: may be top-level
+    _test_resize(cfg, out, found)
+    if found:
+        out["notes"].append("from the checkpoint's mmseg config: " + ", ".join(found))
+    return out
+
+
+def _dataset_meta(meta: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """Class names and palette: 1.x ``dataset_meta`` {classes, palette}, 0.x top-level CLASSES / PALETTE."""
     dmeta = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), Mapping) else meta
     classes, palette = dmeta.get("classes", dmeta.get("CLASSES")), dmeta.get("palette", dmeta.get("PALETTE"))
     if isinstance(classes, (list, tuple)):
         out["class_names"] = [str(c) for c in classes]
     if isinstance(palette, (list, tuple)):
         out["palette"] = [tuple(int(v) for v in c) for c in palette]
-    text = meta.get("config", meta.get("cfg"))
-    if not isinstance(text, str):
-        return out
-    cfg = read_config_text(text)
-    model = _section(cfg, "model")
-    found = []
-    head = _section(model, "decode_head")
+
+
+# decode_head key -> (ModelConfig field, type); a value of another type is named in a note, not guessed
+_HEAD_FIELDS = (
+    ("num_stages", "num_stages", int),
+    ("momentum", "momentum", float),
+    ("dropout_ratio", "dropout", float),
+    ("align_corners", "align_corners", bool),
+)
+
+
+def _head_settings(head: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
+    """EM stages, bases momentum, dropout and align_corners from the config's decode_head (an EMAHead)."""
     if head and head.get("type") != "EMAHead":
         out["notes"].append(f"the checkpoint's config has decode_head type {head.get('type')!r}, not 'EMAHead'")
-    for key, field_, kind in (
-        ("num_stages", "num_stages", int),
-        ("momentum", "momentum", float),
-        ("dropout_ratio", "dropout", float),
-        ("align_corners", "align_corners", bool),
-    ):
+    for key, field_, kind in _HEAD_FIELDS:
         value = head.get(key)
         if _is(value, bool) if kind is bool else _is(value, int) or (kind is float and _is(value, float)):
             out["model"][field_] = kind(value)
@@ -150,7 +174,10 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
                 f"decode_head.{key}={value!r} is not a {kind.__name__} literal: model.{field_} keeps the mmseg "
                 f"default (override it if that is wrong)"
             )
-    trunk = _section(model, "backbone")
+
+
+def _output_stride(trunk: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
+    """model.output_stride from the backbone's strides and dilations; layouts we cannot reproduce are errors."""
     strides, dilations = trunk.get("strides"), trunk.get("dilations")
     if isinstance(strides, (list, tuple)) and isinstance(dilations, (list, tuple)):
         layout = (tuple(strides), tuple(dilations))
@@ -168,7 +195,10 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
             )
     if isinstance(trunk.get("multi_grid"), (list, tuple)):
         raise ValueError("mmseg backbone with multi_grid: not supported by this converter")
-    norm = _norm_settings(cfg, model)
+
+
+def _normalisation(norm: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
+    """data.mean/std (0-255 in mmseg, 0-1 here) and whether the model takes BGR input."""
     mean, std = norm.get("mean"), norm.get("std")
     if all(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is(x, int, float) for x in v) for v in (mean, std)):
         out["data"]["mean"] = [float(v) / 255 for v in mean]
@@ -178,8 +208,10 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     if rgb is False:
         out["bgr"] = True
         found.append("to_rgb=False (a BGR model)")
-    _test_padding(norm, out, found)
-    test = _section(model, "test_cfg") or _section(cfg, "test_cfg")  # 0.x configs may keep it at the top level
+
+
+def _test_mode(test: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
+    """eval.mode (and the sliding window's crop and stride) from the test_cfg."""
     if test.get("mode") == "slide":
         crop, stride = _pair_of_ints(test.get("crop_size")), _pair_of_ints(test.get("stride"))
         if crop is None or stride is None:
@@ -192,10 +224,6 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     elif test.get("mode") == "whole":
         out["eval"]["mode"] = "whole"
         found.append("whole-image inference")
-    _test_resize(cfg, out, found)
-    if found:
-        out["notes"].append("from the checkpoint's mmseg config: " + ", ".join(found))
-    return out
 
 
 def _test_resize(cfg: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:

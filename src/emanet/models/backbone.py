@@ -20,6 +20,9 @@ Output stride (OS) by dilation instead of striding, per stage (layer1, layer2, l
   (1, 4, 8) at OS16: multi-grid (1, 2, 4) times the stage dilation, with the first grid value ignored.
 - Every 3x3 conv pads by its dilation, so sizes follow floor((n + 2p - k) / s) + 1 exactly as torchvision:
   513 -> 257 (stem) -> 129 (maxpool, layer1) -> 65 (layer2) -> 33 or 65 (layer3) -> 17, 33 or 65 (layer4).
+
+Builders: ``RESNETS`` is the one table of depths, ``resnet(name, ...)`` and ``BACKBONES`` / ``resnet50`` ...
+build from it. Reading and checking weight files (``load_backbone_weights``) is in backbone_weights.py.
 """
 
 from __future__ import annotations
@@ -27,22 +30,22 @@ from __future__ import annotations
 import functools
 import os
 import typing
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from emanet.em import conv_init_
 
+# Weight files are read and checked in backbone_weights.py (the builders' ``weights=`` loads through it); the
+# loader, its report and the file reader stay importable from here too.
+from emanet.models.backbone_weights import LoadReport as LoadReport
+from emanet.models.backbone_weights import load_backbone_weights
+from emanet.models.backbone_weights import read_weights_file as read_weights_file
+
 NormLayer = Callable[[int], nn.Module]
 Stem = Literal["standard", "deep", "v1c"]  # torchvision, the reference (PyTorch-Encoding), mmseg ResNetV1c
 STEMS: tuple[str, ...] = typing.get_args(Stem)
-# ImageNet classifier of torchvision-style files: meaningless for a dense backbone, reported as ignored.
-CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -138,6 +141,23 @@ def stage_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...
     raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
 
 
+def _block_dilations(
+    layers: Sequence[int], dilations: Sequence[int], layer4_dilations: Sequence[int] | None
+) -> list[tuple[int, ...]]:
+    """Per-block dilations of layer1..layer4: the first block of a dilated stage keeps the previous stage's
+    dilation (half the stage's), so the receptive field grows smoothly across the stage boundary."""
+    per_block = [(max(d // 2, 1),) + (d,) * (n - 1) for n, d in zip(layers, dilations)]
+    if layer4_dilations is not None:
+        layer4_dilations = tuple(int(d) for d in layer4_dilations)
+        if len(layer4_dilations) != layers[3] or min(layer4_dilations) < 1:
+            raise ValueError(
+                f"layer4_dilations needs one positive dilation per layer4 block ({layers[3]} blocks), "
+                f"got {layer4_dilations}"
+            )
+        per_block[3] = layer4_dilations
+    return per_block
+
+
 class ResNet(nn.Module):
     """ResNet trunk; ``forward`` returns [layer1, layer2, layer3, layer4] at strides 4, 8, 16|8, 32|16|8."""
 
@@ -168,54 +188,11 @@ class ResNet(nn.Module):
         self.output_stride = output_stride
 
         # Stem: /2 by the first conv, /2 by the max-pool -> stride 4 before layer1.
-        if stem == "standard":
-            self.conv1 = nn.Conv2d(in_channels, w, 7, stride=2, padding=3, bias=False)
-            self.bn1 = norm(w)
-            stem_out = w
-        elif stem == "deep":
-            # The last conv has no norm inside the Sequential: its BN is `bn1`, so the keys line up with
-            # PyTorch-Encoding's files (conv1.0/1/3/4/6, bn1).
-            self.conv1 = nn.Sequential(
-                conv3x3(in_channels, w, stride=2),
-                norm(w),
-                nn.ReLU(inplace=True),
-                conv3x3(w, w),
-                norm(w),
-                nn.ReLU(inplace=True),
-                conv3x3(w, 2 * w),
-            )
-            self.bn1 = norm(2 * w)
-            stem_out = 2 * w
-        else:  # v1c
-            self.stem = nn.Sequential(
-                conv3x3(in_channels, w // 2, stride=2),
-                norm(w // 2),
-                nn.ReLU(inplace=True),
-                conv3x3(w // 2, w // 2),
-                norm(w // 2),
-                nn.ReLU(inplace=True),
-                conv3x3(w // 2, w),
-                norm(w),
-                nn.ReLU(inplace=True),
-            )
-            stem_out = w
+        stem_out = self._make_stem(stem, in_channels, w, norm)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
-        # Per-block dilations: the first block of a dilated stage keeps the previous stage's dilation
-        # (half the stage's), so the receptive field grows smoothly across the stage boundary.
-        per_block: list[tuple[int, ...]] = []
-        for n, d in zip(layers, dilations):
-            per_block.append((max(d // 2, 1),) + (d,) * (n - 1))
-        if layer4_dilations is not None:
-            layer4_dilations = tuple(int(d) for d in layer4_dilations)
-            if len(layer4_dilations) != layers[3] or min(layer4_dilations) < 1:
-                raise ValueError(
-                    f"layer4_dilations needs one positive dilation per layer4 block ({layers[3]} blocks), "
-                    f"got {layer4_dilations}"
-                )
-            per_block[3] = layer4_dilations
-
+        per_block = _block_dilations(layers, dilations, layer4_dilations)
         c_in, widths = stem_out, (w, 2 * w, 4 * w, 8 * w)
         stages = []
         for planes, stride, dils in zip(widths, strides, per_block):
@@ -234,6 +211,41 @@ class ResNet(nn.Module):
         self.out_channels = widths[-1] * block.expansion
 
         conv_init_(self)  # the reference's fan-out normal init; BN weight 1, bias 0
+
+    def _make_stem(self, stem: str, c_in: int, w: int, norm: NormLayer) -> int:
+        """Add the stem's modules (``conv1`` + ``bn1``, or ``stem``) under their checkpoint names; return its
+        output channels."""
+        if stem == "standard":
+            self.conv1 = nn.Conv2d(c_in, w, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm(w)
+            return w
+        if stem == "deep":
+            # The last conv has no norm inside the Sequential: its BN is `bn1`, so the keys line up with
+            # PyTorch-Encoding's files (conv1.0/1/3/4/6, bn1).
+            self.conv1 = nn.Sequential(
+                conv3x3(c_in, w, stride=2),
+                norm(w),
+                nn.ReLU(inplace=True),
+                conv3x3(w, w),
+                norm(w),
+                nn.ReLU(inplace=True),
+                conv3x3(w, 2 * w),
+            )
+            self.bn1 = norm(2 * w)
+            return 2 * w
+        # v1c
+        self.stem = nn.Sequential(
+            conv3x3(c_in, w // 2, stride=2),
+            norm(w // 2),
+            nn.ReLU(inplace=True),
+            conv3x3(w // 2, w // 2),
+            norm(w // 2),
+            nn.ReLU(inplace=True),
+            conv3x3(w // 2, w),
+            norm(w),
+            nn.ReLU(inplace=True),
+        )
+        return w
 
     @staticmethod
     def _make_layer(
@@ -257,152 +269,6 @@ class ResNet(nn.Module):
         c4 = self.layer3(c3)  # (B, 256|1024, H/16 or H/8, ...)
         c5 = self.layer4(c4)  # (B, 512|2048, H/output_stride, ...)
         return [c2, c3, c4, c5]
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-@dataclass
-class LoadReport:
-    missing: list[str] = field(default_factory=list)  # in the model, not in the file: left as initialised
-    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model: not loaded
-    ignored: list[str] = field(default_factory=list)  # in the file, deliberately skipped (classifier)
-
-
-def _detect_stem(keys: Sequence[str]) -> tuple[str, str] | None:
-    for stem, key in (("deep", "conv1.0.weight"), ("v1c", "stem.0.weight"), ("standard", "conv1.weight")):
-        if key in keys:
-            return stem, key
-    return None
-
-
-def blocks_per_stage(keys: Iterable[str], prefix: str = "") -> tuple[int, ...]:
-    """Blocks in layer1..layer4 read from ``{prefix}layerL.i.*`` state-dict keys (0 for an absent stage)."""
-    counts = [0, 0, 0, 0]
-    for key in keys:
-        parts = key[len(prefix) :].split(".") if key.startswith(prefix) else []
-        if len(parts) > 2 and parts[0] in ("layer1", "layer2", "layer3", "layer4") and parts[1].isdigit():
-            stage = int(parts[0][-1]) - 1
-            counts[stage] = max(counts[stage], int(parts[1]) + 1)
-    return tuple(counts)
-
-
-def _hints(model: nn.Module, keys: Sequence[str], model_keys: Sequence[str]) -> list[str]:
-    """Guess why the file does not fit the model: wrong stem, depth or block type, a leftover key prefix."""
-    hints = []
-    found, model_stem = _detect_stem(keys), getattr(model, "stem_type", None)
-    if found is not None and model_stem is not None and found[0] != model_stem:
-        hints.append(
-            f"the file looks like a {found[0]!r} stem checkpoint ({found[1]}) but the model has "
-            f"stem={model_stem!r}: build it with stem={found[0]!r}"
-        )
-    file_layers, model_layers = blocks_per_stage(keys), getattr(model, "layers", None)
-    if any(file_layers) and model_layers is not None and file_layers != model_layers:
-        hints.append(f"the file has {file_layers} blocks per stage, the model {model_layers}: wrong depth")
-    file_bottleneck = any(k.startswith("layer1.0.conv3.") for k in keys)
-    model_bottleneck = any(k.startswith("layer1.0.conv3.") for k in model_keys)
-    if any(file_layers) and file_bottleneck != model_bottleneck:
-        kinds = ("BasicBlock", "Bottleneck")
-        hints.append(
-            f"the file has {kinds[file_bottleneck]} blocks, the model {kinds[model_bottleneck]} "
-            "(resnet18/34 use BasicBlock, resnet50/101/152 Bottleneck)"
-        )
-    wrapped = [k[: k.index("layer1.0.")] for k in keys if "layer1.0." in k and not k.startswith("layer1.")]
-    if wrapped:
-        hints.append(f"keys start with {wrapped[0]!r}: pass prefix={wrapped[0]!r}")
-    return hints
-
-
-def read_weights_file(path: str | os.PathLike, *, allow_pickle: bool = False, what: str = "weights") -> Any:
-    """What a .safetensors / .pth / .pt file holds, read on the CPU; a damaged or foreign file is a ValueError
-    naming it. ``allow_pickle`` loads with weights_only=False (runs pickled code: trusted files only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # SafetensorError, OSError: a damaged file
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # truncated file, or pickled objects weights_only refuses
-        hint = ""
-        if not allow_pickle and "weights_only" in str(e).lower():
-            hint = (
-                "; it holds pickled Python objects (e.g. an mmengine message hub): if you trust the file, "
-                "pass allow_pickle=True (CLI: --allow-pickle)"
-            )
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}){hint}") from None
-
-
-def _read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
-    if isinstance(source, Mapping):
-        return dict(source), "<state dict>"
-    sd = read_weights_file(source, what="backbone weights")
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{source} holds a {type(sd).__name__}, not a state dict")
-    return dict(sd), str(source)
-
-
-def load_backbone_weights(
-    model: nn.Module,
-    path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
-    *,
-    strict: bool = True,
-    prefix: str | None = None,
-) -> LoadReport:
-    """Copy a backbone checkpoint (.pth/.pt/.safetensors or a dict) into ``model``, checking every key."""
-    sd, name = _read_state_dict(path_or_state_dict)
-    for wrapper in ("state_dict", "model"):  # training checkpoints: {'state_dict': ..., 'epoch': ...}
-        if isinstance(sd.get(wrapper), Mapping):
-            sd = dict(sd[wrapper])
-            break
-    if sd and all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel wrapper
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    if prefix:
-        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-        if not sd:
-            raise ValueError(f"{name}: no key starts with prefix={prefix!r}")
-    not_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if not_tensors:
-        raise ValueError(
-            f"{name} is not a state dict: {not_tensors[:5]} are not tensors "
-            "(convert other checkpoint formats to a plain state dict first)"
-        )
-
-    target = model.state_dict()
-    report = LoadReport()
-    report.ignored = [k for k in CLASSIFIER_KEYS if k in sd and k not in target]
-    report.unexpected = [k for k in sd if k not in target and k not in report.ignored]
-    # Old checkpoints predate BN's num_batches_tracked counter; it carries no learned information.
-    report.missing = [k for k in target if k not in sd and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched))
-    if report.missing:
-        problems.append(f"{len(report.missing)} missing keys: {', '.join(report.missing)}")
-    if report.unexpected:
-        problems.append(f"{len(report.unexpected)} unexpected keys: {', '.join(report.unexpected)}")
-    if problems:
-        msg = "\n  ".join(
-            [f"backbone weights {name} do not fit the model:"] + _hints(model, list(sd), list(target)) + problems
-        )
-        if mismatched or strict:
-            fix = "" if mismatched else "\n  (pass strict=False to load the matching keys anyway)"
-            raise ValueError(msg + fix)
-        warnings.warn(msg, stacklevel=2)
-
-    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
-    return report
 
 
 # ----------------------------------------------------------------------------- builders

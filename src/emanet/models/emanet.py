@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from torch import Tensor, nn
 
@@ -18,6 +19,11 @@ from emanet.em import BasesUpdate, Differentiable, EMAUnit, Residual
 from emanet.fields import from_dict, literal_errors
 from emanet.models.backbone import BACKBONES, RESNETS, Stem
 from emanet.models.heads import FCNAuxHead, HeadLayout, NonLocal2d, SegHead, upsample_like
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # typing_extensions comes with torch
+    from typing_extensions import Unpack
 
 Arch = Literal["emanet", "fcn", "nonlocal"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
@@ -154,25 +160,83 @@ def build_model(cfg: ModelConfig) -> SegmentationModel:
     return SegmentationModel(backbone, head, aux, align_corners=cfg.align_corners)
 
 
-def _builder(arch: str, backbone: str):
-    def build(**kwargs: Any) -> SegmentationModel:
-        return build_model(ModelConfig(arch=arch, backbone=backbone, **kwargs))  # type: ignore[arg-type]
-
-    build.__name__ = f"{arch}_{backbone}"
-    build.__doc__ = (
-        f"{arch} on a dilated {backbone}; keyword-only ModelConfig fields, e.g. "
-        f"{arch}_{backbone}(num_classes=21, output_stride=8)."
-    )
-    return build
+# ----------------------------------------------------------------------------- builders
 
 
-emanet_resnet50 = _builder("emanet", "resnet50")
-emanet_resnet101 = _builder("emanet", "resnet101")
-emanet_resnet152 = _builder("emanet", "resnet152")
-fcn_resnet50 = _builder("fcn", "resnet50")
-fcn_resnet101 = _builder("fcn", "resnet101")
-nonlocal_resnet50 = _builder("nonlocal", "resnet50")
-nonlocal_resnet101 = _builder("nonlocal", "resnet101")
+class ModelOverrides(TypedDict, total=False):
+    """The builders' keywords: ModelConfig's fields less ``arch`` and ``backbone``, which each builder fixes.
+
+    Names and types only, so type checkers and IDEs know the keywords (PEP 692); the defaults and their
+    reasons stay in ModelConfig, and tests/test_models.py checks that the two list the same typed fields.
+    """
+
+    num_classes: int
+    stem: Stem
+    backbone_width: int
+    output_stride: int
+    multi_grid: bool
+    pretrained_backbone: str | None
+    head_layout: HeadLayout
+    channels: int
+    mid_channels: int
+    dropout: float
+    aux: bool
+    aux_channels: int
+    align_corners: bool
+    bn_momentum: float
+    num_bases: int
+    num_stages: int
+    eval_stages: int | None
+    bases_update: BasesUpdate
+    momentum: float
+    renormalize: bool
+    differentiable: Differentiable
+    residual: Residual
+
+
+def _build(arch: Arch, backbone: str, overrides: ModelOverrides) -> SegmentationModel:
+    # ModelConfig is the one check of the keywords: an unknown one is its TypeError naming it
+    return build_model(ModelConfig(arch=arch, backbone=backbone, **overrides))
+
+
+# torchvision-style keyword-only builders: emanet_resnet101(num_classes=21, output_stride=8). Keywords are
+# ModelConfig fields (its defaults: the reference EMANet); passing arch or backbone is a TypeError.
+
+
+def emanet_resnet50(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """EMANet on a dilated ResNet-50; keywords are ModelConfig fields."""
+    return _build("emanet", "resnet50", overrides)
+
+
+def emanet_resnet101(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """EMANet on a dilated ResNet-101 (the paper's model); keywords are ModelConfig fields."""
+    return _build("emanet", "resnet101", overrides)
+
+
+def emanet_resnet152(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """EMANet on a dilated ResNet-152; keywords are ModelConfig fields."""
+    return _build("emanet", "resnet152", overrides)
+
+
+def fcn_resnet50(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """The FCN baseline (no context module) on a dilated ResNet-50; keywords are ModelConfig fields."""
+    return _build("fcn", "resnet50", overrides)
+
+
+def fcn_resnet101(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """The FCN baseline (no context module) on a dilated ResNet-101; keywords are ModelConfig fields."""
+    return _build("fcn", "resnet101", overrides)
+
+
+def nonlocal_resnet50(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """The non-local baseline on a dilated ResNet-50; keywords are ModelConfig fields."""
+    return _build("nonlocal", "resnet50", overrides)
+
+
+def nonlocal_resnet101(**overrides: Unpack[ModelOverrides]) -> SegmentationModel:
+    """The non-local baseline on a dilated ResNet-101; keywords are ModelConfig fields."""
+    return _build("nonlocal", "resnet101", overrides)
+
 
 MODELS = {
     f.__name__: f

@@ -1,0 +1,78 @@
+"""mmseg checkpoint metadata: the config texts of mmcv 0.x and mmengine 1.x, read with ``ast`` (never run), and
+the settings taken from them. The real texts are in tests/fixtures/mmseg_configs; conversions that use them
+are tested in tests/test_convert.py and tests/test_fidelity.py."""
+
+from pathlib import Path
+
+import pytest
+
+from emanet.mmseg_config import Unresolved, parse_mmseg_meta, read_config_text
+
+FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_configs"
+
+
+@pytest.mark.parametrize(
+    "name, corners, test",
+    [
+        ("mmengine_emanet_r50-d8_4xb2-80k_cityscapes-512x1024.txt", False, {"mode": "whole"}),
+        (
+            "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt",
+            True,
+            {"mode": "slide", "crop_size": [769, 769], "stride": [513, 513]},
+        ),
+        (
+            "mmcv_emanet_r50-d8_769x769_80k_cityscapes.txt",
+            True,
+            {"mode": "slide", "crop_size": [769, 769], "stride": [513, 513]},
+        ),
+    ],
+)
+def test_real_config_texts_are_read_in_full(name, corners, test):
+    text = (FIXTURES / name).read_text()
+    key = "cfg" if name.startswith("mmengine") else "config"
+    out = parse_mmseg_meta({key: text})
+    assert out["model"] == {
+        "num_stages": 3,
+        "momentum": 0.1,
+        "dropout": 0.1,
+        "align_corners": corners,
+        "output_stride": 8,
+    }
+    assert out["eval"] == test and "bgr" not in out
+    assert out["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert out["data"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert "eval_pad_multiple" not in out["data"]  # SegDataPreProcessor pads test images only with a test_cfg
+    assert out["data"]["eval_resize"] == ([2048, 1024] if "512x1024" in name else [2049, 1025])
+    assert not any("not reproduced" in n for n in out["notes"])
+
+
+def test_config_text_is_parsed_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
+    text += f"\nimport os\nx = os.system('touch {marker}')\nlog_level = __import__('os').system('touch {marker}')\n"
+    names = read_config_text(text)
+    assert isinstance(names["x"], Unresolved) and isinstance(names["log_level"], Unresolved)
+    assert not marker.exists() and names["model"]["decode_head"]["num_bases"] == 64
+    with pytest.raises(ValueError, match="not Python source"):
+        parse_mmseg_meta({"cfg": "model = dict(\n    type='EncoderDecoder',\n"})
+
+
+def test_test_padding_and_slide_settings_from_the_preprocessor():
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-512x1024.txt").read_text()
+    padded = text.replace("    pad_val=0,", "    pad_val=0,\n    test_cfg=dict(size_divisor=32),")
+    out = parse_mmseg_meta({"cfg": padded})
+    assert (out["data"]["eval_pad_multiple"], out["data"]["eval_pad_offset"]) == (32, 0)
+    with pytest.raises(ValueError, match="pad_val=1"):
+        parse_mmseg_meta({"cfg": padded.replace("pad_val=0,", "pad_val=1,")})
+    with pytest.raises(ValueError, match="size=.*fixed"):
+        parse_mmseg_meta({"cfg": text.replace("    pad_val=0,", "    pad_val=0,\n    test_cfg=dict(size=(64, 64)),")})
+    bad_slide = text.replace("test_cfg=dict(mode='whole')", "test_cfg=dict(mode='slide', crop_size=769)")
+    with pytest.raises(ValueError, match="crop_size=769 stride=None"):
+        parse_mmseg_meta({"cfg": bad_slide})
+
+
+def test_a_resize_that_does_not_keep_the_ratio_is_said_not_reproduced():
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-512x1024.txt").read_text()
+    out = parse_mmseg_meta({"cfg": text.replace("dict(keep_ratio=True, scale=(", "dict(keep_ratio=False, scale=(")})
+    assert "eval_resize" not in out["data"]
+    assert any("not reproduced" in n and "keep_ratio=False" in n for n in out["notes"])
