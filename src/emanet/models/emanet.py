@@ -22,7 +22,7 @@ from emanet.models.heads import FCNAuxHead, HeadLayout, NonLocal2d, SegHead, ups
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
-else:  # typing_extensions comes with torch
+else:  # declared in pyproject.toml for Python 3.10
     from typing_extensions import Unpack
 
 Arch = Literal["emanet", "fcn", "nonlocal"]
