@@ -76,7 +76,7 @@ def test_missing_pieces(make_folder, tmp_path):
 def test_folder_dataset_takes_every_image_type_predict_takes(make_folder):
     # one suffix list for training data and `emanet predict`: a .webp/.bmp/.tif image that predict reads
     # must not be reported "without an image" by the dataset
-    from emanet.predict import IMAGE_SUFFIXES as PREDICT_SUFFIXES
+    from emanet.predict_files import IMAGE_SUFFIXES as PREDICT_SUFFIXES
 
     root, labels = make_folder(names=("a",))
     rng = np.random.default_rng(5)

@@ -1,4 +1,4 @@
-"""emanet.predict: Predictor (preprocessing as in evaluation, batching, EXIF), and `emanet predict` end to end (files out)."""
+"""emanet.predict: Predictor (preprocessing as in evaluation, batching, EXIF); `emanet predict` end to end."""
 
 from __future__ import annotations
 

@@ -106,3 +106,12 @@ def test_the_voc_folders_the_readme_asks_for_are_the_ones_the_reference_config_r
     cfg = load_config(resolve_config("voc_reference"), [f"data.root={tmp_path}"])
     for split in (cfg.data.train_split, cfg.data.val_split):
         assert len(build_dataset("voc", root=tmp_path, split=split)) == 1, split
+
+
+def test_layout_names_every_module_and_only_modules_that_exist():
+    layout = README.read_text().split("## Layout", 1)[1].split("```")[1]
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", layout))
+    src = ROOT / "src" / "emanet"
+    modules = {p.name for p in src.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert modules - named == set(), "modules the README's Layout does not name"
+    assert named - modules - {"hubconf.py", "gpu.py", "onnx_bench.py", "conftest.py"} == set(), "named, not found"

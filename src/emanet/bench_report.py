@@ -13,8 +13,9 @@ def _f32_rate(r: dict) -> float:
 
 MODEL_NOTE = [
     "Eager forward: `model(x)` on the normalised (1, 3, H, W) tensor, nothing else. Prepared forward: the same",
-    "after `prepare_for_inference` (BN folded, channels_last). Predictor: the whole call on a uint8 image",
-    "(preprocessing, forward, softmax, argmax, crop); default = prepared. Ratios are to the eager forward in the",
+    "after `prepare_for_inference` (BN folded, ReLU and residual add fused into the convs, channels_last).",
+    "Predictor: the whole call on a uint8 image (preprocessing, forward, argmax, crop; labels only, so no",
+    "softmax); default = prepared. Ratios are to the eager forward in the",
     "same precision, same run. Labels: share of pixels whose class equals the eager float32 forward's (a random",
     "network: bf16 rounding flips many near-ties).",
     "",

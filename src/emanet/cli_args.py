@@ -19,7 +19,9 @@ from emanet.runtime import Precision
 Handler = Callable[[argparse.Namespace], int]
 
 COMPILE_HELP = "torch.compile the model (opt-in: tens of seconds of compiling before the first image or step)"
-NO_PREPARE_HELP = "run the model as loaded: no BatchNorm folding, no channels_last (slower, same results)"
+NO_PREPARE_HELP = (
+    "run the model as loaded: no BatchNorm folding or ReLU fusion, no channels_last (slower, same results)"
+)
 
 
 # flops' model flags: (flag, ModelConfig field, help); defaults and allowed values come from ModelConfig

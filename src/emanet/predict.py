@@ -88,10 +88,10 @@ class Predictor:
     same padded size are batched ``batch_size`` at a time.
 
     ``prepare`` (default): predict with a copy of the model made for inference (BatchNorm folded into the
-    convolutions, channels_last; ``models.fuse.prepare_for_inference``): the same results within float32
-    rounding, faster (benchmarks/results.md); the model passed in is left as it was. ``prepare=False`` runs
-    the model itself, eager. ``compile``: also ``torch.compile`` it (opt-in; a cold compile costs tens of
-    seconds on a CPU).
+    convolutions, ReLU/add fused into them on CPU, channels_last; ``models.fuse.prepare_for_inference``): the
+    same results within float32 rounding, faster (benchmarks/results.md); the model passed in is left as it
+    was. ``prepare=False`` runs the model itself, eager. ``compile``: also ``torch.compile`` it (opt-in; a cold
+    compile costs tens of seconds on a CPU).
     """
 
     def __init__(
