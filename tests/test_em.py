@@ -49,6 +49,19 @@ def test_em_attention_matches_float64_reference(stages, per_sample_bases):
     torch.testing.assert_close(resp.double(), ref_resp, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_em_attention_in_either_memory_format_matches_the_reference_and_keeps_it(b, memory_format):
+    x, mu = make_inputs(b=b)
+    x = x.contiguous(memory_format=memory_format)
+    recon, bases, resp = em_attention(x, mu, 3)
+    for got, want in zip((recon, bases, resp), reference_em(x, mu, 3)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert recon.is_contiguous(memory_format=memory_format)
+    xg = x.double().requires_grad_()  # the channels_last product is differentiable too
+    assert torch.autograd.gradcheck(lambda t: em_attention(t, mu.double(), 2)[0], (xg,))
+
+
 def test_em_attention_properties():
     x, mu = make_inputs(b=3, c=32, h=9, w=6, k=8, seed=1)
     recon, bases, resp = em_attention(x, mu, 3)

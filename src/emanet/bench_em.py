@@ -1,8 +1,9 @@
 """Benchmark (a): EM attention, C=512, K=64, T=3, B=1 at 33^2..129^2.
 
-em_attention against a plain transcription of the reference loop, the EMAUnit against the non-local block;
-inference and training step. Median latency, achieved FLOP/s, and peak memory (a fresh subprocess per case:
-ru_maxrss over its first call minus the RSS before it).
+em_attention (on NCHW input, and on channels_last input as prepared models feed it) against a plain
+transcription of the reference loop, the EMAUnit against the non-local block; inference and training step.
+Median latency, achieved FLOP/s, and peak memory (a fresh subprocess per case: ru_maxrss over its first call
+minus the RSS before it).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _make(variant: str, size: int, mode: str) -> Callable[[], object]:
     torch.manual_seed(0)
     x = torch.relu(torch.randn(1, C, size, size))
     bases = nn.functional.normalize(torch.randn(1, C, K), dim=1)
-    if variant in ("em_attention", "plain_reference"):
-        f = em_attention if variant == "em_attention" else plain_reference_em
+    if variant == "em_attention_nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if variant in ("em_attention", "em_attention_nhwc", "plain_reference"):
+        f = plain_reference_em if variant == "plain_reference" else em_attention
 
         def run():
             with torch.no_grad():
@@ -96,7 +99,7 @@ def _memory_child(variant: str, size: int, mode: str) -> int:
 
 GROUPS = [  # variants compared directly run interleaved with each other only, so a (N, N) non-local
     # buffer does not evict the EM operands from cache between their calls
-    [("em_attention", "inference"), ("plain_reference", "inference")],
+    [("em_attention", "inference"), ("em_attention_nhwc", "inference"), ("plain_reference", "inference")],
     [("ema_unit", "inference"), ("nonlocal", "inference")],
     [("ema_unit", "train_step"), ("nonlocal", "train_step")],
 ]

@@ -95,6 +95,11 @@ def _em_lines(r: dict) -> list[str]:
             f"non-local/em_attention {nl['median_ms'] / ours['median_ms']:.1f}x; "
             f"non-local/EMAUnit inference {nl['median_ms'] / ema['median_ms']:.1f}x, "
             f"train step {nl_t['median_ms'] / ema_t['median_ms']:.1f}x"
+            + (
+                f"; em_attention NCHW/channels_last input {ours['median_ms'] / nhwc['median_ms']:.2f}x"
+                if (nhwc := by.get((size, "em_attention_nhwc", "inference")))
+                else ""
+            )
         )
     return lines
 
@@ -147,11 +152,13 @@ def _targets(r: dict) -> list[str]:
         by = {(row["size"], row["variant"], row["mode"]): row for row in r["em"]}
         sizes = sorted({row["size"] for row in r["em"]})
         for size in (65, 97):
-            if (size, "em_attention", "inference") in by:
-                share = by[(size, "em_attention", "inference")]["gflops_per_s"] / f32
-                out.append(
-                    f"- em_attention >= 60% of fp32 matmul at {size}^2: {100 * share:.0f}% -> {verdict(share >= 0.6)}"
-                )
+            for variant, what in (("em_attention", "NCHW input"), ("em_attention_nhwc", "channels_last input")):
+                if (size, variant, "inference") in by:
+                    share = by[(size, variant, "inference")]["gflops_per_s"] / f32
+                    out.append(
+                        f"- em_attention ({what}) >= 60% of fp32 matmul at {size}^2: {100 * share:.0f}% -> "
+                        f"{verdict(share >= 0.6)}"
+                    )
         ratios = [
             by[(s, "plain_reference", "inference")]["median_ms"] / by[(s, "em_attention", "inference")]["median_ms"]
             for s in sizes
