@@ -173,6 +173,22 @@ def test_multi_scale_flip_matches_manual(tiny):
     torch.testing.assert_close(got.sum(1), torch.ones(2, 33, 41))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(out_size=(50, 61)), dict(mode="slide", crop_size=(24, 24), stride=(16, 16), num_classes=3)],
+    ids=["whole", "resized", "slide"],
+)
+def test_labels_only_scores_of_one_pass_are_its_logits_with_the_probabilities_argmax(tiny, kwargs):
+    x = images(h=33, w=41)
+    probs = infer(tiny, x, **kwargs)
+    scores = infer(tiny, x, probabilities=False, **kwargs)
+    torch.testing.assert_close(torch.softmax(scores, dim=1), probs)  # the logits, not probabilities
+    assert not torch.allclose(scores.sum(1), torch.ones_like(scores[:, 0]))
+    assert torch.equal(scores.argmax(1), probs.argmax(1))
+    several = dict(scales=(0.75, 1.0), flip=True)  # more than one pass: the averaged probabilities
+    assert torch.equal(infer(tiny, x, probabilities=False, **several), infer(tiny, x, **several))
+
+
 def test_slide_mode_with_scales(tiny):
     x = images(h=33, w=41)
     got = infer(tiny, x, mode="slide", scales=(0.75, 1.25), crop_size=(24, 24), stride=(16, 16), num_classes=3)

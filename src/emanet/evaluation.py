@@ -58,7 +58,7 @@ def evaluate(
             skipped.append(f"{error.path}: {' '.join(error.reason.split())}")
             continue
         with autocast(device, cfg.train.precision):
-            probs = infer(
+            class_scores = infer(
                 model,
                 image[None].to(device),
                 mode=e.mode,
@@ -69,8 +69,9 @@ def evaluate(
                 num_classes=num_classes,
                 align_corners=cfg.model.align_corners,
                 out_size=label.shape[-2:],
+                probabilities=False,  # labels only: argmax of the scores
             )
-        matrix.update(probs.argmax(1).cpu(), label[None])
+        matrix.update(class_scores.argmax(1).cpu(), label[None])
         if bar is not None:
             bar.update(1)
     if bar is not None:

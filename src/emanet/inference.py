@@ -138,6 +138,7 @@ def infer(
     align_corners: bool = False,
     batch_size: int = 4,
     out_size: Sequence[int] | None = None,
+    probabilities: bool = True,
 ) -> Tensor:
     """Class probabilities (B, C, H, W) averaged over scales x {no flip, horizontal flip}.
 
@@ -145,6 +146,8 @@ def infer(
     the logits back to (H, W), softmax. With ``scales=(1.0,)`` and no flip this is softmax(model(images)).
     ``out_size`` (H0, W0): resize each pass's logits to it instead of (H, W) (an image resized before, as
     mmseg's test Resize, predicted at its original size, as mmseg's postprocessing does).
+    ``probabilities=False``: scores with the same argmax, for callers that want labels only: a single pass
+    returns its resized logits (the softmax is monotonic), so no full-resolution softmax is computed.
     """
     check_inference_args(mode, scales, crop_size, stride)
     h, w = images.shape[-2:]
@@ -155,18 +158,22 @@ def infer(
             return infer_whole(model, x)
         return infer_slide(model, x, crop_size=crop_size, stride=stride, num_classes=num_classes, batch_size=batch_size)
 
+    def passes():  # each (scale, flip) pass's logits at the target size
+        for scale in scales:
+            # mmsegmentation's rounding: int(side * scale + 0.5), at least one pixel
+            size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+            x = _resize(images, size, align_corners)  # (B, 3, h*s, w*s)
+            yield _resize(predict(x), target, align_corners)
+            if flip:  # flip back so pixels line up with the input
+                yield _resize(predict(x.flip(-1)).flip(-1), target, align_corners)
+
+    if not probabilities and len(scales) == 1 and not flip:
+        return next(passes())
     probs: Tensor | None = None
-    passes = 0
-    for scale in scales:
-        # mmsegmentation's rounding: int(side * scale + 0.5), at least one pixel
-        size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-        x = _resize(images, size, align_corners)  # (B, 3, h*s, w*s)
-        logits = [predict(x)]
-        if flip:
-            logits.append(predict(x.flip(-1)).flip(-1))  # flip back so pixels line up with the input
-        for lg in logits:
-            p = torch.softmax(_resize(lg, target, align_corners), dim=1)  # (B, C, H0, W0)
-            probs = p if probs is None else probs + p
-            passes += 1
+    n = 0
+    for logits in passes():
+        p = torch.softmax(logits, dim=1)  # (B, C, H0, W0)
+        probs = p if probs is None else probs + p
+        n += 1
     assert probs is not None
-    return probs / passes
+    return probs / n

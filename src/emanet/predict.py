@@ -213,33 +213,27 @@ class Predictor:
                     results[i] = pred
         return results  # type: ignore[return-value]
 
-    def _probabilities(self, x: torch.Tensor, rgbs: list[Image.Image]) -> torch.Tensor:
-        return infer(
-            self.model,
-            x,
-            mode=self.mode,
-            scales=self.scales,
-            flip=self.flip,
-            crop_size=self.crop_size,
-            stride=self.stride,
-            num_classes=self.num_classes,
-            align_corners=self.config.model.align_corners,
-            out_size=(rgbs[0].height, rgbs[0].width) if self._resized else None,
-        )
-
     def _run(self, batch: torch.Tensor, rgbs: list[Image.Image], want_probs: bool, want_attention: bool):
         x = batch.to(self.device)
         hp, wp = x.shape[-2:]
         capture = capture_attention(self.model) if want_attention else None
         with capture or contextlib.nullcontext(), autocast(self.device, self.precision):
-            if self.plain and not want_probs and not self._resized:
-                # labels only: argmax(softmax(logits)) is argmax(logits), so no full-resolution softmax
-                p = infer_whole(self.model, x)
-            else:
-                p = self._probabilities(x, rgbs)
+            p = infer(
+                self.model,
+                x,
+                mode=self.mode,
+                scales=self.scales,
+                flip=self.flip,
+                crop_size=self.crop_size,
+                stride=self.stride,
+                num_classes=self.num_classes,
+                align_corners=self.config.model.align_corners,
+                out_size=(rgbs[0].height, rgbs[0].width) if self._resized else None,
+                probabilities=want_probs,  # labels only: one pass's logits, no full-resolution softmax
+            )
             if want_attention and not self.plain:
                 infer_whole(self.model, x)  # attention of the plain forward, not of the last scale/flip/window
-        p = p.float()  # (B, C, Hp, Wp): probabilities, or logits (same argmax)
+        p = p.float()  # (B, C, Hp, Wp): probabilities, or scores with the same argmax
         resp = capture.responsibilities.float().cpu().numpy() if capture else None  # (B, K, h, w)
         labels = p.max(1).indices.cpu().numpy()  # (B, Hp, Wp); max's indices = argmax's, faster on channels_last
         out = []

@@ -222,7 +222,7 @@ def _conv_identity_relu(mods: list[nn.Module]) -> bool:
 
 
 def _folded_block(m: nn.Module) -> bool:
-    convs = [getattr(m, f"conv{i}", None) for i in (1, 2, 3) if hasattr(m, f"conv{i}")]
+    convs = [getattr(m, f"conv{i}") for i in (1, 2, 3) if hasattr(m, f"conv{i}")]
     bns = [getattr(m, f"bn{i}") for i in (1, 2, 3) if hasattr(m, f"bn{i}")]
     return all(_plain_conv(c) for c in convs) and all(type(b) is nn.Identity for b in bns) and type(m.relu) is nn.ReLU
 
