@@ -1,3 +1,3 @@
-from emanet.cli import main
+from emanet.cli import run
 
-raise SystemExit(main())
+run()

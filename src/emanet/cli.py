@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -395,3 +397,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = shown_before
+
+
+def run() -> None:
+    """The `emanet` program: ``main``'s exit code; a torchrun worker leaves without interpreter teardown.
+
+    DistributedDataParallel keeps its process group alive after ``destroy_process_group`` (torch 2.13: the
+    gloo group's three threads are still running when the interpreter finalizes), and finalizing around
+    them can abort a worker ("terminate called without an active exception", SIGABRT) after a run that
+    finished well, which torchrun then reports as a failed job. Every file is closed by then; output and
+    logging are flushed, then the worker ends with ``os._exit``. A plain process exits normally.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_now(code)
+    raise SystemExit(code)
+
+
+def exit_now(code: int) -> None:
+    """Flush stdout, stderr and logging, then end the process with ``code`` (no atexit, no finalization)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
