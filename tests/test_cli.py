@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,7 +67,8 @@ def test_exit_now_flushes_output_and_logging_and_skips_atexit(tmp_path):
         "exit_now(5)\n"
         "print('after')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered pipes, as in CI logs
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 5
     assert proc.stdout == "buffered out" and proc.stderr == "buffered err"
     assert "logged line" in log.read_text()
