@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from emanet.models import fuse
 from emanet.models.emanet import ARCHS, ModelConfig, build_model
 from emanet.models.fuse import fold_batchnorm, fuse_activations, is_prepared, prepare_for_inference
 
@@ -298,4 +299,47 @@ def test_fused_ops_run_in_the_autocast_dtype_and_stay_close_to_the_plain_model()
     dtypes = {dtype for op, dtype in ops if op == FUSED_OP}
     assert dtypes == {torch.bfloat16}
     assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() / want.abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_dtypes_this_cpu_cannot_fuse_run_the_plain_ops(monkeypatch, dtype):
+    # oneDNN's fused conv refuses float16 on CPUs without avx512_fp16/avx_ne_convert (and bfloat16 without
+    # its instructions): the fused blocks then leave the forward to the plain ops, which autocast handles
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", stem="deep", **TINY)).eval()
+    randomize_bn(model)
+    plain = prepare_for_inference(copy.deepcopy(model), fuse=False)
+    fused = prepare_for_inference(copy.deepcopy(model))
+    x = images(17, 19)
+    monkeypatch.setattr(fuse, "fused_dtype_supported", lambda d: d == torch.float32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+        want = plain(x)
+        got, ops = dispatched_ops(lambda: fused(x))
+    assert count(ops, FUSED_OP) == 0 and count(ops, *CONVS) > 0
+    torch.testing.assert_close(got, want)
+
+
+def test_fused_dtype_support_follows_onednn():
+    assert fuse.fused_dtype_supported(torch.float32)
+    assert fuse.fused_dtype_supported(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert fuse.fused_dtype_supported(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    assert not fuse.fused_dtype_supported(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_model_runs_under_either_cpu_autocast_dtype_on_this_machine(dtype):
+    # whatever this CPU supports: fused where oneDNN can, plain ops where it cannot; never an error
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", stem="deep", **TINY)).eval()
+    randomize_bn(model)
+    plain = prepare_for_inference(copy.deepcopy(model), fuse=False)
+    fused = prepare_for_inference(copy.deepcopy(model))
+    x = images(17, 19)
+    with torch.inference_mode():
+        want = plain(x)
+        with torch.autocast("cpu", dtype=dtype):
+            got, ops = dispatched_ops(lambda: fused(x))
+    assert (count(ops, FUSED_OP) > 0) == fuse.fused_dtype_supported(dtype)
+    assert got.dtype == dtype
     assert (got.float() - want).abs().max() / want.abs().max() < 5e-2

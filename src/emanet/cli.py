@@ -7,6 +7,7 @@ The only module that reads argv or prints. The flags live in `emanet.cli_args`; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -418,8 +419,6 @@ def exit_now(code: int) -> None:
     """Flush stdout, stderr and logging, then end the process with ``code`` (no atexit, no finalization)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
-            pass
     os._exit(code)

@@ -146,14 +146,27 @@ def _plain_conv(conv: nn.Module) -> bool:
 
 
 def _fusion_applies(x: Tensor) -> bool:
-    """A forward the fused oneDNN op may serve: CPU, no autograd, not traced/compiled/exported, fp32 or CPU autocast."""
+    """A forward the fused oneDNN op may serve: CPU, no autograd, not traced/compiled/exported, fp32 or CPU
+    autocast in a dtype oneDNN fuses on this CPU."""
     return (
         _POINTWISE is not None
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
         and (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu"))
+        and (not torch.is_autocast_enabled("cpu") or fused_dtype_supported(torch.get_autocast_dtype("cpu")))
     )
+
+
+def fused_dtype_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused conv runs in ``dtype`` on this CPU: float32 always; bfloat16 and float16 only
+    with the instructions oneDNN needs for them (float16 wants avx512_fp16 or avx_ne_convert, which many
+    x86 CPUs lack). Otherwise the plain ops run, as autocast has them."""
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return dtype == torch.float32
 
 
 def conv_relu(conv: nn.Conv2d, x: Tensor, add: Tensor | None = None) -> Tensor:
