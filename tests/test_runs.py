@@ -24,7 +24,10 @@ from conftest import run_cli as emanet
 from conftest import tiny_run
 from emanet.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint
 from emanet.cli import main
+from emanet.config import load_config
+from emanet.engine import train
 from emanet.runs import RESUME_MAY_CHANGE, RunFolderError, RunLock, config_differences, cut_metrics
+from emanet.train_setup import TrainingStopped
 
 TINY = tiny_run("train.batch_size=2", "train.log_interval=1")
 
@@ -511,6 +514,18 @@ def test_under_torchrun_rank_0_refuses_for_every_rank_and_says_it_once(tmp_path)
     assert (proc.stdout + proc.stderr).count("already holds a run") == 1, proc.stderr[-4000:]
     assert "exitcode  : 2" in proc.stderr or "exit code 2" in proc.stderr.lower(), proc.stderr[-4000:]
     assert hashes(run) == before
+
+
+def test_a_stop_reaches_on_stop_before_train_raises_it(tmp_path):
+    # the CLI's rank 0 reports there, before the ranks meet and may exit (torchrun then stops the rest)
+    run = tmp_path / "run"
+    train_in_process(run, "train.iterations=1")
+    seen = []
+    with pytest.raises(TrainingStopped) as raised:
+        train(
+            load_config(None, [*TINY, f"train.out_dir={run}"]), progress=False, log=lambda _: None, on_stop=seen.append
+        )
+    assert seen == [raised.value] and "already holds a run" in str(raised.value)
 
 
 def test_overwrite_and_resume_together_are_refused(tmp_path, capsys):

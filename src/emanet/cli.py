@@ -73,6 +73,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from emanet.engine import TrainingStopped, train
     from emanet.metrics import format_table
 
+    def say_why(e: TrainingStopped) -> None:  # before any rank exits: torchrun would cut rank 0 short
+        if e.rank == 0:
+            print(f"emanet train: {e}", file=sys.stderr, flush=True)
+
     cfg = _run_config(args)
     try:
         out = train(
@@ -81,10 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume_from=args.resume_from,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            on_stop=say_why,
         )
-    except TrainingStopped as e:  # run folder/write (2), signal (3) or non-finite loss (4): rank 0 says why
-        if e.rank == 0:
-            print(f"emanet train: {e}", file=sys.stderr)
+    except TrainingStopped as e:  # run folder/write (2), signal (3) or non-finite loss (4): rank 0 said why
         return e.exit_code
     if out["rank"] == 0:
         print(format_table(out["results"], out["class_names"]))

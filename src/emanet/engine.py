@@ -135,6 +135,7 @@ def train(
     log: Log = print,
     progress: bool = True,
     stop_at: int | None = None,
+    on_stop: Callable[[TrainingStopped], None] | None = None,
 ) -> dict[str, Any]:
     """Train as configured, in one process or one of torchrun's; returns the final evaluation and the run folder.
 
@@ -142,7 +143,9 @@ def train(
     checkpoint of it (newer ones are moved aside). ``overwrite``: a folder that holds a run is moved aside to
     ``<out_dir>.old-<time>`` instead of refused. ``stop_at``: stop after that iteration exactly as a SIGTERM
     would (checkpoint, then TrainingInterrupted). Raises TrainingInterrupted / NonFiniteLoss / RunError (all
-    TrainingStopped, with ``exit_code``) on early stops.
+    TrainingStopped, with ``exit_code``) on early stops. ``on_stop`` sees such a stop first, on every rank,
+    and the ranks then meet: a caller's rank 0 has reported it before any rank can exit (torchrun stops the
+    other workers as soon as one fails).
     """
     cfg.validate()
     if overwrite and (resume or resume_from is not None):
@@ -168,6 +171,11 @@ def train(
                 return _loop(r, signals, stop_at, progress=progress and env.is_main)
             finally:
                 r.stream.close()
+    except TrainingStopped as e:  # raised on every rank alike: agreed by the step's vote or broadcast
+        if on_stop is not None:
+            on_stop(e)
+        barrier(env)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         cleanup_distributed(env)
