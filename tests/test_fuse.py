@@ -241,14 +241,18 @@ CONVS = ("aten.conv2d", "aten.convolution")
 RELUS = ("aten.relu", "aten.relu_", "aten.clamp_min", "aten.clamp_min_")
 
 
-@pytest.mark.parametrize("stem", ["standard", "deep", "v1c"])
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
-def test_fused_model_equals_the_folded_one_and_runs_conv_relu_add_as_one_op(backbone, stem):
+def plain_and_fused(backbone: str, stem: str) -> tuple[nn.Module, nn.Module]:
+    """A tiny random-BN model prepared twice: folded only, and folded + fused."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, stem=stem, **TINY)).eval()
     randomize_bn(model)
-    plain = prepare_for_inference(copy.deepcopy(model), fuse=False)
-    fused = prepare_for_inference(copy.deepcopy(model))
+    return prepare_for_inference(copy.deepcopy(model), fuse=False), prepare_for_inference(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("stem", ["standard", "deep", "v1c"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_fused_model_equals_the_folded_one_and_runs_conv_relu_add_as_one_op(backbone, stem):
+    plain, fused = plain_and_fused(backbone, stem)
     blocks = [m for m in plain.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
     assert sum(type(m).__name__ in ("FusedBasicBlock", "FusedBottleneck") for m in fused.modules()) == len(blocks)
     assert plain.state_dict().keys() == fused.state_dict().keys()  # the subclasses keep every child
@@ -285,14 +289,6 @@ def test_fusion_leaves_autograd_tracing_and_unfolded_models_to_the_plain_ops():
     assert "_convolution_pointwise" not in graph and "aten::relu" in graph  # traced (ONNX too): the plain ops
 
 
-def plain_and_fused(backbone: str, stem: str) -> tuple[nn.Module, nn.Module]:
-    """A tiny random-BN model prepared twice: folded only, and folded + fused."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, stem=stem, **TINY)).eval()
-    randomize_bn(model)
-    return prepare_for_inference(copy.deepcopy(model), fuse=False), prepare_for_inference(copy.deepcopy(model))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_ops_run_in_the_autocast_dtype_where_this_cpu_fuses_it_and_stay_close_to_the_plain_model(dtype):
     # whatever this CPU supports: fused in the autocast dtype where oneDNN can, plain ops where it cannot
@@ -302,7 +298,7 @@ def test_fused_ops_run_in_the_autocast_dtype_where_this_cpu_fuses_it_and_stay_cl
         want = plain(x)
         with torch.autocast("cpu", dtype=dtype):
             got, ops = dispatched_ops(lambda: fused(x))
-    dtypes = {dtype for op, dtype in ops if op == FUSED_OP}
+    dtypes = {d for op, d in ops if op == FUSED_OP}
     assert dtypes == ({dtype} if fuse.fused_dtype_supported(dtype) else set())
     assert got.dtype == dtype
     assert (got.float() - want).abs().max() / want.abs().max() < 5e-2

@@ -26,6 +26,8 @@ plain modules. The subclass keeps every child, so state-dict keys are unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -153,11 +155,15 @@ def _fusion_applies(x: Tensor) -> bool:
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
-        and (x.dtype == torch.float32 or torch.is_autocast_enabled("cpu"))
-        and (not torch.is_autocast_enabled("cpu") or fused_dtype_supported(torch.get_autocast_dtype("cpu")))
+        and (
+            fused_dtype_supported(torch.get_autocast_dtype("cpu"))
+            if torch.is_autocast_enabled("cpu")
+            else x.dtype == torch.float32
+        )
     )
 
 
+@functools.cache  # a property of this CPU, asked once per fused block and forward
 def fused_dtype_supported(dtype: torch.dtype) -> bool:
     """Whether oneDNN's fused conv runs in ``dtype`` on this CPU: float32 always; bfloat16 and float16 only
     with the instructions oneDNN needs for them (float16 wants avx512_fp16 or avx_ne_convert, which many
