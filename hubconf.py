@@ -13,7 +13,7 @@ _SRC = str(Path(__file__).resolve().parent / "src")
 if _SRC not in sys.path:  # a checkout used without `pip install`
     sys.path.insert(0, _SRC)
 
-from emanet.hub import from_pretrained  # noqa: E402
+from emanet.deploy.hub import from_pretrained  # noqa: E402
 from emanet.models.emanet import (  # noqa: E402
     emanet_resnet50,
     emanet_resnet101,

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from conftest import tiny_model
 from emanet.flops import count_config, table1
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")

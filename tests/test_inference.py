@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_model
 from emanet.config import load_config
 from emanet.inference import infer, infer_slide, infer_whole, window_starts
 from emanet.models.emanet import build_model
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")

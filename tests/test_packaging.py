@@ -14,8 +14,8 @@ import torch
 import yaml
 
 import emanet
-from conftest import tiny_model
 from emanet.config import RECIPES_DIR, load_config, packaged_configs, resolve_config
+from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT_TEXT = (ROOT / "pyproject.toml").read_text()  # tomllib is Python >= 3.11; we support 3.10

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
 from emanet.checkpoint import save_checkpoint
 from emanet.config import Config
 from emanet.models.emanet import build_model
 from emanet.pretrained import from_pretrained, load_model, save_pretrained
+from tests.conftest import tiny_model
 
 
 def _config(**model):

@@ -2,7 +2,7 @@
 
 from importlib import metadata as _metadata
 
-from emanet.em import EMAUnit, em_attention
+from emanet.models.em import EMAUnit, em_attention
 from emanet.models.emanet import (
     ModelConfig,
     SegmentationModel,

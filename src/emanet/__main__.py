@@ -1,3 +1,3 @@
-from emanet.cli import run
+from emanet.cli.main import run
 
 run()

@@ -13,12 +13,12 @@ from torch.utils.data import Dataset
 
 from emanet.config import Config
 from emanet.data import DataError
-from emanet.distributed import all_gather_lists, shard
-from emanet.em import set_eval_stages
 from emanet.inference import infer
 from emanet.metrics import ConfusionMatrix, scores
+from emanet.models.em import set_eval_stages
 from emanet.progress import progress_bar
 from emanet.runtime import autocast
+from emanet.train.distributed import all_gather_lists, shard
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ def save_pretrained(
         "palette": [list(c) for c in colours],
     }
     (folder / CONFIG).write_text(json.dumps(meta, indent=2))
-    from emanet.model_card import write_model_card
+    from emanet.deploy.model_card import write_model_card
 
     write_model_card(folder)  # README.md: architecture, classes, recipe, how to load (kept if the user's own)
     return folder
@@ -149,7 +149,7 @@ def load_model(
     from emanet.config import load_config
 
     if str(source).startswith("hf://"):  # a Hugging Face Hub repo (pip install emanet[hub])
-        from emanet.hub import download, repo_id_of
+        from emanet.deploy.hub import download, repo_id_of
 
         repo = repo_id_of(source)
         if repo is None:

@@ -1,10 +1,10 @@
-"""emanet.bench_em: table (a)'s cases run and measure what they name."""
+"""emanet.bench.em: table (a)'s cases run and measure what they name."""
 
 from __future__ import annotations
 
 import torch
 
-from emanet.bench_em import GROUPS, _make, bench_em
+from emanet.bench.em import GROUPS, _make, bench_em
 
 
 def test_every_case_runs_and_the_channels_last_case_feeds_em_attention_channels_last():

@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py: its CPU dry run (tiny shapes) goes through every case and writes both reports, so the
+"""emanet/bench/gpu.py: its CPU dry run (tiny shapes) goes through every case and writes both reports, so the
 script cannot rot while no GPU is at hand; the budget skips cases visibly; no GPU is a clear error."""
 
 from __future__ import annotations
@@ -7,17 +7,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the dry run must not depend on a GPU being there
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "emanet.bench.gpu", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_dry_run_measures_every_case_and_writes_both_reports(tmp_path):
@@ -51,12 +50,8 @@ def test_dry_run_measures_every_case_and_writes_both_reports(tmp_path):
 
 
 def test_einsum_transcription_matches_em_attention():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import gpu
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    from emanet.em import em_attention
+    from emanet.bench import gpu
+    from emanet.models.em import em_attention
 
     x = torch.relu(torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(0)))
     bases = torch.nn.functional.normalize(torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(1)), dim=1)

@@ -1,8 +1,8 @@
-"""emanet.bench_report: the tables name the size actually run and the targets come from the rows."""
+"""emanet.bench.report: the tables name the size actually run and the targets come from the rows."""
 
 from __future__ import annotations
 
-from emanet.bench_report import format_report
+from emanet.bench.report import format_report
 
 
 def _result(size: int, predictor_ratio: float) -> dict:

@@ -1,8 +1,8 @@
-"""emanet.bench_timing: the machine's load as /proc tells it."""
+"""emanet.bench.timing: the machine's load as /proc tells it."""
 
 from __future__ import annotations
 
-from emanet.bench_timing import machine_load
+from emanet.bench.timing import machine_load
 
 
 def test_machine_load_reads_proc():

@@ -1,4 +1,4 @@
-"""The parser module: flags only, bound to the handlers that emanet.cli hands it."""
+"""The parser module: flags only, bound to the handlers that emanet.cli.main hands it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from emanet import cli, cli_args
+from emanet.cli import args as cli_args
+from emanet.cli import main as cli
 
 
 def test_every_subcommand_is_bound_to_its_handler():

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli as emanet
-from conftest import tiny_run
-from emanet.cli import main
+from emanet.cli.main import main
+from tests.conftest import run_cli as emanet
+from tests.conftest import tiny_run
 
 TINY = tiny_run("train.batch_size=2", length=4, val_length=1)
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from emanet import cli
-from emanet.cli import main
+from emanet.cli import main as cli
+from emanet.cli.main import main
 
 
 def test_flops_json(capsys):
@@ -59,7 +59,7 @@ def test_program_exits_with_mains_code_and_torchrun_workers_skip_the_teardown(mo
 def test_exit_now_flushes_output_and_logging_and_skips_atexit(tmp_path):
     log = tmp_path / "log.txt"
     code = (
-        "import atexit, logging, sys; from emanet.cli import exit_now\n"
+        "import atexit, logging, sys; from emanet.cli.main import exit_now\n"
         f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
         "atexit.register(lambda: print('atexit ran'))\n"
         "logging.info('logged line')\n"

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emanet.cli import main
-from emanet.convert import convert, convert_checkpoint
-from emanet.mmseg_config import parse_mmseg_meta
+from emanet.cli.main import main
+from emanet.convert.checkpoints import convert, convert_checkpoint
+from emanet.convert.mmseg_config import parse_mmseg_meta
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import load_model
@@ -548,7 +548,7 @@ def test_pickled_objects_need_allow_pickle(tmp_path):
 
 # ----------------------------------------------------------------------------- mmseg config texts in a conversion
 
-FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_configs"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
 
 
 def test_reference_eval_padding_follows_the_output_stride():

@@ -3,7 +3,8 @@
 Each source pipeline (preprocessing, padding, forward, resize, sliding window) is re-implemented here from
 the source's code: the authors' dataset.py ``fetch`` + ``pad_inf`` + network.py + eval.py, and mmsegmentation
 1.x's ``SegDataPreProcessor`` + ``EncoderDecoder.slide_inference`` / ``whole_inference``. The networks are the
-functional re-implementations of tests/test_convert.py, fed the source state dicts (random weights, tiny widths).
+functional re-implementations of tests/convert/test_checkpoints.py,
+fed the source state dicts (random weights, tiny widths).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from emanet.config import load_config
-from emanet.convert import convert
+from emanet.convert.checkpoints import convert
 from emanet.data.transforms import keep_ratio_size
-from emanet.predict import Predictor
-from test_convert import mmseg_forward, mmseg_state, reference_forward, reference_state
+from emanet.deploy.predict import Predictor
+from tests.convert.test_checkpoints import mmseg_forward, mmseg_state, reference_forward, reference_state
 
-FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_configs"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
 MMSEG_769 = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
 MMSEG_512 = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-512x1024.txt").read_text()
 MMCV_769 = (FIXTURES / "mmcv_emanet_r50-d8_769x769_80k_cityscapes.txt").read_text()

@@ -1,14 +1,14 @@
 """mmseg checkpoint metadata: the config texts of mmcv 0.x and mmengine 1.x, read with ``ast`` (never run), and
 the settings taken from them. The real texts are in tests/fixtures/mmseg_configs; conversions that use them
-are tested in tests/test_convert.py and tests/test_fidelity.py."""
+are tested in tests/convert/test_checkpoints.py and tests/convert/test_fidelity.py."""
 
 from pathlib import Path
 
 import pytest
 
-from emanet.mmseg_config import Unresolved, parse_mmseg_meta, read_config_text
+from emanet.convert.mmseg_config import Unresolved, parse_mmseg_meta, read_config_text
 
-FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_configs"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
 
 
 @pytest.mark.parametrize(

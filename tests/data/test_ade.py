@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from conftest import H, W
 from emanet.data import ADE20KDataset, build_dataset
+from tests.conftest import H, W
 
 
 def _raw_label():

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from conftest import H, W, random_label, write_gray_png, write_image, write_index_png
-from emanet.cli import main
+from emanet.cli.main import main
 from emanet.data import (
     KINDS,
     DataError,
@@ -25,6 +24,7 @@ from emanet.data import (
     colour_mask_to_index,
     distinct_palette,
 )
+from tests.conftest import H, W, random_label, write_gray_png, write_image, write_index_png
 
 CLASSES = ["bg", "a", "b", "c", "d"]  # 5 classes: valid labels 0..4 and 255
 PALETTE = distinct_palette(5)

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from conftest import H, W
 from emanet.data import CityscapesDataset, cityscapes_label_lut
 from emanet.data.palettes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from tests.conftest import H, W
 
 
 def test_label_train_ids_are_read_directly(make_cityscapes):

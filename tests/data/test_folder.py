@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import H, W, write_gray_png, write_image
 from emanet.data import FolderDataset, build_dataset
 from emanet.data.base import DataError
+from tests.conftest import H, W, write_gray_png, write_image
 
 
 def test_pairs_by_relative_stem_with_classes_and_palette(make_folder):
@@ -76,7 +76,7 @@ def test_missing_pieces(make_folder, tmp_path):
 def test_folder_dataset_takes_every_image_type_predict_takes(make_folder):
     # one suffix list for training data and `emanet predict`: a .webp/.bmp/.tif image that predict reads
     # must not be reported "without an image" by the dataset
-    from emanet.predict_files import IMAGE_SUFFIXES as PREDICT_SUFFIXES
+    from emanet.deploy.predict_files import IMAGE_SUFFIXES as PREDICT_SUFFIXES
 
     root, labels = make_folder(names=("a",))
     rng = np.random.default_rng(5)

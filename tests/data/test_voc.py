@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import H, W, write_gray_png, write_image
 from emanet.data import VOCDataset, build_dataset, train_transform
 from emanet.data.base import DataError
 from emanet.data.palettes import VOC_PALETTE, voc_palette
+from tests.conftest import H, W, write_gray_png, write_image
 
 
 def test_voc_palette_matches_the_standard_colour_map():

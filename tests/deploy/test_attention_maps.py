@@ -1,4 +1,4 @@
-"""emanet.attention_maps: top-mass bases, grids of heat maps, capture from the EMA unit, `predict --attention`."""
+"""emanet.deploy.attention_maps: top-mass bases, heat-map grids, capture from the EMA unit, `predict --attention`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_model
-from emanet import cli
-from emanet.attention_maps import (
+from emanet.cli import main as cli
+from emanet.config import Config
+from emanet.deploy.attention_maps import (
     GAP,
     TITLE_HEIGHT,
     attention_grid,
@@ -19,10 +19,10 @@ from emanet.attention_maps import (
     top_bases,
     upsample_maps,
 )
-from emanet.config import Config
+from emanet.deploy.predict import Predictor
 from emanet.models.emanet import build_model
-from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
+from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,12 +8,12 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import tiny_model  # noqa: E402
-from emanet import cli  # noqa: E402
+from emanet.cli import main as cli  # noqa: E402
 from emanet.config import Config  # noqa: E402
-from emanet.export import OnnxNotInstalled, check_onnx, export_onnx, onnx_parity  # noqa: E402
+from emanet.deploy.export import OnnxNotInstalled, check_onnx, export_onnx, onnx_parity  # noqa: E402
 from emanet.models.emanet import ModelConfig, build_model  # noqa: E402
 from emanet.pretrained import save_pretrained  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
 
 
 def _tiny(arch="emanet"):

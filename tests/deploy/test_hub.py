@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_model
 from emanet import build_model
 from emanet.config import Config
-from emanet.model_card import MARKER, write_model_card
+from emanet.deploy.model_card import MARKER, write_model_card
 from emanet.pretrained import save_pretrained
+from tests.conftest import tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -64,7 +64,7 @@ def test_from_pretrained_repo_id_offline_from_the_cache(tmp_path):
     x = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(1))
     torch.save(x, tmp_path / "x.pt")
     code = (
-        "import torch; from emanet.hub import from_pretrained; m = from_pretrained('someone/tiny-emanet'); "
+        "import torch; from emanet.deploy.hub import from_pretrained; m = from_pretrained('someone/tiny-emanet'); "
         f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})"
     )
     r = subprocess.run(
@@ -104,7 +104,7 @@ def test_cli_takes_hf_sources_offline_and_a_missing_repo_is_a_message(tmp_path):
 
 def test_push_to_hub_uploads_the_folder_with_its_card_and_it_loads_back(tmp_path, monkeypatch):
     hf = pytest.importorskip("huggingface_hub")
-    from emanet import hub
+    from emanet.deploy import hub
 
     calls = {}
     remote = tmp_path / "remote"
@@ -165,7 +165,7 @@ def test_without_huggingface_hub_the_cli_says_how_to_install(tmp_path):
 
 def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkeypatch, capsys):
     hf = pytest.importorskip("huggingface_hub")
-    from emanet.cli import main
+    from emanet.cli.main import main
 
     folder, model = tiny_folder(tmp_path / "m")
     run = tmp_path / "run"
@@ -204,7 +204,7 @@ def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkey
 
 
 def test_eval_of_a_model_folder_refreshes_its_card(tmp_path, capsys):
-    from emanet.cli import main
+    from emanet.cli.main import main
     from emanet.config import load_config
 
     cfg = load_config(

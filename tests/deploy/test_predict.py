@@ -1,4 +1,4 @@
-"""emanet.predict: Predictor (preprocessing as in evaluation, batching, EXIF); `emanet predict` end to end."""
+"""emanet.deploy.predict: Predictor (preprocessing as in evaluation, batching, EXIF); `emanet predict` end to end."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from emanet import cli
+from emanet.cli import main as cli
 from emanet.config import Config
 from emanet.data.base import read_image
+from emanet.deploy.predict import Predictor
 from emanet.inference import infer
 from emanet.models.emanet import ModelConfig, build_model
-from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
 
 PALETTE = [(10, 20, 30), (200, 0, 0), (0, 200, 0)]

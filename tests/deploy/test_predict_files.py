@@ -1,8 +1,8 @@
-"""emanet.predict_files: which files `emanet predict` reads and the output names they get."""
+"""emanet.deploy.predict_files: which files `emanet predict` reads and the output names they get."""
 
 from __future__ import annotations
 
-from emanet.predict_files import collect_inputs
+from emanet.deploy.predict_files import collect_inputs
 
 
 def test_collect_inputs_mirrors_names(tmp_path):

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import tiny_model
-from emanet.cli import main
+from emanet.cli.main import main
 from emanet.config import Config
+from emanet.deploy.predict import Predictor
 from emanet.models.emanet import build_model
 from emanet.models.fuse import is_prepared
-from emanet.predict import Predictor
 from emanet.pretrained import save_pretrained
+from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

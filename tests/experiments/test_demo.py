@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from emanet.demo import demo_config, run_demo  # noqa: E402
+from emanet.experiments.demo import demo_config, run_demo  # noqa: E402
 
 TINY = [
     "train.iterations=2",

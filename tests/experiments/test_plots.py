@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emanet.plots import normalise_rows
+from emanet.experiments.plots import normalise_rows
 
 TINY = [
     "--config",
@@ -38,7 +38,7 @@ def test_normalise_rows_against_hand_counts():
 
 def test_figures_are_written_and_names_are_checked(tmp_path):
     pytest.importorskip("matplotlib")
-    from emanet.plots import plot_class_iou, plot_confusion, plot_stage_grid, plot_variants
+    from emanet.experiments.plots import plot_class_iou, plot_confusion, plot_stage_grid, plot_variants
 
     names = ["background", "cat", "dog"]
     paths = [

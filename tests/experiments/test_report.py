@@ -6,7 +6,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from emanet.report import (  # noqa: E402
+from emanet.experiments.report import (  # noqa: E402
     colorize,
     markdown_table,
     plot_curves,

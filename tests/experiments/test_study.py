@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import emanet.engine
-from emanet.study import BASES_VARIANTS, plan, run_study
+import emanet.train.loop
+from emanet.experiments.study import BASES_VARIANTS, plan, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ def test_iterations_study_writes_the_grid_and_resumes_after_an_interruption(tmp_
     args = dict(
         config="synthetic_toy", overrides=TINY, train_stages=[1, 2], eval_stages=[1, 3], log=quiet, progress=False
     )
-    real_evaluate, real_train = emanet.engine.evaluate, emanet.engine.train
+    real_evaluate, real_train = emanet.train.loop.evaluate, emanet.train.loop.train
     calls = {"eval": [], "train": 0}
 
     def evaluate(model, dataset, cfg, device, **kw):
@@ -68,8 +68,8 @@ def test_iterations_study_writes_the_grid_and_resumes_after_an_interruption(tmp_
         calls["train"] += 1
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(emanet.engine, "evaluate", evaluate)
-    monkeypatch.setattr(emanet.engine, "train", train)
+    monkeypatch.setattr(emanet.train.loop, "evaluate", evaluate)
+    monkeypatch.setattr(emanet.train.loop, "train", train)
     calls["interrupt"] = True
     with pytest.raises(KeyboardInterrupt):
         run_study("iterations", out, **args)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from emanet.em import EMAUnit, em_attention, init_bases, set_eval_stages
+from emanet.models.em import EMAUnit, em_attention, init_bases, set_eval_stages
 
 
 def reference_em(x, bases, stages, eps=1e-6):

@@ -7,9 +7,8 @@ import typing
 import pytest
 import torch
 
-from conftest import tiny_model
-from emanet.em import EMAUnit
 from emanet.models.backbone import RESNETS
+from emanet.models.em import EMAUnit
 from emanet.models.emanet import (
     MODELS,
     ModelConfig,
@@ -20,6 +19,7 @@ from emanet.models.emanet import (
     layer4_dilations,
 )
 from emanet.models.heads import NonLocal2d
+from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

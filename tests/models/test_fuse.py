@@ -188,19 +188,19 @@ def test_prepare_twice_registers_one_input_hook():
 
 
 def test_prepared_model_under_bf16_autocast_keeps_the_em_in_float32(monkeypatch):
-    import emanet.em
+    import emanet.models.em
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", **TINY)).eval()
     randomize_bn(model)
     fast = prepare_for_inference(copy.deepcopy(model))
-    dtypes, real = [], emanet.em.em_attention
+    dtypes, real = [], emanet.models.em.em_attention
 
     def spy(x, bases, *args):
         dtypes.append((x.dtype, bases.dtype))
         return real(x, bases, *args)
 
-    monkeypatch.setattr(emanet.em, "em_attention", spy)
+    monkeypatch.setattr(emanet.models.em, "em_attention", spy)
     x = images(33, 41)
     with torch.no_grad():
         want = model(x)

@@ -2,7 +2,7 @@
 "expected outputs" practice). Any change to the forward maths, the layer order inside a block, the EM
 iterations or the upsampling shows up here, even where every other test compares two of our own code paths.
 
-Regenerate only for a deliberate change of the maths: EMANET_REGEN_GOLDEN=1 pytest tests/test_golden.py
+Regenerate only for a deliberate change of the maths: EMANET_REGEN_GOLDEN=1 pytest tests/models/test_golden.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from emanet.models.emanet import ModelConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GOLDEN = Path(__file__).parent / "data" / "golden_emanet_tiny.safetensors"
+GOLDEN = Path(__file__).parents[1] / "fixtures" / "golden_emanet_tiny.safetensors"
 CONFIG = dict(
     backbone="resnet18",
     stem="deep",

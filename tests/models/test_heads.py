@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emanet.em import EMAUnit
+from emanet.models.em import EMAUnit
 from emanet.models.heads import FCNAuxHead, NonLocal2d, SegHead
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import run_cli, tiny_model, tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.config import load_config
-from emanet.distributed import (
+from emanet.models.emanet import build_model
+from emanet.train.distributed import (
     DistEnv,
     PerSampleSeed,
     ResumableSampler,
@@ -27,8 +27,8 @@ from emanet.distributed import (
     set_rng_state,
     state_digest,
 )
-from emanet.engine import train
-from emanet.models.emanet import build_model
+from emanet.train.loop import train
+from tests.conftest import run_cli, tiny_model, tiny_run
 
 TINY = tiny_run("model.dropout=0.0", "train.log_interval=1", scales="[0.75, 1.25]", length=8)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import emanet.data
-from conftest import tiny_model, tiny_run
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
-from emanet.cli import main
-from emanet.engine import param_groups, poly_factor
+from emanet.cli.main import main
 from emanet.models.emanet import ModelConfig, build_model
+from emanet.train.loop import param_groups, poly_factor
+from tests.conftest import tiny_model, tiny_run
 
 TINY = tiny_run("train.batch_size=2", "train.log_interval=1", size=48, length=8, val_length=3, sizes=False)
 

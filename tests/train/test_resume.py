@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-import emanet.engine as engine
-import emanet.train_setup as train_setup
-from conftest import tiny_run
+import emanet.train.loop as engine
+import emanet.train.setup as train_setup
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
-from emanet.cli import main
+from emanet.cli.main import main
 from emanet.config import load_config
-from emanet.engine import EXIT_INTERRUPTED, EXIT_NONFINITE, TrainingInterrupted, train
+from emanet.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, TrainingInterrupted, train
+from tests.conftest import tiny_run
 
 TINY = tiny_run("train.batch_size=2", "train.log_interval=1", scales="[0.75, 1.25]")
 

@@ -20,14 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli as emanet
-from conftest import tiny_run
 from emanet.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint
-from emanet.cli import main
+from emanet.cli.main import main
 from emanet.config import load_config
-from emanet.engine import train
-from emanet.runs import RESUME_MAY_CHANGE, RunFolderError, RunLock, config_differences, cut_metrics
-from emanet.train_setup import TrainingStopped
+from emanet.train.loop import train
+from emanet.train.runs import RESUME_MAY_CHANGE, RunFolderError, RunLock, config_differences, cut_metrics
+from emanet.train.setup import TrainingStopped
+from tests.conftest import run_cli as emanet
+from tests.conftest import tiny_run
 
 TINY = tiny_run("train.batch_size=2", "train.log_interval=1")
 

@@ -13,10 +13,10 @@ from torch.overrides import TorchFunctionMode
 
 import emanet
 from emanet.config import load_config
-from emanet.em import EMAUnit, em_attention
-from emanet.engine import train
 from emanet.losses import SegmentationLoss
+from emanet.models.em import EMAUnit, em_attention
 from emanet.models.emanet import ModelConfig, build_model
+from emanet.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ results.json, rewritten after each part so an interrupted run keeps what it meas
 
 Variants compared directly run interleaved (one call of each in turn, bench_timing.py) so a noisy, shared
 machine slows them alike; ratios come from the same run. The report is rendered by bench_report.py;
-`python -m emanet.benchmark --report results.json` re-renders it.
+`python -m emanet.bench.cpu --report results.json` re-renders it.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from emanet.bench_em import SIZES, bench_em
-from emanet.bench_models import bench_compile, bench_model
-from emanet.bench_report import format_report
-from emanet.bench_timing import machine, machine_load, matmul_flops
+from emanet.bench.em import SIZES, bench_em
+from emanet.bench.models import bench_compile, bench_model
+from emanet.bench.report import format_report
+from emanet.bench.timing import machine, machine_load, matmul_flops
 
 
 def run_benchmarks(
@@ -86,7 +86,7 @@ def run_benchmarks(
     return result
 
 
-if __name__ == "__main__":  # python -m emanet.benchmark [--quick] | --report results.json
+if __name__ == "__main__":  # python -m emanet.bench.cpu [--quick] | --report results.json
     if "--report" in sys.argv:  # re-render results.md from a results.json
         src = Path(sys.argv[sys.argv.index("--report") + 1])
         (src.parent / "results.md").write_text(format_report(json.loads(src.read_text())))

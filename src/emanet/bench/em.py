@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from emanet.bench_timing import count_flops, interleaved
-from emanet.em import EMAUnit, em_attention
+from emanet.bench.timing import count_flops, interleaved
+from emanet.models.em import EMAUnit, em_attention
 from emanet.models.heads import NonLocal2d
 
 C, K, T = 512, 64, 3
@@ -82,7 +82,7 @@ def _rss_bytes() -> int:
 def probe_memory(variant: str, size: int, mode: str) -> int:
     """Peak extra bytes of one first call, measured in a fresh process (ru_maxrss only grows)."""
     code = (
-        "import json, sys; from emanet.bench_em import _memory_child; "
+        "import json, sys; from emanet.bench.em import _memory_child; "
         f"print(json.dumps(_memory_child({variant!r}, {size}, {mode!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,7 +1,7 @@
 """GPU benchmark of EMANet: training throughput and memory, whole-image inference latency, EM attention.
 
-    python benchmarks/gpu.py                      # one CUDA GPU; writes benchmarks/gpu_results.md and .json
-    python benchmarks/gpu.py --dry-run --out DIR  # CPU, tiny shapes: checks the script end to end (the tests)
+    python -m emanet.bench.gpu                      # one CUDA GPU; writes benchmarks/gpu_results.md and .json
+    python -m emanet.bench.gpu --dry-run --out DIR  # CPU, tiny shapes: checks the script end to end (the tests)
 
 Sized to finish within 6 minutes on one H100/H200 (``--budget-s``, default 330 s of measuring): the cases run
 in priority order and any left when the budget is spent are listed as skipped, never silently dropped.
@@ -38,14 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-try:
-    import emanet  # noqa: F401
-except ImportError:  # run from a checkout without installing: use its src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from emanet.bench_timing import count_flops
-from emanet.em import em_attention
+from emanet.bench.timing import count_flops
 from emanet.losses import SegmentationLoss
+from emanet.models.em import em_attention
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.models.fuse import prepare_for_inference
 from emanet.models.heads import NonLocal2d
@@ -401,7 +396,7 @@ def run(out: Path, *, dry_run: bool, budget_s: float, log: Callable[[str], None]
         torch.set_num_threads(1)  # tiny ops: a thread pool costs more than it saves
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("benchmarks/gpu.py needs a CUDA GPU (or --dry-run for the CPU check)")
+            raise SystemExit("emanet.bench.gpu needs a CUDA GPU (or --dry-run for the CPU check)")
         device, shapes, backend = torch.device("cuda"), GPU, "inductor"
         torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (the EM's GEMMs)
@@ -458,7 +453,7 @@ def format_report(r: dict) -> str:
         else f"CPU {m.get('cpu')}"
     )
     rates = r["matmul_tflops"]
-    lines = ["# GPU benchmark (benchmarks/gpu.py)", ""]
+    lines = ["# GPU benchmark (emanet.bench.gpu)", ""]
     if r["dry_run"]:
         lines += ["**DRY RUN on the CPU with tiny shapes: checks the script, these are not GPU figures.**", ""]
     lines += [

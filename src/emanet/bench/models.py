@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from emanet.bench_timing import interleaved
+from emanet.bench.timing import interleaved
 
 MODEL_BACKBONES = ("resnet50", "resnet101")
 
@@ -44,10 +44,10 @@ def bench_model(size: int = 513, repeats: int = 5, backbones=MODEL_BACKBONES, lo
 
 def _bench_backbone(backbone: str, size: int, repeats: int, log) -> list[dict]:
     from emanet.config import Config
+    from emanet.deploy.predict import Predictor
     from emanet.flops import count_model
     from emanet.models.emanet import ModelConfig
     from emanet.models.fuse import prepare_for_inference
-    from emanet.predict import Predictor
 
     model = calibrated_model(backbone)
     macs = count_model(model, (size, size)).total.macs

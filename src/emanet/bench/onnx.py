@@ -1,12 +1,12 @@
 """Eager PyTorch vs onnxruntime on CPU: writes benchmarks/onnx_results.md and onnx_results.json.
 
-    .venv/bin/python benchmarks/onnx_bench.py [--quick] [--out benchmarks]
+    python -m emanet.bench.onnx [--quick] [--out benchmarks]
 
-Cases: the demo model (src/emanet/demo.py DEMO_OVERRIDES) at its crop size (data.crop_size), and EMANet-ResNet-50
-(reference layout: deep stem, OS8, 512 channels, K=64, T=3, 21 classes) at 512x512; batch 1, random weights
-with BN statistics calibrated on one random batch (so activations have a trained network's scale).
+Cases: the demo model (emanet.experiments.demo DEMO_OVERRIDES) at its crop size (data.crop_size), and
+EMANet-ResNet-50 (reference layout: deep stem, OS8, 512 channels, K=64, T=3, 21 classes) at 512x512; batch 1,
+random weights with BN statistics calibrated on one random batch (so activations have a trained network's scale).
 Variants: eager float32 (inference_mode), eager with BatchNorm folded into the convs (models/fuse.py), and
-onnxruntime's CPUExecutionProvider on the model exported by emanet.export (torchscript exporter, opset 17,
+onnxruntime's CPUExecutionProvider on the model exported by emanet.deploy.export (torchscript exporter, opset 17,
 all graph optimisations). All use the same thread count. Variants take turns call by call (the order rotates
 each round), after warm-up calls, so load from other jobs on the shared machine hits them alike; the table
 gives medians and ratios of medians against eager float32.
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from emanet.benchmark import machine
-from emanet.demo import demo_config
-from emanet.export import export_onnx
+from emanet.bench.cpu import machine
+from emanet.deploy.export import export_onnx
+from emanet.experiments.demo import demo_config
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.models.fuse import prepare_for_inference
 
@@ -165,7 +165,7 @@ def render(data: dict) -> str:
         f"before, {data['load_after'][0]:.1f} after), so absolute times are noisy; ratios come from interleaved "
         f"calls in the same run. torch {m['torch']}, onnxruntime {data['onnxruntime']}, Python {m['python']}, "
         f"the same thread count for both (onnxruntime intra-op, no spinning), denormals flushed in both, "
-        f"{m['date']}. Script: `benchmarks/onnx_bench.py` ({data['wall_s']:.0f} s).",
+        f"{m['date']}. Script: `python -m emanet.bench.onnx` ({data['wall_s']:.0f} s).",
         "",
         "| case | input | threads | variant | median ms | min ms | vs eager fp32 | max abs diff: vs eager fp32 "
         "| vs float64 | same argmax as eager fp32 |",

@@ -1,6 +1,6 @@
 """The `emanet` command line's flags: one argparse sub-parser per command, and `build_parser`.
 
-Only definitions: nothing here runs a command. `emanet.cli` holds the handlers and passes them to
+Only definitions: nothing here runs a command. `emanet.cli.main` holds the handlers and passes them to
 `build_parser`, which binds each sub-parser to its handler (`args.func`), so imports point one way.
 """
 
@@ -274,7 +274,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tolerance",
         type=float,
-        default=1e-4,  # emanet.export.TOLERANCE
+        default=1e-4,  # emanet.deploy.export.TOLERANCE
         help="largest accepted absolute logit difference for --check (default: 1e-4)",
     )
 

@@ -1,6 +1,6 @@
 """Command line: `emanet <command> ...`: one handler per subcommand, and `main`.
 
-The only module that reads argv or prints. The flags live in `emanet.cli_args`; `build_parser` hands it the
+The only module that reads argv or prints. The flags live in `emanet.cli.args`; `build_parser` hands it the
 `HANDLERS` table, so that module never imports this one.
 """
 
@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from emanet import cli_args
+from emanet.cli import args as cli_args
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from emanet.benchmark import run_benchmarks
+    from emanet.bench.cpu import run_benchmarks
 
     run_benchmarks(out_dir=args.out, quick=args.quick, parts=args.parts, log=print)
     return 0
@@ -70,8 +70,8 @@ def _run_config(args: argparse.Namespace, base: dict | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from emanet.engine import TrainingStopped, train
     from emanet.metrics import format_table
+    from emanet.train.loop import TrainingStopped, train
 
     def say_why(e: TrainingStopped) -> None:  # before any rank exits: torchrun would cut rank 0 short
         if e.rank == 0:
@@ -99,18 +99,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from emanet.compiled import maybe_compile
-    from emanet.engine import build_datasets, evaluate, results_to_json
     from emanet.metrics import format_table
     from emanet.models.fuse import prepare_for_inference
     from emanet.pretrained import load_model
     from emanet.runtime import check_precision, select_device
+    from emanet.train.loop import build_datasets, evaluate, results_to_json
 
     if args.precision:  # before loading anything
         check_precision(select_device(args.device or "auto"), args.precision)
 
     # the source's own config (a --config file replaces it); overrides go on top of either
     if args.plot:
-        from emanet.plots import require_matplotlib
+        from emanet.experiments.plots import require_matplotlib
 
         require_matplotlib()  # before a long evaluation
     file_cfg = _run_config(args) if args.config else None
@@ -136,13 +136,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
     print(f"written: {out}")
     if source.is_dir() and out == default:  # a model folder's card shows its eval.json
-        from emanet.model_card import write_model_card
+        from emanet.deploy.model_card import write_model_card
 
         card = write_model_card(source)
         if card is not None:
             print(f"written: {card}")
     if args.plot:
-        from emanet.plots import plot_class_iou, plot_confusion
+        from emanet.experiments.plots import plot_class_iou, plot_confusion
 
         confusion = plot_confusion(results["confusion_matrix"], names, out.with_name(f"{out.stem}_confusion.png"))
         bars = plot_class_iou(results["IoU"], names, out.with_name(f"{out.stem}_iou.png"))
@@ -151,15 +151,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from emanet.demo import run_demo
+    from emanet.experiments.demo import run_demo
 
     run_demo(args.out, args.overrides, args.config, progress=not args.no_progress)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from emanet.predict import Predictor
-    from emanet.predict_files import PredictOptions, collect_inputs, predict_files
+    from emanet.deploy.predict import Predictor
+    from emanet.deploy.predict_files import PredictOptions, collect_inputs, predict_files
     from emanet.progress import write
 
     def report(message: str) -> None:  # keeps a terminal's progress bar intact
@@ -237,7 +237,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from emanet.convert import convert
+    from emanet.convert.checkpoints import convert
 
     result = convert(
         args.src,
@@ -254,7 +254,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from emanet.export import OnnxNotInstalled, export_onnx, model_metadata, onnx_parity, require_onnx
+    from emanet.deploy.export import OnnxNotInstalled, export_onnx, model_metadata, onnx_parity, require_onnx
     from emanet.pretrained import load_model
 
     if not args.tolerance > 0:
@@ -316,7 +316,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_push_to_hub(args: argparse.Namespace) -> int:
-    from emanet.hub import HubError, push_to_hub
+    from emanet.deploy.hub import HubError, push_to_hub
 
     try:
         url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)
@@ -327,7 +327,7 @@ def cmd_push_to_hub(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from emanet.study import EVAL_STAGES, TRAIN_STAGES, run_study
+    from emanet.experiments.study import EVAL_STAGES, TRAIN_STAGES, run_study
 
     existing = {}
     for item in args.run or []:

@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from emanet.config import Config, load_config
-from emanet.convert_keys import (
+from emanet.convert.keys import (
     EXPECTED_STEM,
     FULL_MODEL_SOURCES,
     RULES,
@@ -37,8 +37,8 @@ from emanet.convert_keys import (
     rename,
     rename_all,
 )
+from emanet.convert.mmseg_config import parse_mmseg_meta
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from emanet.mmseg_config import parse_mmseg_meta
 from emanet.models.backbone import BACKBONES, resnet_for_blocks
 from emanet.models.backbone_weights import blocks_per_stage
 from emanet.models.emanet import ModelConfig, build_model

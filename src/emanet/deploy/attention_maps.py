@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from emanet.em import EMAUnit, ema_units
+from emanet.models.em import EMAUnit, ema_units
 
 # A blue -> cyan -> green -> yellow -> red ramp (value in [0, 1] -> RGB), like the usual "jet" heat map.
 _RAMP_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])

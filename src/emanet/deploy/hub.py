@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from emanet.model_card import CARD, EVAL, write_model_card
+from emanet.deploy.model_card import CARD, EVAL, write_model_card
 from emanet.pretrained import CONFIG, WEIGHTS, LoadedModel, is_model_folder, load_model, save_pretrained
 
 HF_PREFIX = "hf://"  # model sources on the command line: hf://user/repo (a plain path is always local)

@@ -121,7 +121,7 @@ def _how_to_load(m: dict[str, Any], repo_id: str | None, where: str) -> list[str
         "## How to load",
         "",
         "```python",
-        "from emanet.hub import from_pretrained  # pip install emanet[hub] for Hub repo ids",
+        "from emanet.deploy.hub import from_pretrained  # pip install emanet[hub] for Hub repo ids",
         "",
         f'model = from_pretrained("{where}")  # eval mode; logits (B, {m["num_classes"]}, H, W)',
         "```",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from emanet.attention_maps import attention_grid, save_attention_arrays
 from emanet.data.base import IMAGE_SUFFIXES, DataError, read_image
-from emanet.predict import Prediction, Predictor, to_rgb
+from emanet.deploy.attention_maps import attention_grid, save_attention_arrays
+from emanet.deploy.predict import Prediction, Predictor, to_rgb
 
 _MAGIC = re.compile(r"[*?\[]")
 

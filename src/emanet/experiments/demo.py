@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from emanet.attention_maps import capture_attention
 from emanet.config import Config, load_config
-from emanet.engine import build_datasets, evaluate, train
+from emanet.deploy.attention_maps import capture_attention
 from emanet.runtime import select_device
+from emanet.train.loop import build_datasets, evaluate, train
 
 Log = Callable[[str], None]
 
@@ -128,7 +128,7 @@ def _bf16_miou(ema: dict[str, Any], val) -> float:
 
 def _write_figures(runs: dict[str, dict[str, Any]], val, out: Path):
     """curves.png, samples.png and responsibilities.png; returns the bases shown, heaviest first."""
-    from emanet import report
+    from emanet.experiments import report
 
     report.plot_curves(
         {n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()}, out / "curves.png"
@@ -192,7 +192,7 @@ def _bases_text(val, m, pooling: dict[str, float], chosen, gap: float) -> str:
 
 def _write_report(out: Path, runs: dict[str, dict[str, Any]], val, summary: str, why: str) -> Path:
     """report.md (+ report.html): the result, the per-class table and the figures."""
-    from emanet import report
+    from emanet.experiments import report
 
     names = list(runs)
     rows = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emanet.report import _figure, _save
+from emanet.experiments.report import _figure, _save
 
 ANNOTATE_UP_TO = 25  # classes; beyond this the cells are too small for numbers
 

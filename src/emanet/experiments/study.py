@@ -143,7 +143,7 @@ def _train_variant(
     kind: str, v: Variant, config: Config, run: Path, timing: dict[str, float], *, progress: bool, log: Log
 ) -> None:
     """Train one variant into ``run`` (resuming an interrupted run), adding its time to ``timing``."""
-    from emanet.engine import train
+    from emanet.train.loop import train
 
     cfg = copy.deepcopy(config)
     cfg.train.out_dir = str(run)
@@ -165,8 +165,8 @@ def _evaluate_cells(
     log: Log,
 ) -> None:
     """Evaluate ``run`` at each T_eval of ``missing``, saving results.json after each cell."""
-    from emanet.engine import build_datasets, evaluate, select_device
     from emanet.pretrained import load_model
+    from emanet.train.loop import build_datasets, evaluate, select_device
 
     cells, timing = results["cells"], results["seconds"]
     loaded = load_model(run)
@@ -245,7 +245,7 @@ def _pct(x: float | None) -> str:
 
 def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str, dict[str, Any]]) -> str:
     """table.md and the figure (iterations.png heatmap / bases.png bars; skipped without matplotlib)."""
-    from emanet.report import markdown_table
+    from emanet.experiments.report import markdown_table
 
     if kind == "iterations":
         stages = sorted({t for v in variants for t in v.eval_stages})
@@ -273,7 +273,7 @@ def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str
         figure, caption = "bases.png", "mIoU (%) by bases maintenance and gradient"
     table = markdown_table(header, rows)
     try:
-        from emanet import plots
+        from emanet.experiments import plots
 
         if kind == "iterations":
             grid = [[100 * cells[v.name][str(t)]["mIoU"] for t in stages] for v in variants]

@@ -35,13 +35,12 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from emanet.em import conv_init_
-
 # Weight files are read and checked in backbone_weights.py (the builders' ``weights=`` loads through it); the
 # loader, its report and the file reader stay importable from here too.
 from emanet.models.backbone_weights import LoadReport as LoadReport
 from emanet.models.backbone_weights import load_backbone_weights
 from emanet.models.backbone_weights import read_weights_file as read_weights_file
+from emanet.models.em import conv_init_
 
 NormLayer = Callable[[int], nn.Module]
 Stem = Literal["standard", "deep", "v1c"]  # torchvision, the reference (PyTorch-Encoding), mmseg ResNetV1c

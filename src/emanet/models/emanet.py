@@ -15,9 +15,9 @@ from typing import Any, Literal, TypedDict
 
 from torch import Tensor, nn
 
-from emanet.em import BasesUpdate, Differentiable, EMAUnit, Residual
 from emanet.fields import from_dict, literal_errors
 from emanet.models.backbone import BACKBONES, RESNETS, Stem
+from emanet.models.em import BasesUpdate, Differentiable, EMAUnit, Residual
 from emanet.models.heads import FCNAuxHead, HeadLayout, NonLocal2d, SegHead, upsample_like
 
 if sys.version_info >= (3, 11):
@@ -167,7 +167,7 @@ class ModelOverrides(TypedDict, total=False):
     """The builders' keywords: ModelConfig's fields less ``arch`` and ``backbone``, which each builder fixes.
 
     Names and types only, so type checkers and IDEs know the keywords (PEP 692); the defaults and their
-    reasons stay in ModelConfig, and tests/test_models.py checks that the two list the same typed fields.
+    reasons stay in ModelConfig, and tests/models/test_emanet.py checks that the two list the same typed fields.
     """
 
     num_classes: int

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emanet.em import conv_init_
+from emanet.models.em import conv_init_
 
 HeadLayout = Literal["reference", "mmseg"]
 NormLayer = Callable[[int], nn.Module]

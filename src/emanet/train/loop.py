@@ -31,7 +31,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from emanet.checkpoint import kept_checkpoints, save_checkpoint, training_state
 from emanet.config import Config
-from emanet.distributed import (
+from emanet.evaluation import evaluate, results_to_json
+from emanet.models.em import EMAUnit
+from emanet.progress import progress_bar
+from emanet.runtime import autocast, check_precision, select_device
+from emanet.train.data import build_datasets, count_bad_samples
+from emanet.train.distributed import (
     StopSignals,
     agree,
     average_,
@@ -40,13 +45,8 @@ from emanet.distributed import (
     init_distributed,
     replica_states,
 )
-from emanet.em import EMAUnit
-from emanet.evaluation import evaluate, results_to_json
-from emanet.progress import progress_bar
-from emanet.runs import RunFolderError, describe_checkpoints, os_reason
-from emanet.runtime import autocast, check_precision, select_device
-from emanet.train_data import build_datasets, count_bad_samples
-from emanet.train_setup import (
+from emanet.train.runs import RunFolderError, describe_checkpoints, os_reason
+from emanet.train.setup import (
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,
     EXIT_USAGE,

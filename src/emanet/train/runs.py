@@ -310,7 +310,7 @@ def resume_point(
             + "\n  ".join(differences)
             + "\nset them back, or start a new run (another train.out_dir, or --overwrite); "
             "a resume may change train.iterations, intervals, workers, device, optim.lr, "
-            "eval.* (emanet.runs.RESUME_MAY_CHANGE)"
+            "eval.* (emanet.train.runs.RESUME_MAY_CHANGE)"
         )
     return found
 

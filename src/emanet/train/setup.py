@@ -1,7 +1,7 @@
 """Set-up of a training run: the run folder, the data (checked), model, optimizer and the resumed state,
 gathered in one ``TrainRun`` that the loop in engine.py uses; and the ways a run ends early.
 
-Rank 0 takes every decision about the run folder (emanet.runs) and the other ranks follow it
+Rank 0 takes every decision about the run folder (emanet.train.runs) and the other ranks follow it
 (``on_rank0``): a refusal, a failed check or a failed write is a RunError on every rank, said once.
 """
 
@@ -24,7 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from emanet.checkpoint import RESUME_KEYS, load_checkpoint, restore_training_state
 from emanet.compiled import maybe_compile
 from emanet.config import Config, TrainConfig, save_config
-from emanet.distributed import (
+from emanet.losses import SegmentationLoss
+from emanet.models.em import EMAUnit, ema_units
+from emanet.models.emanet import build_model
+from emanet.train.data import build_datasets, check_class_count, check_val_files, skip_bad_samples
+from emanet.train.distributed import (
     DataStream,
     DistEnv,
     PerSampleSeed,
@@ -36,10 +40,7 @@ from emanet.distributed import (
     worker_init,
     wrap_ddp,
 )
-from emanet.em import EMAUnit, ema_units
-from emanet.losses import SegmentationLoss
-from emanet.models.emanet import build_model
-from emanet.runs import (
+from emanet.train.runs import (
     CONFIG,
     cut_metrics,
     os_reason,
@@ -48,7 +49,6 @@ from emanet.runs import (
     supersede_checkpoints,
     write_classes,
 )
-from emanet.train_data import build_datasets, check_class_count, check_val_files, skip_bad_samples
 
 Log = Callable[[str], None]
 

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): the CPU suite (cpu.py), the GPU benchmark (gpu.py), PyTorch vs onnxruntime (onnx.py)."""

@@ -1,0 +1,1 @@
+"""The `emanet` command line."""

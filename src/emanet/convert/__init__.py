@@ -1,0 +1,1 @@
+"""Checkpoint import from the authors' code, mmsegmentation and ImageNet backbone files."""
