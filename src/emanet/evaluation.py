@@ -17,8 +17,7 @@ from emanet.inference import infer
 from emanet.metrics import ConfusionMatrix, scores
 from emanet.models.em import set_eval_stages
 from emanet.progress import progress_bar
-from emanet.runtime import autocast
-from emanet.train.distributed import all_gather_lists, shard
+from emanet.runtime import all_gather_lists, autocast, shard
 
 
 @torch.no_grad()

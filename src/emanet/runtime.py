@@ -1,4 +1,5 @@
-"""Runtime helpers that training and inference share: the device and autocast precision.
+"""Where and how a model runs, shared by training, evaluation and inference: the device, the autocast
+precision, the opt-in ``torch.compile``, and this process's place in a torchrun group (``shard``).
 
 Imports nothing of emanet's, so deployment code (predict, export) does not pull in the training engine.
 """
@@ -6,9 +7,11 @@ Imports nothing of emanet's, so deployment code (predict, export) does not pull 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 Precision = Literal["fp32", "bf16", "fp16"]  # autocast dtype; fp16 needs CUDA (with a grad scaler)
 
@@ -34,3 +37,41 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Opt-in torch.compile: off by default, since a cold compile costs ~20-30 s on a 2-core CPU before the first step
+# (benchmarks/results.md has what it buys afterwards). The EM core is compile-friendly: no host syncs inside the
+# model (the bases' moving-average update decides "nothing accumulated" on the device) and no branch on the batch
+# size in compiled code, so a model compiles to one graph without breaks.
+
+
+def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(module)`` when ``enabled``, else ``module`` itself.
+
+    The compiled wrapper shares parameters and buffers with ``module`` (save and load through the original);
+    shapes are specialised first and made dynamic on the first recompile (torch's default), so inputs of a
+    few different sizes cost a recompile each, not one per image.
+    """
+    if not enabled:
+        return module
+    return torch.compile(module)
+
+
+# ----------------------------------------------------------------------------- torchrun ranks
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of the running process group, (0, 1) without one: for code handed no DistEnv."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_lists(items: list[Any]) -> list[Any]:
+    """Every rank's list, concatenated in rank order, on every rank (the list itself alone)."""
+    _, world = shard()
+    if world == 1:
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]

@@ -15,13 +15,13 @@ from torch.utils.data import Dataset
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.config import load_config
 from emanet.models.emanet import build_model
+from emanet.runtime import all_gather_lists
 from emanet.train.distributed import (
     DistEnv,
     PerSampleSeed,
     ResumableSampler,
     StopSignals,
     agree,
-    all_gather_lists,
     replica_states,
     rng_state,
     set_rng_state,

@@ -138,8 +138,8 @@ def _compile_row(case: str, precision: str, med: dict, cold: float, rel_diff: fl
 
 def _compile_forward_rows(backbone: str, size: int, repeats: int, log) -> list[dict]:
     """(i): the prepared model's forward on one size x size input, compiled vs not, float32 then bfloat16."""
-    from emanet.compiled import maybe_compile
     from emanet.models.fuse import prepare_for_inference
+    from emanet.runtime import maybe_compile
 
     fast = prepare_for_inference(calibrated_model(backbone))
     compiled = maybe_compile(fast, True)
@@ -167,8 +167,8 @@ def _compile_forward_rows(backbone: str, size: int, repeats: int, log) -> list[d
 
 def _compile_train_row(backbone: str, train_size: int, repeats: int, log) -> dict:
     """(ii): one training step (forward, loss, backward, SGD) at batch 2 x train_size^2, compiled vs not."""
-    from emanet.compiled import maybe_compile
     from emanet.losses import SegmentationLoss
+    from emanet.runtime import maybe_compile
 
     torch.manual_seed(0)
     model = calibrated_model(backbone).train()

@@ -98,11 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from emanet.compiled import maybe_compile
     from emanet.metrics import format_table
     from emanet.models.fuse import prepare_for_inference
     from emanet.pretrained import load_model
-    from emanet.runtime import check_precision, select_device
+    from emanet.runtime import check_precision, maybe_compile, select_device
     from emanet.train.loop import build_datasets, evaluate, results_to_json
 
     if args.precision:  # before loading anything

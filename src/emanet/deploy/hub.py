@@ -62,12 +62,20 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path
     return Path(path)
 
 
+def resolve_source(source: str | Path, *, revision: str | None = None) -> Path:
+    """The local path of a model source: a local path as it is; ``hf://user/repo`` (or ``user/repo`` that is no
+    local path) downloaded into the Hub cache first. Callers resolve before ``pretrained.load_model``."""
+    repo = repo_id_of(source)
+    if repo is None and str(source).startswith(HF_PREFIX):
+        raise ValueError(f"{source}: a Hub source looks like hf://user/repo")
+    return download(repo, revision=revision) if repo else Path(source)
+
+
 def load(
     source: str | Path, *, device: str = "cpu", revision: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> LoadedModel:
     """A local model source (folder, checkpoint, run) or a Hub repo id -> the model, config and class names."""
-    repo = repo_id_of(source)
-    return load_model(download(repo, revision=revision) if repo else source, device=device, overrides=overrides)
+    return load_model(resolve_source(source, revision=revision), device=device, overrides=overrides)
 
 
 def from_pretrained(source: str | Path, *, device: str = "cpu", revision: str | None = None) -> nn.Module:

@@ -21,7 +21,6 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from emanet.compiled import maybe_compile
 from emanet.config import Config
 from emanet.data.base import read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
@@ -30,7 +29,7 @@ from emanet.deploy.attention_maps import attention_unit, blend, capture_attentio
 from emanet.inference import check_inference_args, infer, infer_whole
 from emanet.models.em import set_eval_stages
 from emanet.models.fuse import prepare_for_inference
-from emanet.runtime import autocast, select_device
+from emanet.runtime import autocast, maybe_compile, select_device
 
 ImageInput = str | Path | Image.Image | np.ndarray
 

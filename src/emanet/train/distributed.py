@@ -9,7 +9,7 @@
 - The collectives the engine calls, each a no-op in a single process: ``agree`` (the step's one vote: a few
   numbers summed in one all-reduce), ``average_`` (BN statistics), ``replica_states`` (every rank's RNG
   state and replica digest for a checkpoint, one gather), ``barrier``; set-up uses ``broadcast_object`` and
-  ``broadcast_buffers_``, evaluation ``shard`` and ``all_gather_lists``.
+  ``broadcast_buffers_``. Evaluation shards through emanet.runtime (``shard``, ``all_gather_lists``).
 - RNG states (python, numpy, torch, CUDA) for checkpoints; ``state_digest`` to check replicas agree.
 - ``StopSignals``: SIGTERM/SIGINT only set a flag; a second signal aborts at once.
 
@@ -148,23 +148,6 @@ def replica_states(model: nn.Module, env: DistEnv) -> tuple[list[dict], list[dic
     if states is None:
         return None, None
     return [rng for rng, _ in states], [digest for _, digest in states]
-
-
-def shard() -> tuple[int, int]:
-    """(rank, world size) of the running process group, (0, 1) without one: for code handed no DistEnv."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_lists(items: list[Any]) -> list[Any]:
-    """Every rank's list, concatenated in rank order, on every rank (the list itself alone)."""
-    _, world = shard()
-    if world == 1:
-        return items
-    gathered: list[list[Any]] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
 
 
 def barrier(env: DistEnv) -> None:

@@ -22,11 +22,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
 from emanet.checkpoint import RESUME_KEYS, load_checkpoint, restore_training_state
-from emanet.compiled import maybe_compile
 from emanet.config import Config, TrainConfig, save_config
 from emanet.losses import SegmentationLoss
 from emanet.models.em import EMAUnit, ema_units
 from emanet.models.emanet import build_model
+from emanet.runtime import maybe_compile
 from emanet.train.data import build_datasets, check_class_count, check_val_files, skip_bad_samples
 from emanet.train.distributed import (
     DataStream,
