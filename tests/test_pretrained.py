@@ -5,8 +5,9 @@ import torch
 
 from emanet.checkpoint import save_checkpoint
 from emanet.config import Config
+from emanet.errors import ModelSourceError
 from emanet.models.emanet import build_model
-from emanet.pretrained import from_pretrained, load_model, save_pretrained
+from emanet.pretrained import CARD, CONFIG, WEIGHTS, load_model, save_pretrained
 from tests.conftest import tiny_model
 
 
@@ -29,11 +30,12 @@ def _trained_like(cfg):
 def test_round_trip_gives_equal_outputs(tmp_path):
     cfg = _config()
     model = _trained_like(cfg)
-    save_pretrained(model, cfg, tmp_path / "m", class_names=["bg", "a", "b"])
-    again = from_pretrained(tmp_path / "m")
-    x = torch.randn(1, 3, 41, 37)
-    assert torch.equal(model(x), again(x))
+    folder = save_pretrained(model, cfg, tmp_path / "m", class_names=["bg", "a", "b"])
+    # the model folder's files; the card is the publisher's (push_to_hub), not save_pretrained's
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG, WEIGHTS]) and not (folder / CARD).exists()
     loaded = load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 41, 37)
+    assert torch.equal(model(x), loaded.model(x)) and not loaded.model.training
     assert loaded.class_names == ["bg", "a", "b"] and len(loaded.palette) == 3
     assert loaded.config.model == cfg.model
 
@@ -55,7 +57,7 @@ def test_mismatched_or_foreign_folders_are_clear_errors(tmp_path):
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
     meta["config"]["model"]["num_bases"] = 8
     (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ModelSourceError, match="do not match"):
         load_model(tmp_path / "m")
     meta["config"]["model"]["num_bases"] = 4
     (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
@@ -63,9 +65,24 @@ def test_mismatched_or_foreign_folders_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
         load_model(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ModelSourceError, match="not valid JSON"):
         load_model(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="neither a model folder"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_model(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not found"):  # a Hub id is resolved by deploy.hub, not here
+        load_model("hf://someone/repo")
+
+
+def test_a_checkpoint_without_its_config_or_a_newer_folder_is_a_model_source_error(tmp_path):
+    cfg = _config()
+    model = _trained_like(cfg)
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pt")
+    with pytest.raises(ModelSourceError, match="no saved config"):
+        load_model(tmp_path / "bare.pt")
+    folder = save_pretrained(model, cfg, tmp_path / "m")
+    meta = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(ModelSourceError, match="newer than this emanet"):
+        load_model(folder)

@@ -1,10 +1,13 @@
-"""Shareable model folders and one loader for every kind of model source.
+"""Shareable model folders and one loader for every kind of local model source.
 
 A model folder holds ``model.safetensors`` (the state dict, buffers included: the EM bases travel with the
-weights) and ``config.json`` (the resolved run config, class names and palette). Nothing needs a network.
+weights) and ``config.json`` (the resolved run config, class names and palette); whoever publishes it adds
+the ``README.md`` model card (deploy/model_card.py), ``emanet eval`` its ``eval.json``. The file names are
+defined here, once. Nothing needs a network.
 
 ``load_model(source)`` accepts a model folder, a checkpoint file or a run folder (its newest checkpoint);
-predict, eval and export all go through it.
+predict, eval and export all go through it. A Hugging Face Hub repo is downloaded first by
+``deploy.hub.resolve_source``, which callers ask before loading.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
-from emanet.config import Config
+from emanet.config import Config, load_config
 from emanet.data.palettes import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
@@ -30,14 +33,18 @@ from emanet.data.palettes import (
     distinct_palette,
     voc_palette,
 )
+from emanet.errors import ConfigError, ModelSourceError
 from emanet.fields import from_dict
 from emanet.models.backbone import read_weights_file
 from emanet.models.emanet import build_model
 
 FORMAT = "emanet-model"
 VERSION = 1
+# the files of a model folder (and of a Hub repo: it is a model folder)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CARD = "README.md"  # the model card, written by whoever publishes the folder (push_to_hub)
+EVAL = "eval.json"  # written by `emanet eval FOLDER` (a run folder holds one too)
 
 
 @dataclass
@@ -75,7 +82,10 @@ def save_pretrained(
     class_names: list[str] | None = None,
     palette: Palette | None = None,
 ) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder."""
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
+
+    No model card: as in transformers, the card is written by whoever publishes (``deploy.hub.push_to_hub``).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -83,7 +93,7 @@ def save_pretrained(
     names = list(class_names) if class_names is not None else default_class_names(config)
     colours = [tuple(int(v) for v in c) for c in (palette if palette is not None else default_palette(config))]
     if len(names) != config.model.num_classes:
-        raise ValueError(f"class_names has {len(names)} entries for {config.model.num_classes} classes")
+        raise ConfigError(f"class_names has {len(names)} entries for {config.model.num_classes} classes")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
     meta = {
@@ -94,9 +104,6 @@ def save_pretrained(
         "palette": [list(c) for c in colours],
     }
     (folder / CONFIG).write_text(json.dumps(meta, indent=2))
-    from emanet.deploy.model_card import write_model_card
-
-    write_model_card(folder)  # README.md: architecture, classes, recipe, how to load (kept if the user's own)
     return folder
 
 
@@ -109,11 +116,13 @@ def _read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     try:
         meta = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / CONFIG}: not valid JSON ({e})") from None
+        raise ModelSourceError(f"{folder / CONFIG}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{folder / CONFIG}: not an emanet model folder config (expected format '{FORMAT}')")
+        raise ModelSourceError(f"{folder / CONFIG}: not an emanet model folder config (expected format '{FORMAT}')")
     if int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{folder}: model folder version {meta['version']} is newer than this emanet ({VERSION})")
+        raise ModelSourceError(
+            f"{folder}: model folder version {meta['version']} is newer than this emanet ({VERSION})"
+        )
     return read_weights_file(folder / WEIGHTS, what="model weights"), meta
 
 
@@ -121,13 +130,13 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) 
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(
+            raise ModelSourceError(
                 f"{source}: weights do not match the config's model: {key} has shape "
                 f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise ModelSourceError(
             f"{source}: weights do not match the config's model; missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
@@ -141,23 +150,12 @@ def load_model(
     overrides: list[str] | tuple[str, ...] = (),
     config: Config | None = None,
 ) -> LoadedModel:
-    """A model folder, a checkpoint file, a run folder or hf://user/repo -> the model in eval mode plus its config.
+    """A model folder, a checkpoint file or a run folder -> the model in eval mode plus its config.
 
     ``overrides`` (``section.key=value``) apply on top of the saved config, e.g. ``model.eval_stages=5``;
-    ``config`` replaces the saved config altogether (its model must match the weights).
+    ``config`` replaces the saved config altogether (its model must match the weights). A Hub repo is
+    resolved to its local folder first: ``load_model(deploy.hub.resolve_source("hf://user/repo"))``.
     """
-    from emanet.config import load_config
-
-    if str(source).startswith("hf://"):  # a Hugging Face Hub repo (pip install emanet[hub])
-        from emanet.deploy.hub import download, repo_id_of
-
-        repo = repo_id_of(source)
-        if repo is None:
-            raise ValueError(f"{source}: a Hub source looks like hf://user/repo")
-        try:
-            source = download(repo)
-        except ImportError as e:  # the optional extra is missing: a message, not a traceback
-            raise ValueError(str(e)) from None
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(
@@ -188,7 +186,7 @@ def load_model(
         state, saved = ckpt["model"], ckpt.get("config")
         class_names, palette = ckpt.get("class_names"), ckpt.get("palette")  # absent in older checkpoints
         if saved is None:
-            raise ValueError(f"{path}: checkpoint has no saved config; cannot rebuild its model")
+            raise ModelSourceError(f"{path}: checkpoint has no saved config; cannot rebuild its model")
         source = path
     if config is not None:
         cfg = config
@@ -201,10 +199,3 @@ def load_model(
     names = list(class_names) if class_names else default_class_names(cfg)
     colours = [tuple(int(v) for v in c) for c in palette] if palette else default_palette(cfg)
     return LoadedModel(model=model, config=cfg, class_names=names, palette=colours, source=source)
-
-
-def from_pretrained(folder: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved by ``save_pretrained`` (eval mode). Use ``load_model`` for its config and names too."""
-    if not is_model_folder(folder):
-        raise FileNotFoundError(f"{folder}: not a model folder (expected {WEIGHTS} and {CONFIG})")
-    return load_model(folder, device=device).model

@@ -16,8 +16,9 @@ from PIL import Image
 
 from emanet import build_model
 from emanet.config import Config
-from emanet.deploy.model_card import MARKER, write_model_card
-from emanet.pretrained import save_pretrained
+from emanet.deploy.model_card import MARKER, refresh_model_card, write_model_card
+from emanet.errors import ConfigError, ModelSourceError
+from emanet.pretrained import CARD, save_pretrained
 from tests.conftest import tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -44,15 +45,18 @@ def offline_env(cache: Path) -> dict[str, str]:
 
 def test_model_card_is_generated_and_a_users_own_card_is_kept(tmp_path):
     folder, _ = tiny_folder(tmp_path / "m")
+    assert not (folder / CARD).exists()  # save_pretrained writes no card: the publisher does (push_to_hub)
+    assert refresh_model_card(folder) is None and not (folder / CARD).exists()  # nothing generated to refresh
+    assert write_model_card(folder) == folder / CARD
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: emanet") and MARKER in card
     assert "| 2 | car |" in card and "K=2 bases" in card and "resnet10" in card and "Not evaluated yet" in card
     (folder / "eval.json").write_text(json.dumps({"mIoU": 0.5123, "aAcc": 0.9, "mAcc": 0.6, "images": 7}))
-    write_model_card(folder)
+    assert refresh_model_card(folder) == folder / CARD
     assert "mIoU **51.23**" in (folder / "README.md").read_text()
     (folder / "README.md").write_text("# my own card\n")
     tiny_folder(folder)  # save_pretrained again into the same folder
-    assert write_model_card(folder) is None
+    assert write_model_card(folder) is None and refresh_model_card(folder) is None
     assert (folder / "README.md").read_text() == "# my own card\n"
 
 
@@ -129,12 +133,12 @@ def test_push_to_hub_uploads_the_folder_with_its_card_and_it_loads_back(tmp_path
     assert calls["create"] == ("someone/pushed", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert sorted(p.name for p in remote.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert 'from_pretrained("someone/pushed")' in (remote / "README.md").read_text()
-    assert 'from_pretrained("someone/pushed")' not in (folder / "README.md").read_text()  # the source is unchanged
+    assert not (folder / "README.md").exists()  # the source folder is unchanged: the card went to the upload
     loaded = hub.from_pretrained(remote)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
-    with pytest.raises(ValueError, match="user/name"):
+    with pytest.raises(ConfigError, match="user/name"):
         hub.push_to_hub(folder, "not a repo")
 
 
@@ -223,9 +227,26 @@ def test_eval_of_a_model_folder_refreshes_its_card(tmp_path, capsys):
     )
     torch.manual_seed(0)
     folder = save_pretrained(build_model(cfg.model).eval(), cfg, tmp_path / "m")
+    bare = Path(shutil.copytree(folder, tmp_path / "bare"))
+    write_model_card(folder)  # a published folder's generated card
     assert "Not evaluated yet" in (folder / "README.md").read_text()
     assert main(["eval", str(folder), "--no-progress"]) == 0
     miou = json.loads((folder / "eval.json").read_text())["mIoU"]
     card = (folder / "README.md").read_text()
     assert f"mIoU **{100 * miou:.2f}**" in card and "On 2 images of `val`" in card
     assert f"written: {folder / 'README.md'}" in capsys.readouterr().out
+    assert main(["eval", str(bare), "--no-progress"]) == 0  # no card: eval writes eval.json, not a card
+    assert (bare / "eval.json").is_file() and not (bare / CARD).exists()
+
+
+def test_sources_resolve_to_local_folders_and_the_command_line_keeps_plain_paths_local(tmp_path, monkeypatch):
+    from emanet.deploy import hub
+
+    fetched = []
+    monkeypatch.setattr(hub, "download", lambda repo, revision=None: fetched.append(repo) or tmp_path)
+    assert hub.resolve_source(tmp_path) == tmp_path and fetched == []  # a local path as it is
+    assert hub.resolve_source("runs/typo") == Path("runs/typo") and fetched == []  # load_model says "not found"
+    assert hub.resolve_source("hf://someone/x") == tmp_path and fetched == ["someone/x"]
+    assert hub.resolve_source("someone/y", bare_repo_id=True) == tmp_path and fetched[-1] == "someone/y"
+    with pytest.raises(ModelSourceError, match="hf://user/repo"):
+        hub.resolve_source("hf://not a repo")

@@ -1,8 +1,10 @@
-"""Model folders on the Hugging Face Hub: ``push_to_hub`` and ``from_pretrained("user/repo")``.
+"""Model folders on the Hugging Face Hub: ``push_to_hub``, ``from_pretrained("user/repo")`` and
+``resolve_source``, which turns a Hub repo into its local folder before ``pretrained.load_model`` reads it.
 
-A Hub repo is a model folder (model.safetensors, config.json, the generated README.md model card, eval.json
-when evaluated). huggingface_hub is the optional extra ``pip install emanet[hub]``; it caches downloads, so
-with ``HF_HUB_OFFLINE=1`` a repo fetched once loads without a network. Local paths never need it.
+A Hub repo is a model folder (model.safetensors, config.json, the README.md model card that push_to_hub
+generates, eval.json when evaluated). huggingface_hub is the optional extra ``pip install emanet[hub]``; it
+caches downloads, so with ``HF_HUB_OFFLINE=1`` a repo fetched once loads without a network. Local paths
+never need it.
 """
 
 from __future__ import annotations
@@ -14,23 +16,38 @@ from pathlib import Path
 
 from torch import nn
 
-from emanet.deploy.model_card import CARD, EVAL, write_model_card
-from emanet.pretrained import CONFIG, WEIGHTS, LoadedModel, is_model_folder, load_model, save_pretrained
+from emanet.deploy.model_card import write_model_card
+from emanet.errors import ConfigError, ModelSourceError
+from emanet.pretrained import (
+    CARD,
+    CONFIG,
+    EVAL,
+    WEIGHTS,
+    LoadedModel,
+    is_model_folder,
+    load_model,
+    save_pretrained,
+)
 
 HF_PREFIX = "hf://"  # model sources on the command line: hf://user/repo (a plain path is always local)
 REPO_FILES = [WEIGHTS, CONFIG, CARD, EVAL]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class HubError(RuntimeError):
+class HubError(ModelSourceError):
     """The Hub refused or could not be reached (no login, no network, no permission)."""
+
+
+class HubNotInstalled(ModelSourceError, ImportError):
+    """The optional huggingface_hub is missing: a user error that names the install command (and, being an
+    ImportError too, what code that probes for optional extras catches)."""
 
 
 def _hf():
     try:
         import huggingface_hub
     except ImportError:
-        raise ImportError("Hugging Face Hub repos need huggingface_hub: pip install emanet[hub]") from None
+        raise HubNotInstalled("Hugging Face Hub repos need huggingface_hub: pip install emanet[hub]") from None
     return huggingface_hub
 
 
@@ -52,22 +69,30 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | Path
             repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=REPO_FILES, library_name="emanet"
         )
     except Exception as e:  # not found, offline without a cached copy, no network: a user-facing error
-        raise FileNotFoundError(
+        raise ModelSourceError(
             f"{repo_id!r} is no local path, and as a Hugging Face Hub repo it could not be loaded: {e}"
         ) from None
     if not is_model_folder(path):
-        raise FileNotFoundError(
+        raise ModelSourceError(
             f"Hugging Face Hub repo {repo_id!r} is not an emanet model folder (expected {WEIGHTS} and {CONFIG})"
         )
     return Path(path)
 
 
-def resolve_source(source: str | Path, *, revision: str | None = None) -> Path:
-    """The local path of a model source: a local path as it is; ``hf://user/repo`` (or ``user/repo`` that is no
-    local path) downloaded into the Hub cache first. Callers resolve before ``pretrained.load_model``."""
+def resolve_source(source: str | Path, *, revision: str | None = None, bare_repo_id: bool = False) -> Path:
+    """The local path of a model source, a Hub repo downloaded into the Hub cache first; callers resolve before
+    ``pretrained.load_model``.
+
+    ``hf://user/repo`` is always a Hub repo. ``bare_repo_id`` (the Python API: ``load``, ``from_pretrained``):
+    so is a ``user/repo`` that is no local path. Without it (the command line, ``Predictor.from_source``) a
+    plain path is always local, so a mistyped run folder is reported missing rather than looked up on the Hub.
+    """
+    text = str(source)
+    if not (text.startswith(HF_PREFIX) or bare_repo_id):
+        return Path(source)
     repo = repo_id_of(source)
-    if repo is None and str(source).startswith(HF_PREFIX):
-        raise ValueError(f"{source}: a Hub source looks like hf://user/repo")
+    if repo is None and text.startswith(HF_PREFIX):
+        raise ModelSourceError(f"{source}: a Hub source looks like hf://user/repo")
     return download(repo, revision=revision) if repo else Path(source)
 
 
@@ -75,7 +100,7 @@ def load(
     source: str | Path, *, device: str = "cpu", revision: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> LoadedModel:
     """A local model source (folder, checkpoint, run) or a Hub repo id -> the model, config and class names."""
-    return load_model(resolve_source(source, revision=revision), device=device, overrides=overrides)
+    return load_model(resolve_source(source, revision=revision, bare_repo_id=True), device=device, overrides=overrides)
 
 
 def from_pretrained(source: str | Path, *, device: str = "cpu", revision: str | None = None) -> nn.Module:
@@ -99,7 +124,7 @@ def push_to_hub(
     """
     hf = _hf()
     if not _REPO_ID.fullmatch(repo_id):
-        raise ValueError(f"repo id must look like user/name, got {repo_id!r}")
+        raise ConfigError(f"repo id must look like user/name, got {repo_id!r}")
     source = Path(source)
     with tempfile.TemporaryDirectory() as tmp:
         if is_model_folder(source):

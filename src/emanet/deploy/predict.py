@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,14 @@ from emanet.data.base import read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
 from emanet.data.transforms import eval_transform
 from emanet.deploy.attention_maps import attention_unit, blend, capture_attention
-from emanet.inference import check_inference_args, infer, infer_whole
+from emanet.deploy.hub import resolve_source
+from emanet.errors import ConfigError
+from emanet.fields import one_of
+from emanet.inference import Mode, check_inference_args, infer, infer_whole
 from emanet.models.em import set_eval_stages
 from emanet.models.fuse import prepare_for_inference
-from emanet.runtime import autocast, maybe_compile, select_device
+from emanet.pretrained import load_model
+from emanet.runtime import Precision, autocast, maybe_compile, select_device
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -78,6 +83,12 @@ def to_rgb(image: ImageInput) -> Image.Image:
     raise TypeError(f"expected a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
 
 
+def _full_palette(palette: Palette | None, num_classes: int) -> Palette:
+    """``palette`` as int triples, filled up with distinct colours when it is too short."""
+    colours = [tuple(int(v) for v in c) for c in (palette or [])]
+    return colours + distinct_palette(num_classes)[len(colours) :]
+
+
 class Predictor:
     """A model plus its preprocessing and test-time settings; call it on images.
 
@@ -101,8 +112,8 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         palette: Palette | None = None,
         device: str | torch.device | None = None,
-        precision: str = "fp32",
-        mode: str | None = None,
+        precision: Precision = "fp32",
+        mode: Mode | None = None,
         scales: Sequence[float] | None = None,
         flip: bool | None = None,
         crop_size: int | Sequence[int] | None = None,
@@ -118,14 +129,11 @@ class Predictor:
         self.class_names = (
             list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
         )
-        colours = [tuple(int(v) for v in c) for c in (palette or [])]
-        if len(colours) < self.num_classes:  # too short a palette: fill up with distinct colours
-            colours += distinct_palette(self.num_classes)[len(colours) :]
-        self.palette: Palette = colours
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.palette = _full_palette(palette, self.num_classes)
+        if precision not in typing.get_args(Precision):
+            raise ConfigError(f"precision must be {one_of(typing.get_args(Precision))}, got {precision!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.precision, self.batch_size = precision, batch_size
         self.mode = mode if mode is not None else e.mode
         self.scales = tuple(float(s) for s in (scales if scales is not None else e.scales))
@@ -159,11 +167,10 @@ class Predictor:
     def from_source(
         cls, source: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), **options
     ) -> Predictor:
-        """Load a model folder, a checkpoint file or a run folder; ``options`` are the constructor's keywords."""
-        from emanet.pretrained import load_model
-
+        """Load a model folder, a checkpoint file, a run folder or ``hf://user/repo`` (a Hugging Face Hub repo,
+        ``pip install emanet[hub]``); ``options`` are the constructor's keywords."""
         dev = select_device(device)
-        loaded = load_model(source, device=dev, overrides=list(overrides))
+        loaded = load_model(resolve_source(source), device=dev, overrides=list(overrides))
         return cls(
             loaded.model, loaded.config, class_names=loaded.class_names, palette=loaded.palette, device=dev, **options
         )
@@ -174,10 +181,10 @@ class Predictor:
         return self.mode == "whole" and self.scales == (1.0,) and not self.flip
 
     def require_attention(self) -> None:
-        """Raise a clear ValueError now if the model has no EM attention unit (or its inputs are resized)."""
+        """Raise a clear ConfigError now if the model has no EM attention unit (or its inputs are resized)."""
         attention_unit(self.model)
         if self._resized:
-            raise ValueError(
+            raise ConfigError(
                 "attention maps are not available with data.eval_resize (the model sees a resized "
                 "image); load the model with the override data.eval_resize=null for them"
             )
