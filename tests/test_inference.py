@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from emanet.config import load_config
-from emanet.inference import infer, infer_slide, infer_whole, window_starts
+from emanet.errors import ConfigError
+from emanet.inference import MODES, infer, infer_slide, infer_whole, window_starts
 from emanet.models.emanet import build_model
 from tests.conftest import tiny_model
 
@@ -45,16 +46,23 @@ class Ones(nn.Module):
 def test_one_scale_no_flip_is_softmax_of_forward_exactly(tiny):
     x = images()
     want = torch.softmax(tiny(x), dim=1)
-    got = infer(tiny, x)
+    got = infer(tiny, x, align_corners=False)
     assert got.shape == (2, 3, 37, 45)
     assert torch.equal(got, want)
     assert torch.equal(infer_whole(tiny, x), tiny(x))
     assert not tiny.training  # infer never touches the mode
 
 
+def test_align_corners_is_the_callers_to_give_and_modes_come_from_the_literal(tiny):
+    # no default that could contradict the model's config.model.align_corners (True unless converted from mmseg)
+    with pytest.raises(TypeError, match="align_corners"):
+        infer(tiny, images())
+    assert MODES == ("whole", "slide")
+
+
 def test_infer_keeps_training_mode():
     model = pixelwise().train()
-    infer(model, images(), scales=(0.5, 1.0), flip=True)
+    infer(model, images(), align_corners=False, scales=(0.5, 1.0), flip=True)
     assert model.training
 
 
@@ -146,7 +154,9 @@ def test_flip_on_flip_equivariant_model_changes_nothing():
     with torch.no_grad():
         conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)  # mirror-symmetric kernels
     x = images()
-    torch.testing.assert_close(infer(conv, x, flip=True), infer(conv, x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        infer(conv, x, align_corners=False, flip=True), infer(conv, x, align_corners=False), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_flip_is_undone_before_averaging():
@@ -154,7 +164,7 @@ def test_flip_is_undone_before_averaging():
     conv = nn.Conv2d(3, 4, 3, padding=1)  # not mirror-symmetric: both passes differ
     x = images()
     want = (torch.softmax(conv(x), 1) + torch.softmax(conv(x.flip(-1)).flip(-1), 1)) / 2
-    torch.testing.assert_close(infer(conv, x, flip=True), want)
+    torch.testing.assert_close(infer(conv, x, align_corners=False, flip=True), want)
 
 
 def test_multi_scale_flip_matches_manual(tiny):
@@ -168,7 +178,7 @@ def test_multi_scale_flip_matches_manual(tiny):
             logits = F.interpolate(logits, size=(33, 41), mode="bilinear", align_corners=False)
             probs.append(torch.softmax(logits, dim=1))
     want = torch.stack(probs).mean(0)
-    got = infer(tiny, x, scales=(0.75, 1.5), flip=True)
+    got = infer(tiny, x, align_corners=False, scales=(0.75, 1.5), flip=True)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.sum(1), torch.ones(2, 33, 41))
 
@@ -180,36 +190,48 @@ def test_multi_scale_flip_matches_manual(tiny):
 )
 def test_labels_only_scores_of_one_pass_are_its_logits_with_the_probabilities_argmax(tiny, kwargs):
     x = images(h=33, w=41)
-    probs = infer(tiny, x, **kwargs)
-    scores = infer(tiny, x, probabilities=False, **kwargs)
+    probs = infer(tiny, x, align_corners=False, **kwargs)
+    scores = infer(tiny, x, align_corners=False, probabilities=False, **kwargs)
     torch.testing.assert_close(torch.softmax(scores, dim=1), probs)  # the logits, not probabilities
     assert not torch.allclose(scores.sum(1), torch.ones_like(scores[:, 0]))
     assert torch.equal(scores.argmax(1), probs.argmax(1))
     several = dict(scales=(0.75, 1.0), flip=True)  # more than one pass: the averaged probabilities
-    assert torch.equal(infer(tiny, x, probabilities=False, **several), infer(tiny, x, **several))
+    assert torch.equal(
+        infer(tiny, x, align_corners=False, probabilities=False, **several),
+        infer(tiny, x, align_corners=False, **several),
+    )
 
 
 def test_slide_mode_with_scales(tiny):
     x = images(h=33, w=41)
-    got = infer(tiny, x, mode="slide", scales=(0.75, 1.25), crop_size=(24, 24), stride=(16, 16), num_classes=3)
+    got = infer(
+        tiny,
+        x,
+        align_corners=False,
+        mode="slide",
+        scales=(0.75, 1.25),
+        crop_size=(24, 24),
+        stride=(16, 16),
+        num_classes=3,
+    )
     assert got.shape == (2, 3, 33, 41) and torch.isfinite(got).all()
     torch.testing.assert_close(got.sum(1), torch.ones(2, 33, 41))
 
 
 def test_errors(tiny):
     x = images(1, 17, 19)
-    with pytest.raises(ValueError, match="crop_size and stride"):
-        infer(tiny, x, mode="slide", stride=(8, 8))
-    with pytest.raises(ValueError, match="crop_size and stride"):
-        infer(tiny, x, mode="slide", crop_size=(8, 8))
+    with pytest.raises(ConfigError, match="crop_size and stride"):
+        infer(tiny, x, align_corners=False, mode="slide", stride=(8, 8))
+    with pytest.raises(ConfigError, match="crop_size and stride"):
+        infer(tiny, x, align_corners=False, mode="slide", crop_size=(8, 8))
     for scales in [(0.0,), (1.0, -0.5), ()]:
-        with pytest.raises(ValueError, match="scales"):
-            infer(tiny, x, scales=scales)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        infer(tiny, x, mode="tiles")
-    with pytest.raises(ValueError, match="must not exceed crop_size"):
+        with pytest.raises(ConfigError, match="scales"):
+            infer(tiny, x, align_corners=False, scales=scales)
+    with pytest.raises(ConfigError, match=r"mode must be one of \('whole', 'slide'\)"):
+        infer(tiny, x, align_corners=False, mode="tiles")
+    with pytest.raises(ConfigError, match="must not exceed crop_size"):
         infer_slide(tiny, x, crop_size=(8, 8), stride=(9, 4))
-    with pytest.raises(ValueError, match="crop_size must be"):
+    with pytest.raises(ConfigError, match="crop_size must be"):
         infer_slide(tiny, x, crop_size=(8, 0), stride=(4, 4))
     with pytest.raises(ValueError, match="num_classes=5"):
         infer_slide(tiny, x, crop_size=8, stride=4, num_classes=5)
@@ -222,7 +244,16 @@ def test_eval_config_drives_infer(tiny):
     e = cfg.eval
     x = images(1, 33, 41)
     want = torch.softmax(infer_slide(tiny, x, crop_size=24, stride=(16, 12)), dim=1)
-    got = infer(tiny, x, mode=e.mode, scales=tuple(e.scales), flip=e.flip, crop_size=e.crop_size, stride=e.stride)
+    got = infer(
+        tiny,
+        x,
+        align_corners=False,
+        mode=e.mode,
+        scales=tuple(e.scales),
+        flip=e.flip,
+        crop_size=e.crop_size,
+        stride=e.stride,
+    )
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="unknown config key 'eval.scale'"):
         load_config(None, ["eval.scale=[1.0]"])

@@ -8,6 +8,7 @@ mmsegmentation's test-time augmentation.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -15,14 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanet.errors import ConfigError
+
 Mode = Literal["whole", "slide"]
-MODES = ("whole", "slide")
+MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
     if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or (height, width), got {v!r}")
+        raise ConfigError(f"{name} must be a positive int or (height, width), got {v!r}")
     return pair  # type: ignore[return-value]
 
 
@@ -70,7 +73,7 @@ def infer_slide(
     """
     (ch, cw), (sh, sw) = _pair(crop_size, "crop_size"), _pair(stride, "stride")
     if sh > ch or sw > cw:
-        raise ValueError(
+        raise ConfigError(
             f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)}: pixels between windows would get no prediction"
         )
     if batch_size < 1:
@@ -108,11 +111,11 @@ def infer_slide(
 
 def check_inference_args(mode: str, scales: Sequence[float], crop_size: Any, stride: Any) -> None:
     if mode not in MODES:
-        raise ValueError(f"inference mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"inference mode must be one of {MODES}, got {mode!r}")
     if len(scales) == 0 or any(not s > 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty list of positive factors, e.g. (0.75, 1.0, 1.25), got {scales}")
+        raise ConfigError(f"scales must be a non-empty list of positive factors, e.g. (0.75, 1.0, 1.25), got {scales}")
     if mode == "slide" and (crop_size is None or stride is None):
-        raise ValueError(
+        raise ConfigError(
             f"mode 'slide' needs crop_size and stride (e.g. crop_size=(769, 769), stride=(513, 513)), "
             f"got crop_size={crop_size!r}, stride={stride!r}"
         )
@@ -129,13 +132,13 @@ def infer(
     model: nn.Module,
     images: Tensor,
     *,
+    align_corners: bool,
     mode: Mode = "whole",
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     crop_size: int | Sequence[int] | None = None,
     stride: int | Sequence[int] | None = None,
     num_classes: int | None = None,
-    align_corners: bool = False,
     batch_size: int = 4,
     out_size: Sequence[int] | None = None,
     probabilities: bool = True,
@@ -144,6 +147,7 @@ def infer(
 
     Per pass: resize the images by the scale (bilinear), predict (whole or sliding window), un-flip, resize
     the logits back to (H, W), softmax. With ``scales=(1.0,)`` and no flip this is softmax(model(images)).
+    ``align_corners`` is the model's (``config.model.align_corners``), so the resizes here match its upsampling.
     ``out_size`` (H0, W0): resize each pass's logits to it instead of (H, W) (an image resized before, as
     mmseg's test Resize, predicted at its original size, as mmseg's postprocessing does).
     ``probabilities=False``: scores with the same argmax, for callers that want labels only: a single pass

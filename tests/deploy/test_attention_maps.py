@@ -80,7 +80,7 @@ def test_upsample_maps_crops_the_padding_and_heatmap_ends():
 def test_grid_has_the_image_then_one_panel_per_chosen_base():
     image = Image.fromarray(_image(33, 41))
     resp = np.random.default_rng(1).random((4, 5, 6)).astype(np.float32)
-    grid = attention_grid(image, resp, num_bases=3, panel_size=64)
+    grid = attention_grid(image, resp, align_corners=True, num_bases=3, panel_size=64)
     assert len(grid.panels) == 4 and [p.base for p in grid.panels] == [None, *grid.indices.tolist()]
     assert grid.indices.tolist() == top_bases(resp, 3)[0].tolist()
     pw, ph = 64, round(33 * 64 / 41)
@@ -90,7 +90,7 @@ def test_grid_has_the_image_then_one_panel_per_chosen_base():
     shown = np.asarray(grid.image.crop((left, top, right, bottom)))
     np.testing.assert_array_equal(shown, np.asarray(image.resize((pw, ph), Image.Resampling.BILINEAR)))
     # six bases asked for, four exist: image + 4 panels, wrapped into two rows of at most 4
-    grid = attention_grid(image, resp, num_bases=6, panel_size=64)
+    grid = attention_grid(image, resp, align_corners=True, num_bases=6, panel_size=64)
     assert len(grid.panels) == 5 and grid.image.size == (GAP + 4 * (pw + GAP), GAP + 2 * (TITLE_HEIGHT + ph + GAP))
 
 

@@ -121,7 +121,7 @@ def test_exif_orientation_is_applied_once(predictor, tmp_path):
     np.testing.assert_array_equal(labels, predictor(read_image(path)).labels)
 
 
-def test_cli_writes_outputs_skips_a_corrupt_file_and_exits_1(model_dir, predictor, tmp_path, capsys):
+def test_cli_writes_outputs_skips_a_corrupt_file_and_exits_1(model_dir, predictor, tmp_path, capsys, caplog):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     a, b = _image(30, 37, 7), _image(33, 41, 8)
@@ -131,7 +131,7 @@ def test_cli_writes_outputs_skips_a_corrupt_file_and_exits_1(model_dir, predicto
     out = tmp_path / "out"
 
     rc = cli.main(["predict", str(model_dir), str(src), "--out", str(out), "--batch-size", "2", "--no-progress"])
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + caplog.text  # the skipped file is a logged warning
     assert rc == 1
     assert "broken.jpg" in err and "cannot read image" in err
     assert not list(out.rglob("broken*"))
@@ -179,11 +179,11 @@ def test_cli_glob_options_and_exit_0(model_dir, tmp_path, capsys):
     assert np.array_equal(np.array(Image.open(out / "x_overlay.png")), np.array(Image.open(out / "x_color.png")))
 
 
-def test_cli_user_errors_exit_2(model_dir, tmp_path, capsys):
+def test_cli_user_errors_exit_2(model_dir, tmp_path, capsys, caplog):
     assert cli.main(["predict", str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "model source not found" in capsys.readouterr().err
     args = ["predict", str(model_dir), str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "slide"]
     assert cli.main(args) == 2
     assert "crop_size" in capsys.readouterr().err
     assert cli.main(["predict", str(model_dir), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 1
-    assert "missing.png: no such file" in capsys.readouterr().err
+    assert "missing.png: no such file" in capsys.readouterr().err + caplog.text

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from emanet.errors import ConfigError
 from emanet.models.em import EMAUnit, ema_units
 
 # A blue -> cyan -> green -> yellow -> red ramp (value in [0, 1] -> RGB), like the usual "jet" heat map.
@@ -30,7 +31,7 @@ def attention_unit(model: nn.Module) -> EMAUnit:
     """The model's EMA unit (the last one if several); a clear error for models without EM attention."""
     units = ema_units(model)
     if not units:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no EM attention unit (an 'fcn' or 'nonlocal' model?): attention maps "
             "need an EMANet model (model.arch=emanet)"
         )
@@ -88,12 +89,12 @@ def upsample_maps(
     *,
     padded_size: tuple[int, int],
     image_size: tuple[int, int],
-    align_corners: bool = True,
+    align_corners: bool,
 ) -> np.ndarray:
     """Feature-resolution maps (K, h, w) of a padded input -> (K, H, W) over the original image.
 
-    The features cover the padded input (Hp, Wp): upsample to it bilinearly (as the model upsamples its
-    logits), then crop the bottom/right padding away.
+    The features cover the padded input (Hp, Wp): upsample to it bilinearly with the model's
+    ``align_corners`` (as the model upsamples its logits), then crop the bottom/right padding away.
     """
     resp = _check_resp(responsibilities)
     (hp, wp), (h, w) = padded_size, image_size
@@ -140,18 +141,19 @@ def attention_grid(
     image: Image.Image,
     responsibilities: np.ndarray,
     *,
+    align_corners: bool,
     padded_size: tuple[int, int] | None = None,
     num_bases: int = 6,
     columns: int = 4,
     panel_size: int = 256,
     alpha: float = 0.5,
-    align_corners: bool = True,
 ) -> AttentionGrid:
     """The image, then one heat-map panel per top-mass base, titled ``base k: share%``.
 
     ``responsibilities`` (K, h, w) come from a forward of the image padded to ``padded_size`` (None: not
-    padded). Heat maps share one colour scale, 0 to the largest responsibility shown, so panels compare.
-    Every panel is the image scaled so that its longer side is ``panel_size`` pixels.
+    padded) and are upsampled with the model's ``align_corners`` (``config.model.align_corners``). Heat maps
+    share one colour scale, 0 to the largest responsibility shown, so panels compare. Every panel is the
+    image scaled so that its longer side is ``panel_size`` pixels.
     """
     if columns < 1 or panel_size < 1:
         raise ValueError(f"columns and panel_size must be >= 1, got {columns}, {panel_size}")

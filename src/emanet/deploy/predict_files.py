@@ -3,8 +3,9 @@ colour maps, overlays, probabilities and attention maps under ``--out``, names m
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,11 @@ from PIL import Image
 
 from emanet.data.base import IMAGE_SUFFIXES, DataError, read_image
 from emanet.deploy.attention_maps import attention_grid, save_attention_arrays
-from emanet.deploy.predict import Prediction, Predictor, to_rgb
+from emanet.deploy.predict import Prediction, Predictor
+from emanet.errors import ConfigError
+from emanet.progress import progress_bar
 
+logger = logging.getLogger(__name__)
 _MAGIC = re.compile(r"[*?\[]")
 
 
@@ -96,13 +100,15 @@ def save_outputs(
     out_dir: str | Path,
     name: str,
     *,
+    align_corners: bool,
     alpha: float = 0.5,
     attention_bases: int = 6,
     save_arrays: bool = False,
-    align_corners: bool = True,
 ) -> list[Path]:
     """Write NAME.png (index, palette), NAME_color.png, NAME_overlay.png and, with attention,
-    NAME_attention.png (+ NAME_attention.npz when ``save_arrays``). Returns the paths written."""
+    NAME_attention.png (+ NAME_attention.npz when ``save_arrays``). Returns the paths written.
+
+    ``align_corners`` is the model's (``config.model.align_corners``): attention maps are upsampled with it."""
     stem = Path(out_dir) / name
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = [stem.with_name(stem.name + s) for s in (".png", "_color.png", "_overlay.png")]
@@ -147,21 +153,19 @@ def predict_files(
     *,
     options: PredictOptions | None = None,
     progress: bool = False,
-    log: Callable[[str], None] = lambda message: None,
 ) -> list[tuple[Path, str]]:
-    """Predict every file and write its outputs; unreadable files are logged, skipped and returned.
+    """Predict every file and write its outputs; unreadable files are logged (a warning), skipped and returned.
 
     Files are read ``predictor.batch_size`` at a time. Returns ``[(path, reason), ...]`` for the failures.
     """
     opts = options or PredictOptions()
     if not 0.0 <= opts.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {opts.alpha}")
+        raise ConfigError(f"--alpha must be in [0, 1], got {opts.alpha}")
     if opts.attention_bases < 1:
-        raise ValueError(f"--attention-bases must be >= 1, got {opts.attention_bases}")
+        raise ConfigError(f"--attention-bases must be >= 1, got {opts.attention_bases}")
     want_attention = opts.attention or opts.save_arrays
     if want_attention:
         predictor.require_attention()
-    align_corners = predictor.config.model.align_corners
     failures: list[tuple[Path, str]] = []
 
     def fail(f: InputFile, error: Exception) -> None:
@@ -169,13 +173,9 @@ def predict_files(
         if isinstance(error, DataError) and reason.startswith(f"{f.path}: "):
             reason = reason[len(f"{f.path}: ") :]
         failures.append((f.path, reason))
-        log(f"{f.path}: {reason}")
+        logger.warning("%s: %s", f.path, reason)
 
-    bar = None
-    if progress:
-        from emanet.progress import progress_bar
-
-        bar = progress_bar(total=len(files), desc="predict", unit="img")
+    bar = progress_bar(total=len(files), desc="predict", unit="img") if progress else None
     try:
         for start in range(0, len(files), predictor.batch_size):
             chunk, images = [], []
@@ -188,15 +188,7 @@ def predict_files(
             preds = predictor.predict_batch(images, attention=want_attention) if images else []
             for f, pred in zip(chunk, preds):
                 try:
-                    save_outputs(
-                        pred,
-                        out_dir,
-                        f.name,
-                        alpha=opts.alpha,
-                        attention_bases=opts.attention_bases,
-                        save_arrays=opts.save_arrays,
-                        align_corners=align_corners,
-                    )
+                    _save(pred, out_dir, f.name, opts, align_corners=predictor.config.model.align_corners)
                 except OSError as e:
                     fail(f, OSError(f"cannot write outputs to {out_dir}: {e}"))
             if bar is not None:
@@ -207,14 +199,13 @@ def predict_files(
     return failures
 
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "InputFile",
-    "PredictOptions",
-    "Prediction",
-    "Predictor",
-    "collect_inputs",
-    "predict_files",
-    "save_outputs",
-    "to_rgb",
-]
+def _save(pred: Prediction, out_dir: str | Path, name: str, opts: PredictOptions, *, align_corners: bool) -> None:
+    save_outputs(
+        pred,
+        out_dir,
+        name,
+        align_corners=align_corners,
+        alpha=opts.alpha,
+        attention_bases=opts.attention_bases,
+        save_arrays=opts.save_arrays,
+    )
