@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from emanet.errors import ConfigError, ModelSourceError, UserError
+from emanet.fields import one_of
 from emanet.models.fuse import prepare_for_inference
 from emanet.models.heads import NonLocal2d
 
@@ -43,8 +46,9 @@ INSTALL_HINT = "pip install 'emanet[onnx]' (onnx, onnxruntime, onnxscript)"
 _TWO_GB = 2**31
 
 
-class OnnxNotInstalled(ImportError):
-    """An optional ONNX package is missing; the message names the install command."""
+class OnnxNotInstalled(UserError, ImportError):
+    """An optional ONNX package is missing; the message names the install command (a user error the command
+    line prints, and an ImportError for code that probes for optional extras)."""
 
 
 def require_onnx(*modules: str) -> None:
@@ -73,13 +77,13 @@ def inference_copy(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
 
 
 def _check_opset(exporter: str, opset: int | None) -> int:
-    if exporter not in DEFAULT_OPSET:
-        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
+    if exporter not in typing.get_args(Exporter):
+        raise ConfigError(f"exporter must be {one_of(typing.get_args(Exporter))}, got {exporter!r}")
     if opset is None:
         return DEFAULT_OPSET[exporter]
     lo, hi = OPSET_RANGE[exporter]
     if not lo <= opset <= hi:
-        raise ValueError(
+        raise ConfigError(
             f"opset {opset} is not supported by the {exporter} exporter: use {lo}..{hi} "
             f"(default {DEFAULT_OPSET[exporter]})"
         )
@@ -112,7 +116,7 @@ def export_onnx(
 
     opset = _check_opset(exporter, opset)
     if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
+        raise ConfigError(f"height and width must be positive, got {height}x{width}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = inference_copy(model, fold_bn=fold_bn)
@@ -255,14 +259,14 @@ def onnx_parity(
     same = pixels = 0
     for size in sizes:
         if len(size) != 4 or size[1] != 3 or min(size) < 1:
-            raise ValueError(f"check sizes must be (B, 3, H, W), got {tuple(size)}")
+            raise ConfigError(f"check sizes must be (B, 3, H, W), got {tuple(size)}")
         size = tuple(f if isinstance(f, int) else s for f, s in zip(fixed, size))
         x = torch.randn(*size, generator=generator)
         with torch.no_grad():
             expected = net(x).numpy()
         (got,) = session.run([OUTPUT], {INPUT: x.numpy()})
         if got.shape != expected.shape:
-            raise ValueError(
+            raise ModelSourceError(
                 f"{path}: onnxruntime returned logits of shape {got.shape} for input {tuple(size)}, "
                 f"PyTorch {expected.shape}"
             )
