@@ -39,9 +39,11 @@ from emanet.convert.keys import (
 )
 from emanet.convert.mmseg_config import parse_mmseg_meta
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.backbone import BACKBONES, resnet_for_blocks
 from emanet.models.backbone_weights import blocks_per_stage
 from emanet.models.emanet import ModelConfig, build_model
+from emanet.pretrained import save_pretrained
 
 # ----------------------------------------------------------------------------- inference from shapes
 
@@ -53,21 +55,21 @@ def infer_backbone(state: Mapping[str, Tensor], prefix: str = "") -> dict[str, A
     name = resnet_for_blocks(bottleneck, counts)
     if name is None:
         kind = "Bottleneck" if bottleneck else "BasicBlock"
-        raise ValueError(
+        raise ModelSourceError(
             f"blocks per stage {tuple(counts)} ({kind}) match no supported ResNet "
             "(resnet18/34: BasicBlock 2-2-2-2 / 3-4-6-3; resnet50/101/152: Bottleneck "
             "3-4-6-3 / 3-4-23-3 / 3-8-36-3)"
         )
     width_key = f"{prefix}layer1.0.conv1.weight"
     if width_key not in state:
-        raise ValueError(f"no {width_key} in the (renamed) source: cannot read the backbone width")
+        raise ModelSourceError(f"no {width_key} in the (renamed) source: cannot read the backbone width")
     return {"backbone": name, "backbone_width": int(state[width_key].shape[0])}
 
 
 def _need(mapped: Mapping[str, Tensor], key: str, source: str, what: str) -> Tensor:
     if key not in mapped:
         src = rename(key, RULES[source], inverse=True)
-        raise ValueError(f"source key {src} is missing: it is needed to infer {what}")
+        raise ModelSourceError(f"source key {src} is missing: it is needed to infer {what}")
     return mapped[key]
 
 
@@ -229,7 +231,7 @@ def convert_checkpoint(
     ``model.output_stride=16`` for a reference model trained at OS16 (dilations are not in the weights).
     """
     if source not in SOURCES:
-        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     state, extra, name = read_source(src, allow_pickle=allow_pickle)
     mapped, pairs, dropped = rename_all(state, source, name)
     notes = []
@@ -239,7 +241,7 @@ def convert_checkpoint(
     if source in FULL_MODEL_SOURCES:
         return _convert_model(renamed, extra, overrides)
     if overrides:
-        raise ValueError("overrides apply to full-model conversions (reference, mmseg) only")
+        raise ConfigError("overrides apply to full-model conversions (reference, mmseg) only")
     return _convert_backbone(renamed)
 
 
@@ -248,7 +250,9 @@ def _convert_backbone(r: _Renamed) -> ConversionResult:
     stem = EXPECTED_STEM[r.source]
     found = detect_format(list(r.mapped))
     if found is not None and EXPECTED_STEM.get(found, stem) != stem:
-        raise ValueError(f"{r.name}: the stem keys are those of a {EXPECTED_STEM[found]!r} stem: use --from {found}")
+        raise ModelSourceError(
+            f"{r.name}: the stem keys are those of a {EXPECTED_STEM[found]!r} stem: use --from {found}"
+        )
     arch = {**infer_backbone(r.mapped), "stem": stem}
     backbone = BACKBONES[arch["backbone"]](stem=stem, width=arch["backbone_width"])
     sd, kept, filled = reconcile(r.mapped, r.pairs, backbone.state_dict(), r.source, r.name, r.dropped, r.notes)
@@ -333,7 +337,7 @@ def _model_config(settings: _Settings, r: _Renamed, overrides: Sequence[str]) ->
     if r.source == "reference" and not any(o.split("=", 1)[0].strip() == "data.eval_pad_multiple" for o in overrides):
         cfg.data.eval_pad_multiple = m.output_stride  # pad_inf pads to 1 mod settings.STRIDE
     if r.source == "mmseg" and m.backbone in ("resnet18", "resnet34") and m.output_stride != 32:
-        raise ValueError(
+        raise ModelSourceError(
             f"{r.name}: mmseg's ResNet-18/34 BasicBlock dilates only its first 3x3 conv, ours both: a "
             f"dilated (OS{m.output_stride}) {m.backbone} cannot be reproduced exactly "
             "(only model.output_stride=32 converts)"
@@ -363,17 +367,16 @@ def convert(
     allow_pickle: bool = False,
     overwrite: bool = False,
 ) -> ConversionResult:
-    """Convert and write: a model folder (full models, via save_pretrained) or a backbone .safetensors file."""
-    from emanet.pretrained import save_pretrained
-
+    """Convert and write: a model folder (full models, via save_pretrained; no model card: push_to_hub writes
+    it when the folder is published) or a backbone .safetensors file."""
     dst = Path(dst)
     full = source in FULL_MODEL_SOURCES
     if full and dst.is_file():
-        raise ValueError(f"{dst} is a file: a full-model conversion writes a model folder")
+        raise ConfigError(f"{dst} is a file: a full-model conversion writes a model folder")
     if not full and dst.suffix != ".safetensors":
-        raise ValueError(f"{dst}: a backbone conversion writes one .safetensors file; name it *.safetensors")
+        raise ConfigError(f"{dst}: a backbone conversion writes one .safetensors file; name it *.safetensors")
     if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
-        raise ValueError(f"{dst} already exists; choose a new path or pass overwrite=True (CLI: --overwrite)")
+        raise ConfigError(f"{dst} already exists; choose a new path or pass overwrite=True (CLI: --overwrite)")
     result = convert_checkpoint(src, source, overrides=overrides, allow_pickle=allow_pickle)
     if full:
         assert result.config is not None and result.model is not None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emanet.errors import ModelSourceError
 from emanet.models.backbone_weights import read_weights_file
 
 SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
@@ -126,11 +127,11 @@ def read_source(
         name = str(src)
         obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
+        raise ModelSourceError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
     if "format_version" in obj and isinstance(obj.get("model"), Mapping) and "config" in obj:
-        raise ValueError(
+        raise ModelSourceError(
             f"{name} is already an emanet checkpoint (iteration {obj.get('iteration', '?')}): "
-            "use it directly with emanet eval/predict/export, or emanet.load_model"
+            "use it directly with emanet eval/predict/export, or emanet.pretrained.load_model"
         )
     extra: dict[str, Any] = {}
     for wrapper in ("state_dict", "net", "model"):
@@ -143,7 +144,7 @@ def read_source(
         state = {k[len("module.") :]: v for k, v in state.items()}
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors or not state:
-        raise ValueError(
+        raise ModelSourceError(
             f"{name}: no state dict found (top-level keys {sorted(obj)[:8]}; non-tensor entries {not_tensors[:5]})"
         )
     return state, extra, name
@@ -165,7 +166,7 @@ def rename_all(
         elif dst is None:
             unknown.append(key)
         elif dst in mapped:
-            raise ValueError(f"{name}: {key} and another source key both map to {dst}")
+            raise ModelSourceError(f"{name}: {key} and another source key both map to {dst}")
         else:
             mapped[dst] = value
             pairs.append((key, dst))
@@ -176,7 +177,7 @@ def rename_all(
         hint = (
             f"; the keys look like a {guess!r} checkpoint (use --from {guess})" if guess not in (None, source) else ""
         )
-        raise ValueError(
+        raise ModelSourceError(
             f"{name}: {len(unknown)} keys not recognised for source {source!r}: "
             f"{', '.join(unknown[:10])}{'...' if len(unknown) > 10 else ''}{hint}"
         )
@@ -237,5 +238,5 @@ def reconcile(
     if missing:
         problems.append(f"{len(missing)} model keys missing from the source: {', '.join(missing[:10])}")
     if problems:
-        raise ValueError("\n  ".join([f"{name} does not convert as a {source!r} checkpoint:", *problems]))
+        raise ModelSourceError("\n  ".join([f"{name} does not convert as a {source!r} checkpoint:", *problems]))
     return state, kept, filled

@@ -10,6 +10,8 @@ import ast
 from collections.abc import Mapping
 from typing import Any
 
+from emanet.errors import ModelSourceError
+
 __all__ = ["Unresolved", "parse_mmseg_meta", "read_config_text"]
 
 
@@ -60,22 +62,22 @@ def _literal(node: ast.AST, names: Mapping[str, Any]) -> Any:
 
 def read_config_text(text: str) -> dict[str, Any]:
     """The top-level ``name = value`` assignments of an mmcv/mmengine config text (Python source), values
-    read by ``_literal``; other statements are ignored. A text that is not Python is a ValueError."""
+    read by ``_literal``; other statements are ignored. A text that is not Python is a ModelSourceError."""
     try:
         tree = ast.parse(text)
     except SyntaxError as e:
-        raise ValueError(
+        raise ModelSourceError(
             f"the checkpoint's mmseg config text is not Python source (line {e.lineno}: {e.msg})"
         ) from None
     except (RecursionError, MemoryError):
-        raise ValueError("the checkpoint's mmseg config text is nested too deeply to read") from None
+        raise ModelSourceError("the checkpoint's mmseg config text is nested too deeply to read") from None
     names: dict[str, Any] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
             try:
                 names[stmt.targets[0].id] = _literal(stmt.value, names)
             except RecursionError:
-                raise ValueError("the checkpoint's mmseg config text is nested too deeply to read") from None
+                raise ModelSourceError("the checkpoint's mmseg config text is nested too deeply to read") from None
     return names
 
 
@@ -189,12 +191,12 @@ def _output_stride(trunk: Mapping[str, Any], out: dict[str, Any], found: list[st
         out["model"]["output_stride"] = _OUTPUT_STRIDES[layout]
         found.append(f"output stride {out['model']['output_stride']}")
         if out["model"]["output_stride"] != 32 and trunk.get("contract_dilation") is not True:
-            raise ValueError(
+            raise ModelSourceError(
                 "mmseg backbone without contract_dilation=True: its first dilated blocks use the full "
                 "dilation, ours half of it (not supported)"
             )
     if isinstance(trunk.get("multi_grid"), (list, tuple)):
-        raise ValueError("mmseg backbone with multi_grid: not supported by this converter")
+        raise ModelSourceError("mmseg backbone with multi_grid: not supported by this converter")
 
 
 def _normalisation(norm: Mapping[str, Any], out: dict[str, Any], found: list[str]) -> None:
@@ -215,7 +217,7 @@ def _test_mode(test: Mapping[str, Any], out: dict[str, Any], found: list[str]) -
     if test.get("mode") == "slide":
         crop, stride = _pair_of_ints(test.get("crop_size")), _pair_of_ints(test.get("stride"))
         if crop is None or stride is None:
-            raise ValueError(
+            raise ModelSourceError(
                 f"mmseg test_cfg mode='slide' with crop_size={test.get('crop_size')!r} "
                 f"stride={test.get('stride')!r}: expected (height, width) pairs of ints"
             )
@@ -259,14 +261,14 @@ def _test_padding(norm: Mapping[str, Any], out: dict[str, Any], found: list[str]
         return
     divisor, size = test.get("size_divisor"), test.get("size")
     if size is not None:
-        raise ValueError(
+        raise ModelSourceError(
             f"mmseg data_preprocessor test_cfg size={size!r} (padding every test image to a fixed "
             "size) is not supported"
         )
     if _is(divisor, int) and divisor > 1:
         pad_val = norm.get("pad_val", 0)
         if pad_val != 0:
-            raise ValueError(
+            raise ModelSourceError(
                 f"mmseg data_preprocessor pad_val={pad_val!r} with test padding: only 0 (the "
                 "normalised mean, as our eval padding) is supported"
             )
