@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from emanet.cli.main import main
 from emanet.convert.checkpoints import convert, convert_checkpoint
 from emanet.convert.mmseg_config import parse_mmseg_meta
+from emanet.errors import ModelSourceError
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import load_model
@@ -483,30 +484,30 @@ def test_backbone_conversions_load_strictly(tmp_path, source, stem, name, builde
 
 def test_bad_checkpoints_are_errors_naming_the_key():
     sd = reference_state()
-    with pytest.raises(ValueError, match=r"extractor\.9\.weight"):
+    with pytest.raises(ModelSourceError, match=r"extractor\.9\.weight"):
         convert_checkpoint({**sd, "extractor.9.weight": torch.zeros(1)}, "reference")
     bad = dict(sd, **{"emau.conv2.0.weight": torch.zeros(CH, CH + 1, 1, 1)})
     with pytest.raises(
-        ValueError,
+        ModelSourceError,
         match=r"emau\.conv2\.0\.weight -> head\.context\.conv_out\.weight: source "
         r"\(16, 17, 1, 1\) vs model \(16, 16, 1, 1\)",
     ):
         convert_checkpoint(bad, "reference")
-    with pytest.raises(ValueError, match=r"head\.fuse\.bn\.running_var \(source key fc1\.0\.bn\.running_var\)"):
+    with pytest.raises(ModelSourceError, match=r"head\.fuse\.bn\.running_var \(source key fc1\.0\.bn\.running_var\)"):
         convert_checkpoint({k: v for k, v in sd.items() if k != "fc1.0.bn.running_var"}, "reference")
-    with pytest.raises(ValueError, match="look like a 'mmseg' checkpoint"):
+    with pytest.raises(ModelSourceError, match="look like a 'mmseg' checkpoint"):
         convert_checkpoint(mmseg_state(), "reference")
-    with pytest.raises(ValueError, match="use --from reference-backbone"):
+    with pytest.raises(ModelSourceError, match="use --from reference-backbone"):
         convert_checkpoint({k: v for k, v in sd.items() if k.startswith("extractor.")}, "torchvision")
     deep = {}
     _trunk(deep, torch.Generator(), stem="deep:conv1.:bn1.", stages=[f"layer{i}." for i in range(1, 5)], blocks=R50)
-    with pytest.raises(ValueError, match="'deep' stem: use --from reference-backbone"):
+    with pytest.raises(ModelSourceError, match="'deep' stem: use --from reference-backbone"):
         convert_checkpoint(deep, "torchvision")
 
 
 def test_mmseg_dilated_basic_block_is_refused():
     sd = mmseg_state(blocks=(2, 2, 2, 2), bottleneck=False, concat=False, aux=False)
-    with pytest.raises(ValueError, match="BasicBlock dilates only its first"):
+    with pytest.raises(ModelSourceError, match="BasicBlock dilates only its first"):
         convert_checkpoint({"state_dict": sd}, "mmseg")
     res = convert_checkpoint({"state_dict": sd}, "mmseg", overrides=["model.output_stride=32"])
     assert res.model_config.backbone == "resnet18"
@@ -517,6 +518,7 @@ def test_cli_convert(tmp_path, capsys):
     assert main(["convert", "--from", "reference", str(tmp_path / "ref.pth"), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "mapped " in printed and "resnet50" in printed and (tmp_path / "out" / "config.json").is_file()
+    assert not (tmp_path / "out" / "README.md").exists()  # the model card is written when the folder is pushed
     # an existing destination is not overwritten without --overwrite; a missing source is a message
     assert main(["convert", "--from", "reference", str(tmp_path / "ref.pth"), str(tmp_path / "out")]) == 2
     assert main(["convert", "--from", "mmseg", str(tmp_path / "nope.pth"), str(tmp_path / "o2")]) == 2
@@ -533,7 +535,7 @@ def test_mmseg_1x_meta_and_unsupported_backbone_layouts():
         and "bgr" not in out
     )
     assert out["data"]["std"] == pytest.approx([0.229, 0.224, 0.225])
-    with pytest.raises(ValueError, match="contract_dilation"):
+    with pytest.raises(ModelSourceError, match="contract_dilation"):
         parse_mmseg_meta({"cfg": cfg.replace("contract_dilation=True", "contract_dilation=False")})
     with pytest.raises(ValueError, match="only the d8/d16/d32 layouts"):
         parse_mmseg_meta({"cfg": cfg.replace("dilations=(1, 1, 2, 4)", "dilations=(1, 1, 1, 4)")})

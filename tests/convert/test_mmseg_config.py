@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from emanet.convert.mmseg_config import Unresolved, parse_mmseg_meta, read_config_text
+from emanet.errors import ModelSourceError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
 
@@ -53,7 +54,7 @@ def test_config_text_is_parsed_never_run(tmp_path):
     names = read_config_text(text)
     assert isinstance(names["x"], Unresolved) and isinstance(names["log_level"], Unresolved)
     assert not marker.exists() and names["model"]["decode_head"]["num_bases"] == 64
-    with pytest.raises(ValueError, match="not Python source"):
+    with pytest.raises(ModelSourceError, match="not Python source"):
         parse_mmseg_meta({"cfg": "model = dict(\n    type='EncoderDecoder',\n"})
 
 
@@ -62,12 +63,12 @@ def test_test_padding_and_slide_settings_from_the_preprocessor():
     padded = text.replace("    pad_val=0,", "    pad_val=0,\n    test_cfg=dict(size_divisor=32),")
     out = parse_mmseg_meta({"cfg": padded})
     assert (out["data"]["eval_pad_multiple"], out["data"]["eval_pad_offset"]) == (32, 0)
-    with pytest.raises(ValueError, match="pad_val=1"):
+    with pytest.raises(ModelSourceError, match="pad_val=1"):
         parse_mmseg_meta({"cfg": padded.replace("pad_val=0,", "pad_val=1,")})
-    with pytest.raises(ValueError, match="size=.*fixed"):
+    with pytest.raises(ModelSourceError, match="size=.*fixed"):
         parse_mmseg_meta({"cfg": text.replace("    pad_val=0,", "    pad_val=0,\n    test_cfg=dict(size=(64, 64)),")})
     bad_slide = text.replace("test_cfg=dict(mode='whole')", "test_cfg=dict(mode='slide', crop_size=769)")
-    with pytest.raises(ValueError, match="crop_size=769 stride=None"):
+    with pytest.raises(ModelSourceError, match="crop_size=769 stride=None"):
         parse_mmseg_meta({"cfg": bad_slide})
 
 

@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 from emanet.cli import main as cli  # noqa: E402
 from emanet.config import Config  # noqa: E402
 from emanet.deploy.export import OnnxNotInstalled, check_onnx, export_onnx, onnx_parity  # noqa: E402
+from emanet.errors import ConfigError, UserError  # noqa: E402
 from emanet.models.emanet import ModelConfig, build_model  # noqa: E402
 from emanet.pretrained import save_pretrained  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
@@ -84,12 +85,13 @@ def test_fcn_baseline_exports_and_the_callers_model_is_left_alone(tmp_path):
 
 def test_bad_opset_and_missing_packages_are_clear_errors(tmp_path, monkeypatch, capsys):
     model = _tiny("fcn")
-    with pytest.raises(ValueError, match="opset 5 is not supported"):
+    with pytest.raises(ConfigError, match="opset 5 is not supported"):
         export_onnx(model, tmp_path / "m.onnx", opset=5)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
-    with pytest.raises(OnnxNotInstalled, match=r"pip install 'emanet\[onnx\]'"):
+    with pytest.raises(OnnxNotInstalled, match=r"pip install 'emanet\[onnx\]'") as missing:
         export_onnx(model, tmp_path / "m.onnx")
+    assert isinstance(missing.value, UserError) and isinstance(missing.value, ImportError)
     assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "ONNX export needs onnx: pip install 'emanet[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
