@@ -10,10 +10,13 @@ from emanet.checkpoint import (
     RESUME_KEYS,
     atomic_torch_save,
     checkpoint_candidates,
+    checkpoint_iteration,
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
+    write_text_atomic,
 )
 
 
@@ -25,7 +28,7 @@ def test_save_keeps_the_newest_k_and_points_at_the_latest(tmp_path):
     for it in (1, 2, 3, 4):
         save_checkpoint(_state(it), tmp_path, it, keep=2)
     assert sorted(p.name for p in tmp_path.glob("iter_*.pt")) == ["iter_0000003.pt", "iter_0000004.pt"]
-    latest = latest_checkpoint(tmp_path)
+    latest = latest_checkpoint(tmp_path).path
     assert latest.name == "iter_0000004.pt"
     ckpt = load_checkpoint(latest)
     assert ckpt["iteration"] == 4 and ckpt["format_version"] == FORMAT_VERSION and ckpt["model"]["w"][0] == 4.0
@@ -59,34 +62,32 @@ def test_a_save_dying_midway_keeps_latest_on_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     assert (tmp_path / "latest.txt").read_text().strip() == "iter_0000001.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001.pt", "latest.txt"]
-    assert latest_checkpoint(tmp_path).name == "iter_0000001.pt"
-    assert load_checkpoint(latest_checkpoint(tmp_path))["iteration"] == 1
+    assert latest_checkpoint(tmp_path).path.name == "iter_0000001.pt"
+    assert load_checkpoint(latest_checkpoint(tmp_path).path)["iteration"] == 1
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_message(tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_and_names_the_skipped_ones(tmp_path):
     for it in (1, 2, 3):
         save_checkpoint(_state(it), tmp_path, it)
     newest = tmp_path / "iter_0000003.pt"
     newest.write_bytes(newest.read_bytes()[:200])  # truncated (e.g. a copy cut short)
-    messages: list[str] = []
-    path, ckpt = load_latest_checkpoint(tmp_path, required=RESUME_KEYS, log=messages.append)
-    assert path.name == "iter_0000002.pt" and ckpt["iteration"] == 2
-    assert len(messages) == 1 and "iter_0000003.pt" in messages[0] and "not a readable checkpoint" in messages[0]
-    with pytest.warns(UserWarning, match="iter_0000003.pt"):  # cli eval / load_model go through this
-        assert latest_checkpoint(tmp_path).name == "iter_0000002.pt"
+    found = load_latest_checkpoint(tmp_path, required=RESUME_KEYS)
+    assert found.path.name == "iter_0000002.pt" and found.checkpoint["iteration"] == 2
+    assert [d.path for d in found.damaged] == [newest] and "not a readable checkpoint" in found.damaged[0].error
+    latest = latest_checkpoint(tmp_path)  # cli eval / load_model go through this
+    assert latest.path.name == "iter_0000002.pt" and [d.path for d in latest.damaged] == [newest]
 
     # not a zip at all, and a readable file that lacks the keys a resume needs: both skipped
     (tmp_path / "iter_0000002.pt").write_bytes(b"garbage" * 10)
     torch.save({"model": {}, "format_version": FORMAT_VERSION}, tmp_path / "iter_0000004.pt")
-    messages.clear()
-    path, _ = load_latest_checkpoint(tmp_path, required=RESUME_KEYS, log=messages.append)
-    assert path.name == "iter_0000001.pt"
-    assert any("missing ['optimizer', 'iteration']" in m for m in messages) and len(messages) == 3
+    found = load_latest_checkpoint(tmp_path, required=RESUME_KEYS)
+    assert found.path.name == "iter_0000001.pt"
+    assert any("missing ['optimizer', 'iteration']" in d.error for d in found.damaged) and len(found.damaged) == 3
 
     for p in tmp_path.glob("iter_*.pt"):
         p.write_bytes(b"")
-    with pytest.warns(UserWarning):
-        assert load_latest_checkpoint(tmp_path) is None
+    found = load_latest_checkpoint(tmp_path)
+    assert found.path is None and found.checkpoint is None and len(found.damaged) == 4
 
 
 def test_candidates_put_the_pointer_first_then_newest_to_oldest(tmp_path):
@@ -116,6 +117,16 @@ def test_damaged_and_foreign_files_give_clear_errors(tmp_path):
 
 
 def test_latest_without_pointer_and_empty_folder(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path).path is None
     atomic_torch_save({"model": {}}, tmp_path / "iter_0000007.pt")
-    assert latest_checkpoint(tmp_path).name == "iter_0000007.pt"
+    assert latest_checkpoint(tmp_path).path.name == "iter_0000007.pt"
+
+
+def test_checkpoint_names_parse_back_and_the_text_write_is_atomic(tmp_path):
+    assert checkpoint_iteration(tmp_path / checkpoint_name(12)) == 12 and checkpoint_iteration("eval.json") == -1
+    target = tmp_path / "latest.txt"
+    write_text_atomic(target, "iter_0000012.pt\n")
+    assert target.read_text() == "iter_0000012.pt\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]
+    with pytest.raises(OSError) as failed:
+        write_text_atomic(tmp_path / "missing" / "latest.txt", "x")
+    assert failed.value.filename == str(tmp_path / "missing" / "latest.txt")

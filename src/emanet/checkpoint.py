@@ -3,34 +3,47 @@
 A save writes a temporary file in the target folder, fsyncs it, renames it over the target (atomic on
 POSIX) and only then moves the "latest" pointer, so a crash mid-save never leaves a half-written
 checkpoint behind the pointer. The last k checkpoints are kept. When the newest checkpoint of a run folder
-is damaged anyway (truncated copy, disk error, not a zip, keys missing), loading reports it and falls back
-to the next older one.
+is damaged anyway (truncated copy, disk error, not a zip, keys missing), loading skips it, falls back to the
+next older one and returns the skipped files (``DamagedCheckpoint``) for the caller to report.
 
-A training checkpoint (format 2) holds: model, optimizer, scaler, schedule, iteration, rng (one state per
-rank), data (epoch and batches consumed), config (resolved), skipped_steps, replicas (per-rank digests);
-newer ones also loss (of the step that wrote it), param_norm, class_names and palette (absent: unknown).
+A training checkpoint (format 2) is a ``TrainingState``; older format-2 files lack ``scheduler`` (the
+schedule then resumes at their iteration) and may lack loss, param_norm, class_names and palette (unknown).
 A failed write (disk full, read-only) is a CheckpointWriteError naming the file and the OS reason.
+This module names the checkpoint files of a run folder (``iter_*.pt``, latest.txt) and holds the one atomic
+text write that the run folder's other files use too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import tempfile
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2  # 1: model/optimizer/scaler/iteration/config and rank 0's torch RNG only
-LATEST = "latest.txt"
+from emanet.errors import ModelSourceError
+
+FORMAT_VERSION = 2
+LATEST = "latest.txt"  # the name of the newest checkpoint, written after it
+CHECKPOINTS = "iter_*.pt"  # glob of a run folder's checkpoints; checkpoint_name gives one
 MODEL_KEYS = ("model",)
 RESUME_KEYS = ("model", "optimizer", "iteration")
 
-Log = Callable[[str], None]
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}.pt"
+
+
+def checkpoint_iteration(path: str | Path) -> int:
+    """The iteration in a checkpoint's file name, -1 for any other name."""
+    m = re.fullmatch(r"iter_(\d+)\.pt", Path(path).name)
+    return int(m.group(1)) if m else -1
 
 
 class CheckpointWriteError(OSError):
@@ -83,7 +96,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary beside ``path``, fsync, rename over ``path``: a reader sees the old
+    text or the new, never a torn one. An OSError names ``path``; the temporary is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w") as f:
@@ -93,17 +108,20 @@ def _write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(e.errno, f"cannot write: {e.strerror}", str(path)) from None
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def save_checkpoint(state: dict[str, Any], folder: str | Path, iteration: int, keep: int = 3) -> Path:
-    """Write ``iter_{iteration:07d}.pt`` in ``folder``, point latest.txt at it, keep the newest ``keep``."""
+    """Write ``checkpoint_name(iteration)`` in ``folder``, point latest.txt at it, keep the newest ``keep``."""
     folder = Path(folder)
-    path = folder / f"iter_{iteration:07d}.pt"
+    path = folder / checkpoint_name(iteration)
     atomic_torch_save({"format_version": FORMAT_VERSION, **state}, path)
-    _write_text_atomic(folder / LATEST, path.name + "\n")
+    try:
+        write_text_atomic(folder / LATEST, path.name + "\n")
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"cannot write: {e.strerror}", e.filename) from None
     if keep > 0:
-        for old in sorted(folder.glob("iter_*.pt"))[:-keep]:
+        for old in sorted(folder.glob(CHECKPOINTS), key=checkpoint_iteration)[:-keep]:
             old.unlink(missing_ok=True)
     return path
 
@@ -111,37 +129,34 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path, iteration: int, k
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", *, required: Sequence[str] = MODEL_KEYS, mmap=False
 ) -> dict[str, Any]:
-    """Read a checkpoint; ValueError naming the file when it is damaged, foreign or lacks ``required`` keys."""
+    """Read a checkpoint; ModelSourceError naming the file when it is damaged, foreign or lacks ``required``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise ModelSourceError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(
+        raise ModelSourceError(
             f"{path}: not an emanet checkpoint (expected a dict with 'model'); "
             "convert checkpoints from other code bases with `emanet convert`"
         )
     missing = [k for k in required if k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: damaged or incomplete checkpoint, missing {missing}")
-    version = int(ckpt.get("format_version", 1))
+        raise ModelSourceError(f"{path}: damaged or incomplete checkpoint, missing {missing}")
+    version = int(ckpt.get("format_version", FORMAT_VERSION))
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {version} is newer than this emanet reads ({FORMAT_VERSION})")
+        raise ModelSourceError(
+            f"{path}: checkpoint format {version} is newer than this emanet reads ({FORMAT_VERSION})"
+        )
     return ckpt
-
-
-def _iteration(path: Path) -> int:
-    m = re.fullmatch(r"iter_(\d+)\.pt", path.name)
-    return int(m.group(1)) if m else -1
 
 
 def checkpoint_candidates(folder: str | Path) -> list[Path]:
     """Checkpoints of a run folder, most preferred first: latest.txt's target, then newest to oldest."""
     folder = Path(folder)
-    found = sorted(folder.glob("iter_*.pt"), key=_iteration, reverse=True)
+    found = sorted(folder.glob(CHECKPOINTS), key=checkpoint_iteration, reverse=True)
     pointer = folder / LATEST
     if pointer.is_file():
         target = folder / pointer.read_text().strip()
@@ -151,45 +166,48 @@ def checkpoint_candidates(folder: str | Path) -> list[Path]:
     return found
 
 
-def _report(message: str, log: Log | None) -> None:
-    if log is not None:
-        log(message)
-    else:
-        warnings.warn(message, stacklevel=3)
+@dataclass(frozen=True)
+class DamagedCheckpoint:
+    path: Path
+    error: str  # why it did not load (the message names the file)
+
+
+@dataclass
+class LatestCheckpoint:
+    """The newest checkpoint of a run folder that loads, and the newer ones skipped on the way."""
+
+    path: Path | None  # None: no checkpoint of the folder loads
+    damaged: list[DamagedCheckpoint] = field(default_factory=list)  # newest first
+    checkpoint: dict[str, Any] | None = None  # its contents (load_latest_checkpoint only)
 
 
 def load_latest_checkpoint(
-    folder: str | Path,
-    map_location: str | torch.device = "cpu",
-    *,
-    required: Sequence[str] = MODEL_KEYS,
-    log: Log | None = None,
-) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of ``folder`` that loads and has ``required`` keys, or None if there is none.
-
-    Each damaged newer one is reported (``log``, else a warning) and skipped.
-    """
+    folder: str | Path, map_location: str | torch.device = "cpu", *, required: Sequence[str] = MODEL_KEYS
+) -> LatestCheckpoint:
+    """The newest checkpoint of ``folder`` that loads and has ``required`` keys, read."""
+    damaged = []
     for path in checkpoint_candidates(folder):
         try:
-            return path, load_checkpoint(path, map_location, required=required)
+            return LatestCheckpoint(path, damaged, load_checkpoint(path, map_location, required=required))
         except (ValueError, OSError) as e:
-            _report(f"skipping damaged checkpoint: {e}; trying an older one", log)
-    return None
+            damaged.append(DamagedCheckpoint(path, str(e)))
+    return LatestCheckpoint(None, damaged)
 
 
-def latest_checkpoint(folder: str | Path, *, log: Log | None = None) -> Path | None:
-    """The newest readable checkpoint in a run folder, or None.
+def latest_checkpoint(folder: str | Path) -> LatestCheckpoint:
+    """The newest readable checkpoint of a run folder, not kept in memory.
 
-    Damaged newer files are reported and skipped. The check reads the file's index and pickled structure
-    memory-mapped, so it costs little even for large checkpoints.
+    The check reads the file's index and pickled structure memory-mapped, so it costs little even for large
+    checkpoints.
     """
+    damaged = []
     for path in checkpoint_candidates(folder):
         try:
             load_checkpoint(path, required=MODEL_KEYS, mmap=True)
-            return path
+            return LatestCheckpoint(path, damaged)
         except (ValueError, OSError) as e:
-            _report(f"skipping damaged checkpoint: {e}; trying an older one", log)
-    return None
+            damaged.append(DamagedCheckpoint(path, str(e)))
+    return LatestCheckpoint(None, damaged)
 
 
 def parameter_norm(state: dict[str, torch.Tensor]) -> float:
@@ -205,11 +223,11 @@ def kept_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
     """The checkpoints of a run folder, oldest first: path, iteration, the loss of the step that wrote it
     (None if unknown), the parameter norm and whether every weight is finite; damaged files get ``error``."""
     out = []
-    for path in sorted(Path(folder).glob("iter_*.pt"), key=_iteration):
+    for path in sorted(Path(folder).glob(CHECKPOINTS), key=checkpoint_iteration):
         try:
             ckpt = load_checkpoint(path, mmap=True)
         except (ValueError, OSError) as e:
-            out.append({"path": path, "iteration": _iteration(path), "error": str(e)})
+            out.append({"path": path, "iteration": checkpoint_iteration(path), "error": str(e)})
             continue
         norm = ckpt.get("param_norm")
         if norm is None:
@@ -217,7 +235,7 @@ def kept_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
         out.append(
             {
                 "path": path,
-                "iteration": int(ckpt.get("iteration", _iteration(path))),
+                "iteration": int(ckpt.get("iteration", checkpoint_iteration(path))),
                 "loss": ckpt.get("loss"),
                 "param_norm": float(norm),
                 "finite": math.isfinite(norm),
@@ -229,40 +247,41 @@ def kept_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- training state
 
 
-def training_state(
-    *,
-    model: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    scaler: dict[str, Any],
-    iteration: int,
-    config: dict[str, Any],
-    schedule: dict[str, Any],
-    rng: list[dict[str, Any]],
-    data: dict[str, int],
-    skipped_steps: int,
-    replicas: list[dict[str, str]],
-    loss: float | None,
-    class_names: list[str],
-    palette: list[list[int]],
-) -> dict[str, Any]:
-    """A format-2 training checkpoint (see the module docstring) from its parts; ``save_checkpoint`` writes it."""
-    return {
-        "model": model,
-        "optimizer": optimizer,
-        "scaler": scaler,
-        "iteration": iteration,
-        "config": config,
-        "schedule": schedule,
-        "rng": rng,
-        "data": data,
-        "skipped_steps": skipped_steps,
-        "replicas": replicas,
-        "world_size": len(rng),
-        "loss": loss,
-        "param_norm": parameter_norm(model),
-        "class_names": class_names,
-        "palette": palette,
-    }
+@dataclass
+class TrainingState:
+    """A training checkpoint (format 2): what a run needs to continue exactly, in types that
+    ``torch.load(weights_only=True)`` reads back."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]  # the learning-rate schedule's state_dict (its position)
+    scaler: dict[str, Any]
+    iteration: int
+    config: dict[str, Any]  # resolved
+    rng: list[dict[str, Any]]  # one state per rank, in rank order
+    data: dict[str, int]  # epoch and batches consumed, with the batch size and process count they count in
+    skipped_steps: int
+    replicas: list[dict[str, str]]  # per-rank digests of the replica
+    loss: float | None  # of the step that wrote it; None: non-finite
+    class_names: list[str]
+    palette: list[list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict ``save_checkpoint`` writes, with world_size and the parameter norm."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # asdict would copy tensors
+        return {**state, "world_size": len(self.rng), "param_norm": parameter_norm(self.model)}
+
+
+@dataclass
+class Resumed:
+    """Where a run continues from a training checkpoint (``restore_training_state``)."""
+
+    iteration: int
+    skipped_steps: int
+    position: tuple[int, int]  # (epoch, batches consumed in it)
+    rng: dict[str, Any] | None  # this rank's RNG state; None: the checkpoint has another process count
+    scheduler: dict[str, Any]  # the learning-rate schedule's state_dict
+    exact: bool  # False: another batch size or process count; the run then does not repeat bitwise
 
 
 def restore_training_state(
@@ -272,36 +291,29 @@ def restore_training_state(
     scaler: torch.amp.GradScaler,
     *,
     batch_size: int,
-    accum_steps: int,
     world_size: int,
     rank: int,
-) -> tuple[int, int, tuple[int, int], dict[str, Any] | None, bool]:
-    """Load a training checkpoint into model, optimizer and scaler.
+) -> Resumed:
+    """Load a training checkpoint into model, optimizer and scaler; the rest is returned for the run to take.
 
-    Returns (iteration, skipped steps, (epoch, batches) to continue the data from, this rank's RNG state or
-    None, exact): exact is False when the checkpoint was written with another batch size, process count or
-    format 1, and the run then continues from the same iteration but not bitwise as an uninterrupted one.
+    With another batch size or process count the data continue from the same sample and the RNG states are
+    not restored (``exact`` False).
     """
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
-    start = int(ckpt["iteration"])
-    exact, rng = True, ckpt.get("rng")
-    data = ckpt.get("data")
-    if data is None:  # format 1: only the iteration is known
-        exact, position = False, (0, start * accum_steps)
-    elif data["batch_size"] != batch_size or data["world_size"] != world_size:
-        exact = False
+    scaler.load_state_dict(ckpt["scaler"])
+    data, rngs = ckpt["data"], ckpt["rng"]
+    exact = data["batch_size"] == batch_size and data["world_size"] == world_size and len(rngs) == world_size
+    if data["batch_size"] == batch_size and data["world_size"] == world_size:
+        position = (data["epoch"], data["batches"])
+    else:
         samples = data["batches"] * data["batch_size"] * data["world_size"]
         position = (data["epoch"], samples // (batch_size * world_size))
-    else:
-        position = (data["epoch"], data["batches"])
-    own = None
-    if isinstance(rng, list) and len(rng) == world_size:
-        own = rng[rank]
-    else:
-        exact = False
-        if isinstance(rng, dict) and "torch" in rng:  # format 1: rank 0's torch generator
-            torch.set_rng_state(rng["torch"])
-    return start, int(ckpt.get("skipped_steps", 0)), position, own, exact
+    return Resumed(
+        iteration=int(ckpt["iteration"]),
+        skipped_steps=int(ckpt["skipped_steps"]),
+        position=position,
+        rng=rngs[rank] if len(rngs) == world_size else None,
+        scheduler=ckpt.get("scheduler") or {"last_epoch": int(ckpt["iteration"])},  # older files: at their iteration
+        exact=exact,
+    )

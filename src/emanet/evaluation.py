@@ -46,7 +46,6 @@ def evaluate(
     rank, world = shard()
     indices = range(rank, n, world)
     bar = progress_bar(total=len(indices), desc="eval", unit="img", leave=False) if progress and rank == 0 else None
-    e = cfg.eval
     skip, skipped = cfg.data.on_bad_sample == "skip", []
     for i in indices:
         try:
@@ -56,21 +55,7 @@ def evaluate(
                 raise
             skipped.append(f"{error.path}: {' '.join(error.reason.split())}")
             continue
-        with autocast(device, cfg.train.precision):
-            class_scores = infer(
-                model,
-                image[None].to(device),
-                mode=e.mode,
-                scales=tuple(e.scales),
-                flip=e.flip,
-                crop_size=e.crop_size,
-                stride=e.stride,
-                num_classes=num_classes,
-                align_corners=cfg.model.align_corners,
-                out_size=label.shape[-2:],
-                probabilities=False,  # labels only: argmax of the scores
-            )
-        matrix.update(class_scores.argmax(1).cpu(), label[None])
+        matrix.update(_predict(model, image, label.shape[-2:], cfg, device), label[None])
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -84,6 +69,27 @@ def evaluate(
     if skipped:
         results["skipped_files"] = sorted(skipped)
     return results
+
+
+def _predict(
+    model: nn.Module, image: torch.Tensor, size: torch.Size, cfg: Config, device: torch.device
+) -> torch.Tensor:
+    """Labels (1, H, W) of one image at ``size``, on the CPU, by the inference cfg.eval asks for."""
+    with autocast(device, cfg.train.precision):
+        class_scores = infer(
+            model,
+            image[None].to(device),
+            mode=cfg.eval.mode,
+            scales=tuple(cfg.eval.scales),
+            flip=cfg.eval.flip,
+            crop_size=cfg.eval.crop_size,
+            stride=cfg.eval.stride,
+            num_classes=cfg.model.num_classes,
+            align_corners=cfg.model.align_corners,
+            out_size=size,
+            probabilities=False,  # labels only: argmax of the scores
+        )
+    return class_scores.argmax(1).cpu()
 
 
 def results_to_json(results: dict[str, Any]) -> dict[str, Any]:

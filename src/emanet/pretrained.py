@@ -169,19 +169,18 @@ def load_model(
     else:
         path = source
         if source.is_dir():
-            damaged: list[str] = []
-            found = latest_checkpoint(source, log=damaged.append)
-            if found is None and damaged:
-                reasons = [m.removeprefix("skipping damaged checkpoint: ").split("; trying")[0] for m in damaged]
+            latest = latest_checkpoint(source)
+            if latest.path is None and latest.damaged:
+                reasons = [damaged.error for damaged in latest.damaged]
                 raise ValueError(f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(reasons))
-            if found is None:
+            if latest.path is None:
                 raise FileNotFoundError(
                     f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
                     "folder with checkpoints (iter_*.pt)"
                 )
-            for message in damaged:
-                warnings.warn(message, stacklevel=2)
-            path = found
+            for damaged in latest.damaged:
+                warnings.warn(f"skipping damaged checkpoint: {damaged.error}; trying an older one", stacklevel=2)
+            path = latest.path
         ckpt = load_checkpoint(path)
         state, saved = ckpt["model"], ckpt.get("config")
         class_names, palette = ckpt.get("class_names"), ckpt.get("palette")  # absent in older checkpoints

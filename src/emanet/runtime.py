@@ -1,7 +1,8 @@
 """Where and how a model runs, shared by training, evaluation and inference: the device, the autocast
 precision, the opt-in ``torch.compile``, and this process's place in a torchrun group (``shard``).
 
-Imports nothing of emanet's, so deployment code (predict, export) does not pull in the training engine.
+Imports nothing of emanet's but its error types, so deployment code (predict, export) does not pull in the
+training engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from emanet.errors import ConfigError
+
 Precision = Literal["fp32", "bf16", "fp16"]  # autocast dtype; fp16 needs CUDA (with a grad scaler)
 
 
@@ -21,13 +24,13 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
     return device
 
 
 def check_precision(device: torch.device, precision: Precision) -> None:
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs CUDA, but the device is {device}; use bf16 (or fp32) on CPU")
+        raise ConfigError(f"precision fp16 needs CUDA, but the device is {device}; use bf16 (or fp32) on CPU")
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:

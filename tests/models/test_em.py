@@ -275,3 +275,16 @@ def test_moving_average_uses_the_global_batch_across_processes():
         ranks = [out[0], out[1]]
     assert torch.equal(ranks[0], ranks[1])
     torch.testing.assert_close(ranks[0], single.bases)
+
+
+def test_a_discarded_pending_update_never_reaches_the_bases():
+    unit = EMAUnit(16, num_bases=4).train()
+    unit.defer_bases_update = True
+    before = unit.bases.clone()
+    unit(unit_input(seed=3))  # accumulates a batch estimate, applies nothing yet
+    unit.discard_pending_update()
+    unit.apply_bases_update()  # nothing pending: the bases stay bit for bit
+    assert torch.equal(unit.bases, before)
+    unit(unit_input(seed=4))
+    unit.apply_bases_update()
+    assert not torch.equal(unit.bases, before)

@@ -122,7 +122,7 @@ def test_digest_sees_bases_and_single_process_collectives_are_identity():
     model.head.context.bases[0, 0, 0] += 1e-7
     d1 = state_digest(model)
     assert d1["bases"] != d0["bases"] and d1["parameters"] == d0["parameters"]
-    assert agree([1.5, 0, 1], DistEnv()) == [1.5, 0.0, 1.0]
+    assert agree(torch.tensor([1.5, 0, 1]), DistEnv()) == [1.5, 0.0, 1.0]
     rngs, digests = replica_states(model, DistEnv())
     assert digests == [d1] and len(rngs) == 1 and torch.equal(rngs[0]["torch"], torch.get_rng_state())
     assert all_gather_lists(["a: bad"]) == ["a: bad"]
@@ -143,10 +143,11 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
         processes=2,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "global batch = per-process batch x processes x accumulation = 1 x 2 x 2 = 4" in proc.stdout
+    said = proc.stdout + proc.stderr  # log lines go to stderr, results to stdout
+    assert said.count("global batch = per-process batch x processes x accumulation = 1 x 2 x 2 = 4") == 1
     assert proc.stdout.count("run folder:") == 1  # only rank 0 reports
 
-    ddp = load_checkpoint(latest_checkpoint(ddp_run))
+    ddp = load_checkpoint(latest_checkpoint(ddp_run).path)
     assert ddp["iteration"] == 2 and ddp["world_size"] == 2 and len(ddp["rng"]) == 2
     rank0, rank1 = ddp["replicas"]
     assert rank0 == rank1  # parameters, EM bases and other buffers bitwise equal on both ranks
@@ -155,7 +156,6 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
     single = train(
         load_config(None, [*common, "train.batch_size=4", f"train.out_dir={tmp_path / 'one'}"]),
         progress=False,
-        log=lambda _: None,
     )
     ref = single["model"].state_dict()
     first = load_checkpoint(ddp_run / "iter_0000001.pt")

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-import emanet.data
 from emanet.checkpoint import latest_checkpoint, load_checkpoint
 from emanet.cli.main import main
+from emanet.config import load_config
 from emanet.models.emanet import ModelConfig, build_model
-from emanet.train.loop import param_groups, poly_factor
+from emanet.train.setup import param_groups, poly_factor, poly_schedule
 from tests.conftest import tiny_model, tiny_run
 
 TINY = tiny_run("train.batch_size=2", "train.log_interval=1", size=48, length=8, val_length=3, sizes=False)
@@ -27,7 +27,7 @@ def test_two_iterations_then_eval_from_the_checkpoint(tmp_path, capsys):
     assert (run / "config.yaml").is_file() and (run / "eval.json").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines if x["kind"] == "train"] == [1, 2]
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = load_checkpoint(latest_checkpoint(run).path)
     assert ckpt["iteration"] == 2 and ckpt["config"]["model"]["num_bases"] == 4
     capsys.readouterr()
     assert main(["eval", str(run), "--no-progress", "eval.eval_stages=5"]) == 0
@@ -44,7 +44,7 @@ def test_resume_continues_from_the_saved_iteration(tmp_path):
     assert main(["train", *common, "train.iterations=4", "--resume"]) == 0
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4]  # 3 and 4 only after resume
-    assert load_checkpoint(latest_checkpoint(run))["iteration"] == 4
+    assert load_checkpoint(latest_checkpoint(run).path)["iteration"] == 4
 
 
 def test_bad_override_is_an_error_message(tmp_path, capsys):
@@ -74,6 +74,30 @@ def test_poly_schedule():
     assert poly_factor(0, 100, 0.9, warmup=10) == pytest.approx(0.1)
 
 
+def test_poly_schedule_scales_each_groups_rate_and_resumes_at_its_position():
+    cfg = load_config(None, ["optim.lr=0.01", "optim.warmup_iters=2", "train.iterations=10"])
+    model = build_model(tiny_model())
+    optimizer = torch.optim.SGD(param_groups(model, 0.01, 1e-4, reference=True), lr=0.01, momentum=0.9)
+    scheduler = poly_schedule(optimizer, cfg)
+    rates = []
+    for _ in range(5):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    for it, row in enumerate(rates):  # what the loop wrote by hand before: lr x factor, then x lr_mult
+        want = 0.01 * poly_factor(it, 10, 0.9, warmup=2)
+        assert row == [want * g["lr_mult"] for g in optimizer.param_groups]
+    state = scheduler.state_dict()
+    resumed = torch.optim.SGD(param_groups(model, 0.01, 1e-4, reference=True), lr=0.01, momentum=0.9)
+    resumed.load_state_dict(optimizer.state_dict())
+    again = poly_schedule(resumed, cfg, state)
+    assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert again.last_epoch == scheduler.last_epoch == 5
+    faster = load_config(None, ["optim.lr=0.02", "optim.warmup_iters=2", "train.iterations=10"])
+    poly_schedule(resumed, faster, state)  # a resume may change optim.lr: the config's rate, not the checkpoint's
+    assert resumed.param_groups[0]["lr"] == 0.02 * poly_factor(5, 10, 0.9, warmup=2)
+
+
 def test_accumulated_batch_feeds_the_bases_once_per_step(tmp_path):
     # accum_steps=2: the EMA unit defers its update to the optimizer step
     run = tmp_path / "run"
@@ -81,7 +105,7 @@ def test_accumulated_batch_feeds_the_bases_once_per_step(tmp_path):
         main(["train", "--no-progress", *TINY, "train.iterations=1", "train.accum_steps=2", f"train.out_dir={run}"])
         == 0
     )
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = load_checkpoint(latest_checkpoint(run).path)
     init = build_model(ModelConfig(**ckpt["config"]["model"]))
     assert not torch.equal(ckpt["model"]["head.context.bases"], init.head.context.bases)
 
@@ -111,10 +135,3 @@ def test_bad_samples_are_skipped_and_counted_per_file(make_folder, tmp_path, cap
     assert len(lines) == 2 and all(line.startswith(str(root / "images" / "train" / "a.jpg")) for line in lines)
     assert json.loads((run / "eval.json").read_text())["train"]["bad_samples"] == 1  # read twice, one file
     assert "bad training files: 1" in capsys.readouterr().out
-
-
-def test_bad_sample_skipping_without_its_wrapper_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.delattr(emanet.data, "SkipBadSamples", raising=False)
-    args = ["train", *TINY, "data.on_bad_sample=skip", "train.iterations=1", f"train.out_dir={tmp_path}"]
-    assert main(args) == 2
-    assert "needs emanet.data.SkipBadSamples" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -28,11 +29,7 @@ TINY = tiny_run("train.batch_size=2", "train.log_interval=1", scales="[0.75, 1.2
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def quiet(_: str) -> None:
-    pass
-
-
-def test_stopped_and_resumed_run_is_bitwise_equal_to_a_straight_run(tmp_path):
+def test_stopped_and_resumed_run_is_bitwise_equal_to_a_straight_run(tmp_path, caplog):
     # 3 batches per epoch, 2 micro-batches per step: the stop after step 2 falls mid-epoch, workers read ahead
     common = [
         *TINY,
@@ -42,23 +39,25 @@ def test_stopped_and_resumed_run_is_bitwise_equal_to_a_straight_run(tmp_path):
         "train.accum_steps=2",
         "train.checkpoint_interval=100",
     ]
-    straight = train(load_config(None, [*common, f"train.out_dir={tmp_path / 'a'}"]), progress=False, log=quiet)
+    straight = train(load_config(None, [*common, f"train.out_dir={tmp_path / 'a'}"]), progress=False)
     cfg = load_config(None, [*common, f"train.out_dir={tmp_path / 'b'}"])
     with pytest.raises(TrainingInterrupted) as stop:
-        train(cfg, progress=False, log=quiet, stop_at=2)
+        train(cfg, progress=False, stop_at=2)
     assert stop.value.exit_code == EXIT_INTERRUPTED and stop.value.iteration == 2
     assert not multiprocessing.active_children()  # the loader's workers (which ignore SIGTERM) were shut down
     mid = load_checkpoint(stop.value.checkpoint)
     assert mid["iteration"] == 2 and mid["data"] == {"epoch": 1, "batches": 1, "batch_size": 2, "world_size": 1}
-    messages: list[str] = []
-    resumed = train(cfg, resume=True, progress=False, log=messages.append)
-    assert any("resumed from" in m and "iteration 2 (epoch 1, batch 1)" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="emanet"):
+        resumed = train(cfg, resume=True, progress=False)
+    assert any("resumed from" in m and "iteration 2 (epoch 1, batch 1)" in m for m in caplog.messages)
+    scheduler = load_checkpoint(stop.value.checkpoint)["scheduler"]
+    assert scheduler["last_epoch"] == 2  # the schedule's position is in the checkpoint
 
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    opt_a = load_checkpoint(latest_checkpoint(tmp_path / "a"))["optimizer"]["state"]
-    opt_b = load_checkpoint(latest_checkpoint(tmp_path / "b"))["optimizer"]["state"]
+    opt_a = load_checkpoint(latest_checkpoint(tmp_path / "a").path)["optimizer"]["state"]
+    opt_b = load_checkpoint(latest_checkpoint(tmp_path / "b").path)["optimizer"]["state"]
     assert all(torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"]) for k in opt_a)
 
     def losses(run):
@@ -99,7 +98,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_interrupted_status(tmp_pa
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, data loader worker included (as torchrun, Slurm do)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = load_checkpoint(latest_checkpoint(run).path)
     assert ckpt["iteration"] >= 2 and f"stopped at iteration {ckpt['iteration']} (signal 15)" in err
     assert (run / "latest.txt").read_text().strip() == f"iter_{ckpt['iteration']:07d}.pt"
 
@@ -135,8 +134,8 @@ def test_nonfinite_loss_stops_naming_the_iteration_and_keeps_the_last_good_check
     assert status == EXIT_NONFINITE
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at iteration 3" in err and "iter_0000002.pt" in err
-    assert latest_checkpoint(run).name == "iter_0000002.pt" and not (run / "iter_0000003.pt").exists()
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(latest_checkpoint(run))["model"].values())
+    assert latest_checkpoint(run).path.name == "iter_0000002.pt" and not (run / "iter_0000003.pt").exists()
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(latest_checkpoint(run).path)["model"].values())
 
 
 def test_skip_mode_drops_the_step_its_bases_update_and_counts_it(tmp_path, monkeypatch):
@@ -153,7 +152,7 @@ def test_skip_mode_drops_the_step_its_bases_update_and_counts_it(tmp_path, monke
             f"train.out_dir={run}",
         ],
     )
-    out = train(cfg, progress=False, log=quiet)
+    out = train(cfg, progress=False)
     assert out["skipped_steps"] == 1
     assert json.loads((run / "eval.json").read_text())["train"]["skipped_steps"] == 1
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -177,4 +176,4 @@ def test_skip_mode_gives_up_after_too_many_consecutive_skips(tmp_path, monkeypat
         ],
     )
     with pytest.raises(engine.NonFiniteLoss, match="2 consecutive non-finite losses up to iteration 2"):
-        train(cfg, progress=False, log=quiet)
+        train(cfg, progress=False)

@@ -98,7 +98,7 @@ def test_a_second_training_is_refused_naming_the_first_and_a_killed_run_leaves_n
     )
     try:
         deadline = time.monotonic() + 120
-        while latest_checkpoint(run) is None:
+        while latest_checkpoint(run).path is None:
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
             time.sleep(0.2)
         for flags in ((), ("--resume",), ("--overwrite",)):
@@ -109,7 +109,7 @@ def test_a_second_training_is_refused_naming_the_first_and_a_killed_run_leaves_n
         first.send_signal(signal.SIGKILL)  # no clean-up at all: the lock must not outlive the process
         first.communicate(timeout=60)
     assert not list(tmp_path.glob("run.old-*"))
-    reached = load_checkpoint(latest_checkpoint(run))["iteration"]
+    reached = load_checkpoint(latest_checkpoint(run).path)["iteration"]
     resumed = emanet(
         "train", "--no-progress", *TINY, f"train.iterations={reached + 1}", "--resume", f"train.out_dir={run}"
     )
@@ -177,7 +177,7 @@ def test_resume_removes_stale_temporaries_and_cuts_metrics_back_to_the_checkpoin
         f"train.out_dir={run}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not list(run.glob(".*.tmp")) and "removed 2 temporary file(s)" in proc.stdout
+    assert not list(run.glob(".*.tmp")) and "removed 2 temporary file(s)" in proc.stdout + proc.stderr
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     cut = (run / "metrics.cut.jsonl").read_text().splitlines()
@@ -209,7 +209,7 @@ def test_class_names_and_palette_of_a_folder_dataset_reach_predict_eval_export_a
         "data.options={}",
         "train.iterations=1",
     )
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = load_checkpoint(latest_checkpoint(run).path)
     assert ckpt["class_names"] == ["sky", "road", "car"] and [tuple(c) for c in ckpt["palette"]] == palette
     assert json.loads((run / "classes.json").read_text())["class_names"] == ["sky", "road", "car"]
 
@@ -242,7 +242,7 @@ def test_class_names_and_palette_of_a_folder_dataset_reach_predict_eval_export_a
 def test_synthetic_runs_record_their_class_names(tmp_path):
     run = tmp_path / "run"
     train_in_process(run, "train.iterations=1")
-    assert load_checkpoint(latest_checkpoint(run))["class_names"] == [
+    assert load_checkpoint(latest_checkpoint(run).path)["class_names"] == [
         "background",
         "tint_1",
         "tint_2",
@@ -440,7 +440,8 @@ def test_skip_policy_leaves_bad_validation_files_out_of_evaluation_and_lists_the
     proc = emanet("train", "--no-progress", *_folder_args(root, run), "data.on_bad_sample=skip")
     assert proc.returncode == 0, proc.stderr[-3000:]
     bad = str(root / "images" / "val" / "v.jpg")
-    assert bad in proc.stdout and "left out of evaluation" in proc.stdout
+    said = proc.stdout + proc.stderr  # the run's log lines go to stderr
+    assert bad in said and "left out of evaluation" in said
     result = json.loads((run / "eval.json").read_text())
     assert result["images"] == 1 and [s.split(": ")[0] for s in result["skipped_files"]] == [bad]
     evaluated = emanet("eval", str(run), "--no-progress", "data.on_bad_sample=skip")
@@ -466,7 +467,7 @@ def test_a_diverged_run_lists_its_checkpoints_flags_suspect_ones_and_resumes_fro
     assert again.returncode == 0, again.stderr[-3000:]
     (aside,) = run.glob("superseded-*")
     assert hashes(aside) == {"iter_0000003.pt": exploded}  # the exploded one is kept aside, not overwritten
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = load_checkpoint(latest_checkpoint(run).path)
     assert ckpt["iteration"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -522,9 +523,7 @@ def test_a_stop_reaches_on_stop_before_train_raises_it(tmp_path):
     train_in_process(run, "train.iterations=1")
     seen = []
     with pytest.raises(TrainingStopped) as raised:
-        train(
-            load_config(None, [*TINY, f"train.out_dir={run}"]), progress=False, log=lambda _: None, on_stop=seen.append
-        )
+        train(load_config(None, [*TINY, f"train.out_dir={run}"]), progress=False, on_stop=seen.append)
     assert seen == [raised.value] and "already holds a run" in str(raised.value)
 
 

@@ -83,7 +83,7 @@ def _count_syncs_in_training(tmp_path: Path, iterations: int, extra: list[str]) 
         ],
     )
     with CountSyncs() as counter:
-        train(cfg, log=lambda _: None, progress=False)
+        train(cfg, progress=False)
     return counter.calls
 
 

@@ -22,8 +22,10 @@ import torch
 
 from emanet.config import Config, load_config
 from emanet.deploy.attention_maps import capture_attention
+from emanet.evaluation import evaluate
 from emanet.runtime import select_device
-from emanet.train.loop import build_datasets, evaluate, train
+from emanet.train.data import build_datasets
+from emanet.train.loop import train
 
 Log = Callable[[str], None]
 
@@ -112,7 +114,7 @@ def _train_both(base: Config, out: Path, *, progress: bool, log: Log) -> dict[st
         cfg.train.out_dir = str(out / "runs" / arch)
         log(f"== training {name} ({cfg.train.iterations} iterations, batch {cfg.train.batch_size})")
         t0 = time.perf_counter()
-        runs[name] = train(cfg, log=log, progress=progress, overwrite=True)  # a new demo replaces the last one
+        runs[name] = train(cfg, progress=progress, overwrite=True)  # a new demo replaces the last one
         runs[name]["seconds"] = time.perf_counter() - t0
         runs[name]["config"] = cfg
     return runs

@@ -149,7 +149,7 @@ def _train_variant(
     cfg.train.out_dir = str(run)
     log(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
     t0 = time.perf_counter()
-    train(cfg, resume=True, log=log, progress=progress)
+    train(cfg, resume=True, progress=progress)
     timing[f"train {v.name}"] = timing.get(f"train {v.name}", 0.0) + time.perf_counter() - t0
 
 
@@ -165,8 +165,10 @@ def _evaluate_cells(
     log: Log,
 ) -> None:
     """Evaluate ``run`` at each T_eval of ``missing``, saving results.json after each cell."""
+    from emanet.evaluation import evaluate
     from emanet.pretrained import load_model
-    from emanet.train.loop import build_datasets, evaluate, select_device
+    from emanet.runtime import select_device
+    from emanet.train.data import build_datasets
 
     cells, timing = results["cells"], results["seconds"]
     loaded = load_model(run)

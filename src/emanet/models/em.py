@@ -294,6 +294,12 @@ class EMAUnit(nn.Module):
             batch_mu = batch_mu / (self.eps + torch.linalg.vector_norm(batch_mu, dim=1, keepdim=True))
         weight = (count > 0).to(self.bases.dtype) * self.momentum  # 0-d tensor: momentum, or 0 when empty
         self.bases.mul_(1.0 - weight).add_(batch_mu.to(self.bases.dtype) * weight)
+        self.discard_pending_update()
+
+    @torch.no_grad()
+    def discard_pending_update(self) -> None:
+        """Drop the batch estimates accumulated since the last update: the stored bases never see them (a
+        training step skipped for a non-finite loss)."""
         self._acc_sum.zero_()
         self._acc_count.zero_()
 

@@ -8,16 +8,17 @@ validation file found only after the whole training); ``skip_bad_samples`` wraps
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from emanet.config import Config
-from emanet.data import build_dataset
+from emanet.data import SkipBadSamples, build_dataset
 from emanet.data.transforms import eval_transform, train_transform
+from emanet.errors import ConfigError, DataError
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
@@ -52,17 +53,11 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     return train, val
 
 
-def skip_bad_samples(dataset: Dataset, cfg: Config, run: Path) -> Dataset:
+def skip_bad_samples(dataset: Dataset, cfg: Config, log_path: Path) -> Dataset:
+    """With data.on_bad_sample=skip, ``dataset`` wrapped to skip unreadable files and list them in ``log_path``."""
     if cfg.data.on_bad_sample != "skip":
         return dataset
-    try:
-        from emanet.data import SkipBadSamples  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(
-            "data.on_bad_sample=skip needs emanet.data.SkipBadSamples, which this version of "
-            "emanet lacks; use data.on_bad_sample=raise"
-        ) from None
-    return SkipBadSamples(dataset, log_path=run / "bad_samples.txt")
+    return SkipBadSamples(dataset, log_path=log_path)
 
 
 def count_bad_samples(path: Path) -> int:
@@ -81,7 +76,7 @@ def check_class_count(cfg: Config, *datasets: Dataset) -> None:
         if found is not None and found != n:
             names = list(getattr(ds, "classes", ()))
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes={n} does not match the {cfg.data.dataset} dataset, which has "
                 f"{found} classes ({shown}); set model.num_classes={found}"
             )
@@ -114,7 +109,7 @@ def bad_files(dataset: Dataset, limit: int = 0) -> list[str]:
     return problems
 
 
-def check_val_files(val_set: Dataset, cfg: Config, log: Log) -> None:
+def check_val_files(val_set: Dataset, cfg: Config) -> None:
     """Refuse a bad validation file before training (data.on_bad_sample=raise) or say it will be skipped."""
     problems = bad_files(val_set)
     if not problems:
@@ -122,12 +117,14 @@ def check_val_files(val_set: Dataset, cfg: Config, log: Log) -> None:
     shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
     where = f"the validation split '{cfg.data.val_split}'"
     if cfg.data.on_bad_sample == "skip":
-        log(
-            f"note: {len(problems)} bad file(s) in {where} are left out of evaluation "
-            f"(data.on_bad_sample=skip):\n  {shown}"
+        logger.warning(
+            "note: %d bad file(s) in %s are left out of evaluation (data.on_bad_sample=skip):\n  %s",
+            len(problems),
+            where,
+            shown,
         )
         return
-    raise ValueError(
+    raise DataError(
         f"{len(problems)} bad file(s) in {where}, found before training:\n  {shown}\nfix or remove "
         "them (`emanet check-data --split val` lists every problem), or set data.on_bad_sample=skip "
         "to leave them out of evaluation"

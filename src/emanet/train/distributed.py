@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from emanet.data.base import reseedable_datasets
 from emanet.data.base import worker_init_fn as data_worker_init_fn
+from emanet.errors import ConfigError
 from emanet.runtime import select_device
 
 # ----------------------------------------------------------------------------- process group
@@ -69,12 +70,12 @@ def init_distributed(device_name: str = "auto") -> DistEnv:
     if world <= 1:
         return DistEnv(device=select_device(device_name))
     if not dist.is_available():
-        raise ValueError(f"WORLD_SIZE={world} but this torch build has no torch.distributed support")
+        raise ConfigError(f"WORLD_SIZE={world} but this torch build has no torch.distributed support")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = select_device(device_name).type == "cuda"
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
+            raise ConfigError(
                 f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
                 "start at most one process per GPU (--nproc_per_node)"
             )
@@ -105,22 +106,14 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def agree(values: Sequence[float] | torch.Tensor, env: DistEnv) -> list[float]:
-    """Sum a few numbers over all ranks in one all-reduce (float64): losses, flags, votes.
-
-    A 1-D tensor (on any device) is reduced as it is: reading the result back is then the only host sync.
-    """
-    if isinstance(values, torch.Tensor):
-        if not env.distributed:
-            return values.double().tolist()
-        t = values.to(device=_comm_device(), dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
+def agree(values: torch.Tensor, env: DistEnv) -> list[float]:
+    """Sum a few numbers (a 1-D tensor on any device: losses, flags, votes) over all ranks in one all-reduce
+    (float64); reading the result back is then the only host sync."""
     if not env.distributed:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return t.tolist()
+        return values.double().tolist()
+    summed = values.to(device=_comm_device(), dtype=torch.float64)
+    dist.all_reduce(summed)
+    return summed.tolist()
 
 
 def broadcast_object(obj: Any, env: DistEnv) -> Any:
@@ -180,7 +173,12 @@ def broadcast_buffers_(module: nn.Module, env: DistEnv) -> None:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel without the per-forward buffer broadcast (see docs/distributed.md)."""
+    """DistributedDataParallel without the per-forward buffer broadcast (see docs/distributed.md).
+
+    Broadcasting rank 0's buffers on every forward would overwrite the per-rank batch sums that gradient
+    accumulation collects in the EM units between forwards; their bases agree on every rank by construction
+    (all-reduced update), and BN statistics are averaged after each step instead.
+    """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None

@@ -11,7 +11,8 @@
 - ``cut_metrics``: on resume, metrics.jsonl lines after the resumed iteration move to metrics.cut.jsonl.
 - ``describe_checkpoints``: after a diverged run, the kept checkpoints with their loss, suspect ones flagged.
 
-Imports only emanet.checkpoint; the engine calls these on rank 0 only.
+The run folder's file names are defined here once (the checkpoints' and latest.txt in emanet.checkpoint).
+Training calls these on rank 0 only; they report through this module's logger.
 """
 
 from __future__ import annotations
@@ -20,25 +21,37 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from emanet.checkpoint import RESUME_KEYS, load_checkpoint, load_latest_checkpoint
+from emanet.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    RESUME_KEYS,
+    checkpoint_iteration,
+    load_checkpoint,
+    load_latest_checkpoint,
+    write_text_atomic,
+)
+from emanet.errors import RunFolderError
+
+logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 METRICS_CUT = "metrics.cut.jsonl"  # lines cut from metrics.jsonl on resume, oldest first
 CLASSES = "classes.json"  # class names and palette of the training data
+EVAL = "eval.json"  # the final evaluation and the run's summary
+BAD_SAMPLES = "bad_samples.txt"  # training files skipped with data.on_bad_sample=skip
 # files whose presence means a folder holds a run (checkpoints are matched by pattern)
-RUN_FILES = (CONFIG, METRICS, "latest.txt", "eval.json", CLASSES, "bad_samples.txt")
-CHECKPOINT_PATTERN = "iter_*.pt"
-# temporaries of checkpoint.atomic_torch_save / _write_text_atomic and of this module's rewrites
+RUN_FILES = (CONFIG, METRICS, LATEST, EVAL, CLASSES, BAD_SAMPLES)
+# temporaries of checkpoint.atomic_torch_save / write_text_atomic and of this module's rewrites
 STALE_TEMPORARY = re.compile(r"\.(iter_\d+\.pt\..+|latest\.txt|metrics(\.cut)?\.jsonl)\.tmp")
 
 # Keys a resume may change: how long and where the run goes on, how often it logs, evaluates and saves,
@@ -68,12 +81,6 @@ RESUME_MAY_CHANGE = (
     "model.eval_stages",
     "eval",  # a whole section: evaluation only
 )
-
-Log = Callable[[str], None]
-
-
-class RunFolderError(ValueError):
-    """A run folder that cannot be used as asked; the message says why and what to do."""
 
 
 def os_reason(error: OSError) -> str:
@@ -162,7 +169,7 @@ def run_contents(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     found = [name for name in RUN_FILES if (folder / name).exists()]
-    return found + sorted(p.name for p in folder.glob(CHECKPOINT_PATTERN))
+    return found + sorted(p.name for p in folder.glob(CHECKPOINTS))
 
 
 def move_aside(folder: Path) -> Path:
@@ -190,7 +197,7 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     return removed
 
 
-def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, log: Log) -> RunLock:
+def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> RunLock:
     """Create and lock ``folder`` for a run; returns the held lock (release it when the run ends).
 
     A fresh run (``resume`` false) into a folder holding a run is refused unless ``overwrite``, which moves
@@ -211,10 +218,12 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, log: Log)
                     "over with --overwrite (the old run is moved aside to "
                     f"{folder.name}.old-<time>), or choose another train.out_dir"
                 )
-            log(f"--overwrite: the earlier run in {folder} moved to {move_aside(folder)}")
+            logger.info("--overwrite: the earlier run in %s moved to %s", folder, move_aside(folder))
         removed = remove_stale_temporaries(folder)
         if removed:
-            log(f"removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}")
+            logger.info(
+                "removed %d temporary file(s) left by an interrupted save: %s", len(removed), ", ".join(removed)
+            )
     except OSError as e:
         lock.release()
         raise RunFolderError(f"cannot prepare the run folder {folder}: {os_reason(e)}") from None
@@ -224,15 +233,10 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool, log: Log)
     return lock
 
 
-def _iteration(path: Path) -> int:
-    m = re.fullmatch(r"iter_(\d+)\.pt", path.name)
-    return int(m.group(1)) if m else -1
-
-
 def supersede_checkpoints(folder: Path, iteration: int, resumed: str | None) -> Path | None:
     """Move checkpoints newer than the resumed ``iteration`` to ``superseded-<time>/`` (the resumed run would
     overwrite them at the same iteration numbers) and point latest.txt at the resumed one."""
-    newer = [p for p in folder.glob(CHECKPOINT_PATTERN) if _iteration(p) > iteration]
+    newer = [p for p in folder.glob(CHECKPOINTS) if checkpoint_iteration(p) > iteration]
     target = None
     if newer:
         target = folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -240,7 +244,7 @@ def supersede_checkpoints(folder: Path, iteration: int, resumed: str | None) -> 
         for p in newer:
             p.rename(target / p.name)
     if resumed is not None:
-        _write_atomic(folder / "latest.txt", Path(resumed).name + "\n")
+        write_text_atomic(folder / LATEST, Path(resumed).name + "\n")
     return target
 
 
@@ -274,7 +278,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def resume_point(
-    run: Path, resume_from: str | Path | None, config: dict[str, Any], log: Log
+    run: Path, resume_from: str | Path | None, config: dict[str, Any]
 ) -> tuple[Path, dict[str, Any]] | None:
     """(path, checkpoint) to resume from (``resume_from``, else the newest intact one), or None if the folder has
     none; RunFolderError if all are damaged or its config differs from ``config`` where a resume may not."""
@@ -290,15 +294,15 @@ def resume_point(
         except (ValueError, FileNotFoundError) as e:
             raise RunFolderError(f"--resume-from: {e}") from None
     else:
-        damaged: list[str] = []
-        found = load_latest_checkpoint(run, required=RESUME_KEYS, log=damaged.append)
-        for message in damaged:
-            log(message)
-        if found is None and damaged:
+        latest = load_latest_checkpoint(run, required=RESUME_KEYS)
+        for damaged in latest.damaged:
+            logger.warning("skipping damaged checkpoint: %s; trying an older one", damaged.error)
+        if latest.path is None and latest.damaged:
             raise RunFolderError(
-                f"--resume: no readable checkpoint in {run} ({len(damaged)} damaged); start afresh with --overwrite "
-                "(the folder, damaged checkpoints included, is moved aside)"
+                f"--resume: no readable checkpoint in {run} ({len(latest.damaged)} damaged); start afresh with "
+                "--overwrite (the folder, damaged checkpoints included, is moved aside)"
             )
+        found = None if latest.path is None else (latest.path, latest.checkpoint)
     if found is None:
         return None
     saved = found[1].get("config")
@@ -316,15 +320,6 @@ def resume_point(
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def cut_metrics(folder: Path, iteration: int) -> int:
@@ -350,7 +345,7 @@ def cut_metrics(folder: Path, iteration: int) -> int:
         f.write(json.dumps(marker) + "\n" + "\n".join(cut) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    _write_atomic(path, "".join(line + "\n" for line in keep))
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
     return len(cut)
 
 
@@ -372,7 +367,7 @@ def logged_losses(folder: Path) -> dict[int, float | None]:
 
 def write_classes(folder: Path, class_names: list[str], palette: list) -> None:
     data = {"class_names": list(class_names), "palette": [list(map(int, c)) for c in palette]}
-    _write_atomic(folder / CLASSES, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(folder / CLASSES, json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- after a diverged run

@@ -1,17 +1,19 @@
-"""Set-up of a training run: the run folder, the data (checked), model, optimizer and the resumed state,
-gathered in one ``TrainRun`` that the loop in engine.py uses; and the ways a run ends early.
+"""Set-up of a training run: the run folder, the data (checked), model, optimizer, schedule and the resumed
+state, gathered in one ``TrainRun`` that the loop in train/loop.py uses, with the run's ``Counters``.
 
 Rank 0 takes every decision about the run folder (emanet.train.runs) and the other ranks follow it
-(``on_rank0``): a refusal, a failed check or a failed write is a RunError on every rank, said once.
+(``on_rank0``): a refusal, a failed check or a failed write is a RunError on every rank, said once. Only
+rank 0 logs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from emanet.checkpoint import RESUME_KEYS, load_checkpoint, restore_training_state
+from emanet.checkpoint import RESUME_KEYS, Resumed, load_checkpoint, restore_training_state
 from emanet.config import Config, TrainConfig, save_config
+from emanet.errors import ConfigError, UserError
 from emanet.losses import SegmentationLoss
 from emanet.models.em import EMAUnit, ema_units
 from emanet.models.emanet import build_model
@@ -41,7 +45,10 @@ from emanet.train.distributed import (
     wrap_ddp,
 )
 from emanet.train.runs import (
+    BAD_SAMPLES,
     CONFIG,
+    METRICS,
+    METRICS_CUT,
     cut_metrics,
     os_reason,
     prepare_run_folder,
@@ -50,11 +57,9 @@ from emanet.train.runs import (
     write_classes,
 )
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2  # the run folder, the config or a write refused the run; nothing of an earlier run changed
-EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: checkpoint saved at the current step; resume with --resume
-EXIT_NONFINITE = 4  # non-finite loss (or too many skipped steps); choose a checkpoint with --resume-from
 
 
 class TrainingStopped(RuntimeError):
@@ -67,17 +72,9 @@ class TrainingStopped(RuntimeError):
         self.iteration, self.checkpoint, self.rank = iteration, checkpoint, rank
 
 
-class TrainingInterrupted(TrainingStopped):
-    exit_code = EXIT_INTERRUPTED
-
-
-class NonFiniteLoss(TrainingStopped):
-    exit_code = EXIT_NONFINITE
-
-
 class RunError(TrainingStopped):
     """The run cannot start or go on: run folder in use or holding another run, a config a resume may not
-    take, a failed write. Raised on every rank with rank 0's message."""
+    take, a failed write. Raised on every rank with rank 0's message (``on_rank0``)."""
 
     exit_code = EXIT_USAGE
 
@@ -119,41 +116,64 @@ def poly_factor(step: int, total: int, power: float, warmup: int = 0) -> float:
     return max(0.0, 1.0 - step / total) ** power
 
 
+def poly_schedule(optimizer: torch.optim.Optimizer, cfg: Config, state: dict[str, Any] | None = None) -> LambdaLR:
+    """Each group's rate = optim.lr x lr_mult x poly_factor(iteration), as a LambdaLR; stepped once per iteration.
+
+    ``state``: the schedule's state_dict from a resumed checkpoint, which gives its position (last_epoch). The
+    rates and the decay come from the current config even then: a resume may change optim.lr,
+    optim.warmup_iters and train.iterations (runs.RESUME_MAY_CHANGE), which load_state_dict would undo.
+    """
+    for group in optimizer.param_groups:  # LambdaLR scales each group's initial rate; a resumed optimizer
+        group["initial_lr"] = cfg.optim.lr * group["lr_mult"]  # carries the checkpoint's
+
+    def factor(iteration: int) -> float:
+        return poly_factor(iteration, cfg.train.iterations, cfg.optim.power, cfg.optim.warmup_iters)
+
+    position = 0 if state is None else int(state["last_epoch"])
+    return LambdaLR(optimizer, factor, last_epoch=position - 1)  # its first step() sets the rates at position
+
+
 @dataclass
 class TrainRun:
-    """What set-up builds and the loop, the step and the checkpoints use."""
+    """What set-up builds once and the loop, the step and the checkpoints use."""
 
     cfg: Config
     env: DistEnv
     folder: Path
-    log: Log
     model: nn.Module  # the replica (its state dict, its EM units)
     net: nn.Module  # what the forward calls: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     stream: DataStream
     val_set: Dataset
     class_names: list[str]
     palette: list[list[int]]
+    units: list[EMAUnit]  # their bases blended once per step, after the finite-loss check
+    bn_buffers: list[torch.Tensor]  # restored when a step is skipped
+    bn_stats: list[torch.Tensor]  # averaged over ranks after each step
+
+
+@dataclass
+class Counters:
+    """What changes as the run goes."""
+
     start: int = 0  # the iteration training continues from
     skipped: int = 0  # steps skipped for non-finite losses (train.on_nonfinite=skip)
     consecutive: int = 0  # ... of them in a row, up to now
     seen: int = 0  # images this process read since start (throughput)
-    last_ckpt: str | None = None
-    units: list[EMAUnit] = field(default_factory=list)
-    bn_buffers: list[torch.Tensor] = field(default_factory=list)  # restored when a step is skipped
-    bn_stats: list[torch.Tensor] = field(default_factory=list)  # averaged over ranks after each step
+    last_checkpoint: str | None = None
 
 
 def on_rank0(env: DistEnv, step: int, checkpoint: str | None, action: Callable[[], Any]) -> Any:
-    """Run ``action`` on rank 0; its ValueError (RunFolderError, a config or data check) or OSError becomes a
-    RunError on every rank, said once."""
+    """Run ``action`` on rank 0; its UserError (a run folder, config or data check) or OSError becomes a
+    RunError on every rank, said once. Any other exception is a bug and keeps its traceback."""
     error, value = None, None
     if env.is_main:
         try:
             value = action()
-        except ValueError as e:
+        except UserError as e:
             error = str(e)
         except OSError as e:
             error = f"cannot write {os_reason(e)}"
@@ -171,84 +191,75 @@ def setup(
     resume: bool,
     resume_from: str | Path | None,
     overwrite: bool,
-    log: Log,
-) -> TrainRun:
-    """Run folder -> data (checked) -> model, optimizer -> resume -> the run's files. Nothing is written into
-    the folder before every check passed; ``held`` keeps the folder's lock until the run ends."""
-    t, run, device = cfg.train, Path(cfg.train.out_dir), env.device
+) -> tuple[TrainRun, Counters]:
+    """Run folder -> data (checked) -> model, optimizer -> resume -> schedule -> the run's files. Nothing is written
+    into the folder before every check passed; ``held`` keeps the folder's lock until the run ends."""
+    folder, device = Path(cfg.train.out_dir), env.device
 
     def open_folder():  # rank 0: lock, refuse or move aside an earlier run, stale temporaries, resume point
-        held.callback(prepare_run_folder(run, resume=resume, overwrite=overwrite, log=log).release)
-        return resume_point(run, resume_from, cfg.to_dict(), log) if resume else None
+        held.callback(prepare_run_folder(folder, resume=resume, overwrite=overwrite).release)
+        return resume_point(folder, resume_from, cfg.to_dict()) if resume else None
 
     found = on_rank0(env, 0, None, open_folder)
-    train_set, val_set, class_names, palette = _checked_datasets(cfg, env, log)
-    _seed_for_init(t, device)  # the same seed everywhere: identical initial replicas
-    model, synced_bn = _build_model(cfg, env, log)
-    loader, sampler = _train_loader(train_set, cfg, env, run, log)
+    train_set, val_set, class_names, palette = _checked_datasets(cfg, env)
+    _seed_for_init(cfg.train, device)  # the same seed everywhere: identical initial replicas
+    model, synced_bn = _build_model(cfg, env)
+    loader, sampler = _train_loader(train_set, cfg, env, folder)
     optimizer, scaler, criterion = _optimizer_and_loss(model, cfg, device)
     units, bn_buffers, bn_stats = _step_state(model, cfg, env, synced_bn)
-
-    seed_everything(t.seed + env.rank)  # per-rank streams (dropout); the model is built already
-    start, skipped, position, rng_states, last_ckpt = 0, 0, (0, 0), None, None
-    if resume:  # rank 0 picked the checkpoint, every rank loads it
-        start, skipped, position, rng_states, last_ckpt = _resume(found, model, optimizer, scaler, cfg, env, log)
-        del found
-    broadcast_buffers_(model, env)  # rank 0's buffers everywhere, whatever DDP's init sync does
-    # Buffers are not broadcast on every forward: the EM bases are identical on every rank by construction
-    # (all-reduced update), and re-broadcasting would overwrite the per-rank batch sums that gradient
-    # accumulation collects between forwards. BN statistics are averaged per step instead.
-    net = wrap_ddp(model, device) if env.distributed else model
-    net = maybe_compile(net, t.compile)  # opt-in; checkpoints and evaluation use `model` itself
-    stream = DataStream(loader, sampler, *position)
-    if rng_states is not None:
-        set_rng_state(rng_states, device)
-    _log_layout(cfg, env, stream, run, log)
-    r = TrainRun(
+    seed_everything(cfg.train.seed + env.rank)  # per-rank streams (dropout); the model is built already
+    # rank 0 picked the checkpoint, every rank loads it
+    resumed, counters = _resume(found, model, optimizer, scaler, cfg, env) if resume else (None, Counters())
+    del found  # rank 0's copy of the checkpoint
+    broadcast_buffers_(model, env)  # rank 0's buffers everywhere, once (not on every forward: see wrap_ddp)
+    # compile is opt-in; checkpoints and evaluation use `model` itself
+    net = maybe_compile(wrap_ddp(model, device) if env.distributed else model, cfg.train.compile)
+    stream = DataStream(loader, sampler, *(resumed.position if resumed else (0, 0)))
+    if resumed is not None and resumed.rng is not None:
+        set_rng_state(resumed.rng, device)
+    scheduler = poly_schedule(optimizer, cfg, resumed.scheduler if resumed is not None else None)
+    run = TrainRun(
         cfg,
         env,
-        run,
-        log,
+        folder,
         model,
         net,
         optimizer,
+        scheduler,
         scaler,
         criterion,
         stream,
         val_set,
         class_names,
         palette,
-        start=start,
-        skipped=skipped,
-        last_ckpt=last_ckpt,
-        units=units,
-        bn_buffers=bn_buffers,
-        bn_stats=bn_stats,
+        units,
+        bn_buffers,
+        bn_stats,
     )
     try:
-        on_rank0(env, start, last_ckpt, lambda: _start_run(r, resume))
+        on_rank0(env, counters.start, counters.last_checkpoint, lambda: _start_run(run, counters, resume))
     except BaseException:
         stream.close()
         raise
-    return r
+    return run, counters
 
 
-def _checked_datasets(cfg: Config, env: DistEnv, log: Log) -> tuple[Dataset, Dataset, list[str], list[list[int]]]:
+def _checked_datasets(cfg: Config, env: DistEnv) -> tuple[Dataset, Dataset, list[str], list[list[int]]]:
     """(train set, val set, class names, palette); file lists only, cheap, checked before anything heavy."""
     train_set, val_set = build_datasets(cfg)
     if len(train_set) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
-    on_rank0(env, 0, None, lambda: (check_class_count(cfg, train_set, val_set), check_val_files(val_set, cfg, log)))
+        raise ConfigError(f"the training split '{cfg.data.train_split}' of {cfg.data.dataset} is empty")
+    on_rank0(env, 0, None, lambda: (check_class_count(cfg, train_set, val_set), check_val_files(val_set, cfg)))
     class_names = list(getattr(train_set, "classes", []))
     palette = [list(map(int, c)) for c in getattr(train_set, "palette", [])][: len(class_names)]
     return train_set, val_set, class_names, palette
 
 
-def _seed_for_init(t: TrainConfig, device: torch.device) -> None:
-    if t.deterministic and device.type == "cuda":  # cuBLAS needs this before its first handle
+def _seed_for_init(train: TrainConfig, device: torch.device) -> None:
+    if train.deterministic and device.type == "cuda":  # cuBLAS needs this before its first handle
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    seed_everything(t.seed, t.deterministic)
+    seed_everything(train.seed, train.deterministic)
 
 
 def _step_state(
@@ -264,21 +275,29 @@ def _step_state(
     return units, bn_buffers, bn_statistics(model) if average else []
 
 
-def _log_layout(cfg: Config, env: DistEnv, stream: DataStream, run: Path, log: Log) -> None:
-    t = cfg.train
-    log(
-        f"global batch = per-process batch x processes x accumulation = {t.batch_size} x {env.world_size} x "
-        f"{t.accum_steps} = {t.batch_size * env.world_size * t.accum_steps}"
+def _log_layout(run: TrainRun) -> None:
+    cfg, env = run.cfg, run.env
+    batch, accum = cfg.train.batch_size, cfg.train.accum_steps
+    logger.info(
+        "global batch = per-process batch x processes x accumulation = %d x %d x %d = %d",
+        batch,
+        env.world_size,
+        accum,
+        batch * env.world_size * accum,
     )
-    per_epoch = stream.per_epoch
-    log(f"device {env.device}, precision {t.precision}, {per_epoch} batches per epoch and process, run folder {run}")
+    logger.info(
+        "device %s, precision %s, %d batches per epoch and process, run folder %s",
+        env.device,
+        cfg.train.precision,
+        run.stream.per_epoch,
+        run.folder,
+    )
 
 
 def _optimizer_and_loss(model: nn.Module, cfg: Config, device: torch.device):
-    o = cfg.optim
-    optimizer = torch.optim.SGD(
-        param_groups(model, o.lr, o.weight_decay, o.reference_groups), lr=o.lr, momentum=o.momentum
-    )
+    optim = cfg.optim
+    groups = param_groups(model, optim.lr, optim.weight_decay, optim.reference_groups)
+    optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     criterion = SegmentationLoss(
         ignore_index=cfg.loss.ignore_index,
@@ -288,85 +307,85 @@ def _optimizer_and_loss(model: nn.Module, cfg: Config, device: torch.device):
     return optimizer, scaler, criterion
 
 
-def _resume(found, model, optimizer, scaler, cfg: Config, env: DistEnv, log: Log):
-    """Every rank loads the checkpoint rank 0 chose (``found`` on rank 0): (start, skipped, data position,
-    this rank's RNG state, checkpoint path); from scratch if there is none."""
-    t = cfg.train
+def _resume(found, model, optimizer, scaler, cfg: Config, env: DistEnv) -> tuple[Resumed | None, Counters]:
+    """Every rank loads the checkpoint rank 0 chose (``found`` on rank 0): what it restored and the counters
+    it continues; (None, fresh counters) from scratch if there is none."""
     path = broadcast_object(None if found is None else str(found[0]), env)
     if path is None:
-        log(f"--resume: no checkpoint in {t.out_dir}, starting from scratch")
-        return 0, 0, (0, 0), None, None
+        if env.is_main:
+            logger.info("--resume: no checkpoint in %s, starting from scratch", cfg.train.out_dir)
+        return None, Counters()
     ckpt = found[1] if found is not None else load_checkpoint(path, required=RESUME_KEYS)
-    start, skipped, position, rng, exact = restore_training_state(
-        ckpt,
-        model,
-        optimizer,
-        scaler,
-        batch_size=t.batch_size,
-        accum_steps=t.accum_steps,
-        world_size=env.world_size,
-        rank=env.rank,
+    resumed = restore_training_state(
+        ckpt, model, optimizer, scaler, batch_size=cfg.train.batch_size, world_size=env.world_size, rank=env.rank
     )
-    if not exact:
-        log(
-            "note: the checkpoint was written with another batch size, process count or format; training "
-            "continues from its iteration, but will not repeat an uninterrupted run exactly"
+    if env.is_main and not resumed.exact:
+        logger.warning(
+            "the checkpoint was written with another batch size or process count; training continues from "
+            "its iteration, but will not repeat an uninterrupted run exactly"
         )
-    log(f"resumed from {path} at iteration {start} (epoch {position[0]}, batch {position[1]})")
-    return start, skipped, position, rng, path
+    if env.is_main:
+        epoch, batch = resumed.position
+        logger.info("resumed from %s at iteration %d (epoch %d, batch %d)", path, resumed.iteration, epoch, batch)
+    return resumed, Counters(start=resumed.iteration, skipped=resumed.skipped_steps, last_checkpoint=path)
 
 
-def _build_model(cfg: Config, env: DistEnv, log: Log) -> tuple[nn.Module, bool]:
+def _build_model(cfg: Config, env: DistEnv) -> tuple[nn.Module, bool]:
     model = build_model(cfg.model).to(env.device)
     if env.distributed and cfg.train.sync_bn:
         if env.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            log("BatchNorm -> SyncBatchNorm: statistics over the global batch")
-        else:
-            log(
+            if env.is_main:
+                logger.info("BatchNorm -> SyncBatchNorm: statistics over the global batch")
+        elif env.is_main:
+            logger.warning(
                 "train.sync_bn: SyncBatchNorm needs CUDA; each process normalises with its own batch and the "
                 "running statistics are averaged over processes after every step"
             )
     return model, any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
 
 
-def _train_loader(train_set: Dataset, cfg: Config, env: DistEnv, run: Path, log: Log):
-    t = cfg.train
-    seeded = PerSampleSeed(skip_bad_samples(train_set, cfg, run), t.seed)
-    if not seeded.seeded:
-        log(
-            "note: the training set has no reseed(); augmentation then depends on worker order, and a resumed "
+def _train_loader(train_set: Dataset, cfg: Config, env: DistEnv, folder: Path):
+    train = cfg.train
+    seeded = PerSampleSeed(skip_bad_samples(train_set, cfg, folder / BAD_SAMPLES), train.seed)
+    if not seeded.seeded and env.is_main:
+        logger.warning(
+            "the training set has no reseed(); augmentation then depends on worker order, and a resumed "
             "run does not repeat an uninterrupted one exactly"
         )
-    sampler = ResumableSampler(seeded, num_replicas=env.world_size, rank=env.rank, seed=t.seed)
+    sampler = ResumableSampler(seeded, num_replicas=env.world_size, rank=env.rank, seed=train.seed)
     loader = DataLoader(
         seeded,
-        batch_size=t.batch_size,
+        batch_size=train.batch_size,
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.data.num_workers,
         worker_init_fn=worker_init,
         persistent_workers=cfg.data.num_workers > 0,
         pin_memory=env.device.type == "cuda",
-        generator=torch.Generator().manual_seed(t.seed + env.rank),
+        generator=torch.Generator().manual_seed(train.seed + env.rank),
     )
-    if sampler.num_samples < t.batch_size:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is larger than the {sampler.num_samples} training "
+    if sampler.num_samples < train.batch_size:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} is larger than the {sampler.num_samples} training "
             f"samples per process ({env.world_size} process(es))"
         )
     return loader, sampler
 
 
-def _start_run(r: TrainRun, resume: bool) -> None:
-    """The run starts (rank 0): its config, class names and palette; a resume cuts what came after it."""
-    save_config(r.cfg, r.folder / CONFIG)
-    if r.class_names:
-        write_classes(r.folder, r.class_names, r.palette)
+def _start_run(run: TrainRun, counters: Counters, resume: bool) -> None:
+    """The run starts (rank 0): its layout said, its config, class names and palette written; a resume cuts
+    what came after it."""
+    _log_layout(run)
+    save_config(run.cfg, run.folder / CONFIG)
+    if run.class_names:
+        write_classes(run.folder, run.class_names, run.palette)
     if resume:
-        moved = supersede_checkpoints(r.folder, r.start, r.last_ckpt)
+        moved = supersede_checkpoints(run.folder, counters.start, counters.last_checkpoint)
         if moved:
-            r.log(f"checkpoints after iteration {r.start} moved to {moved}")
-        cut = cut_metrics(r.folder, r.start)
+            logger.info("checkpoints after iteration %d moved to %s", counters.start, moved)
+        cut = cut_metrics(run.folder, counters.start)
         if cut:
-            r.log(f"metrics.jsonl cut back to iteration {r.start}: {cut} later line(s) moved to metrics.cut.jsonl")
+            logger.info(
+                "%s cut back to iteration %d: %d later line(s) moved to %s", METRICS, counters.start, cut, METRICS_CUT
+            )
