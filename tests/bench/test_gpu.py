@@ -1,5 +1,5 @@
-"""emanet/bench/gpu.py: its CPU dry run (tiny shapes) goes through every case and writes both reports, so the
-script cannot rot while no GPU is at hand; the budget skips cases visibly; no GPU is a clear error."""
+"""`emanet bench gpu` (emanet/bench/gpu.py): its CPU dry run (tiny shapes) goes through every case and writes both
+reports, so the code cannot rot while no GPU is at hand; the budget skips cases visibly; no GPU is a clear error."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ import torch
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the dry run must not depend on a GPU being there
     return subprocess.run(
-        [sys.executable, "-m", "emanet.bench.gpu", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "emanet", "bench", "gpu", *args], capture_output=True, text=True, env=env, timeout=600
     )
 
 
 def test_dry_run_measures_every_case_and_writes_both_reports(tmp_path):
     proc = run_script("--dry-run", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
+    assert f"written: {tmp_path / 'gpu_results.md'}" in proc.stdout
+    assert "matmul TFLOP/s" in proc.stderr  # the progress lines are log lines
     result = json.loads((tmp_path / "gpu_results.json").read_text())
     md = (tmp_path / "gpu_results.md").read_text()
     assert result["dry_run"] and "DRY RUN on the CPU" in md
@@ -70,7 +72,7 @@ def test_a_spent_budget_skips_cases_and_says_so(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_without_a_gpu_the_real_run_is_a_clear_error(tmp_path):
     proc = run_script("--out", str(tmp_path))
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "gpu_results.json").exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from emanet.bench.report import format_report
+from emanet.cli.main import main
 
 
 def _result(size: int, predictor_ratio: float) -> dict:
@@ -49,3 +52,11 @@ def test_quick_run_heading_names_the_size_it_ran():
 def test_predictor_target_is_judged_from_the_rows():
     assert "resnet50 fp32: default Predictor / eager forward 0.80 -> met" in format_report(_result(513, 0.8))
     assert "resnet101 fp32: default Predictor / eager forward 0.90 -> MISSED" in format_report(_result(513, 0.9))
+
+
+def test_emanet_bench_report_re_renders_the_committed_table_from_its_json(tmp_path, capsys):
+    committed = Path(__file__).resolve().parents[2] / "benchmarks"
+    (tmp_path / "results.json").write_text((committed / "results.json").read_text())
+    assert main(["bench", "--report", str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+    assert capsys.readouterr().out == f"written: {tmp_path / 'results.md'}\n"

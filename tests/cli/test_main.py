@@ -1,16 +1,54 @@
-"""The command line: flops output, JSON, clean errors for bad arguments, and how the program exits."""
+"""The command line: the parser built from the subcommand modules, flops output, the error boundary (a
+UserError is a message, anything else a traceback), the log handler and its -q/-v, and how the program exits."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
+import emanet.cli.configs
 from emanet.cli import main as cli
 from emanet.cli.main import main
+from emanet.errors import ConfigError
+
+
+def test_every_subcommand_is_bound_to_the_handler_of_its_module():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    names = ["configs", "flops", "train", "eval", "demo", "predict", "study", "push-to-hub", "bench", "check-data"]
+    assert list(sub.choices) == [*names, "convert", "export"]  # `emanet --help` lists them in this order
+    for name, p in sub.choices.items():
+        module = {"eval": "evaluate"}.get(name, name.replace("-", "_"))
+        assert p.get_default("func").__module__ == f"emanet.cli.{module}", name
+    bench = sub.choices["bench"]
+    suites = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    assert {n: p.get_default("func").__name__ for n, p in suites.choices.items()} == {
+        "gpu": "run_gpu",
+        "onnx": "run_onnx",
+    }
+
+
+def test_a_subcommand_without_a_handler_is_refused_when_the_parser_is_built():
+    forgetful = types.SimpleNamespace(register=lambda sub: sub.add_parser("extra"))
+    with pytest.raises(TypeError, match="emanet extra"):
+        cli.build_parser([*cli.COMMANDS, forgetful])
+
+
+def test_bench_runs_the_cpu_suite_and_names_the_others_as_sub_choices():
+    parser = cli.build_parser()
+    cpu = parser.parse_args(["bench", "--out", "x", "--parts", "em", "--quick"])
+    assert (cpu.func.__name__, cpu.out, cpu.parts, cpu.quick) == ("run_cpu", "x", ["em"], True)
+    gpu = parser.parse_args(["bench", "gpu", "--dry-run", "--out", "y", "--budget-s", "5"])
+    assert (gpu.func.__name__, gpu.out, gpu.dry_run, gpu.budget_s) == ("run_gpu", "y", True, 5.0)
+    onnx = parser.parse_args(["bench", "onnx", "--quick", "--threads", "2"])
+    assert (onnx.func.__name__, onnx.out, onnx.quick, onnx.threads) == ("run_onnx", "benchmarks", True, 2)
 
 
 def test_flops_json(capsys):
@@ -31,6 +69,77 @@ def test_bad_value_is_a_message_not_a_traceback(capsys):
     assert main(["flops", "--num-bases", "0"]) == 2
     err = capsys.readouterr().err
     assert "num_bases" in err and "Traceback" not in err
+
+
+def test_a_user_error_is_a_message_and_exit_2(monkeypatch, capsys):
+    def refuse(args):
+        raise ConfigError("--show takes a recipe name")
+
+    monkeypatch.setattr(emanet.cli.configs, "run", refuse)
+    assert main(["configs"]) == 2
+    assert capsys.readouterr().err == "emanet configs: error: --show takes a recipe name\n"
+
+
+def test_a_file_error_names_the_path_and_the_reason(monkeypatch, capsys, tmp_path):
+    def read(args):
+        (tmp_path / "missing.yaml").read_text()
+
+    monkeypatch.setattr(emanet.cli.configs, "run", read)
+    assert main(["configs"]) == 2
+    assert capsys.readouterr().err == f"emanet configs: error: {tmp_path / 'missing.yaml'}: No such file or directory\n"
+
+
+def test_any_other_error_is_a_bug_and_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(emanet.cli.configs, "run", broken)
+    with pytest.raises(ValueError, match="internal shape mismatch"):  # not turned into a message
+        main(["configs"])
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "traceback"),
+    [("emanet.errors.UserError('fix the flag')", 2, False), ("ValueError('a bug')", 1, True)],
+)
+def test_the_program_exits_2_on_a_user_error_and_1_with_a_traceback_on_a_bug(error, code, traceback):
+    program = (
+        "import emanet.cli.configs, emanet.errors\n"
+        "def run(args):\n"
+        f"    raise {error}\n"
+        "emanet.cli.configs.run = run\n"
+        "from emanet.cli.main import run\n"
+        "run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program, "configs"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr
+    assert ("Traceback" in proc.stderr) is traceback, proc.stderr
+    assert ("fix the flag" if code == 2 else "ValueError: a bug") in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [([], ["info", "warning"]), (["-q"], ["warning"]), (["--verbose"], ["debug", "info", "warning"])],
+)
+def test_log_lines_go_to_stderr_through_the_progress_writer_at_the_chosen_level(monkeypatch, capsys, flags, shown):
+    def chatty(args):
+        log = logging.getLogger("emanet.cli.configs")
+        log.debug("debug")
+        log.info("info")
+        log.warning("warning")
+        print("result")
+        return 0
+
+    written = []
+    monkeypatch.setattr(emanet.cli.configs, "run", chatty)
+    monkeypatch.setattr(cli, "write", lambda message, stream: written.append(message) or print(message, file=stream))
+    handlers = list(logging.getLogger("emanet").handlers)
+    assert main([*flags, "configs"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "result\n" and err.splitlines() == shown and written == shown  # plain "%(message)s" lines
+    assert logging.getLogger("emanet").handlers == handlers  # removed again: a second main() logs once
+    assert main(["configs", *flags]) == 0  # the flags also after the command
+    assert capsys.readouterr().err.splitlines() == shown
 
 
 class Exited(Exception):

@@ -32,10 +32,11 @@ def test_demo_config_is_valid_and_cpu_sized():
 
 def test_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
-    summary = run_demo(out, TINY, progress=False, log=lambda s: None)
+    summary = run_demo(out, TINY, progress=False)
     for name in ("report.md", "report.html", "curves.png", "samples.png", "responsibilities.png", "summary.json"):
         assert (out / name).is_file(), name
     text = (out / "report.md").read_text()
     assert "EMANet" in text and "FCN" in text and "bfloat16" in text and "![training curves](curves.png)" in text
-    assert set(summary["mIoU"]) == {"EMANet", "FCN"}
+    assert set(summary["mIoU"]) == {"EMANet", "FCN"} and summary["report"] == out / "report.md"
+    assert "EMANet" in summary["summary"] and "**" not in summary["summary"]
     assert json.loads((out / "summary.json").read_text())["emanet_bf16_mIoU"] >= 0

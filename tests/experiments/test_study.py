@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import emanet.train.loop
+import emanet.experiments.study
 from emanet.experiments.study import BASES_VARIANTS, plan, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,10 +31,6 @@ TINY = [
 ]
 
 
-def quiet(_: str) -> None:
-    pass
-
-
 def test_plan_names_every_variant_and_refuses_bad_values():
     assert [v.name for v in plan("iterations", train_stages=[1, 3], eval_stages=[2])] == ["T1", "T3"]
     assert plan("iterations", train_stages=[3], eval_stages=[1, 5])[0].overrides == ["model.num_stages=3"]
@@ -51,14 +47,12 @@ def test_plan_names_every_variant_and_refuses_bad_values():
 
 def test_iterations_study_writes_the_grid_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     out = tmp_path / "study"
-    args = dict(
-        config="synthetic_toy", overrides=TINY, train_stages=[1, 2], eval_stages=[1, 3], log=quiet, progress=False
-    )
-    real_evaluate, real_train = emanet.train.loop.evaluate, emanet.train.loop.train
+    args = dict(config="synthetic_toy", overrides=TINY, train_stages=[1, 2], eval_stages=[1, 3], progress=False)
+    real_evaluate, real_train = emanet.experiments.study.evaluate, emanet.experiments.study.train
     calls = {"eval": [], "train": 0}
 
     def evaluate(model, dataset, cfg, device, **kw):
-        if cfg.eval.eval_stages is not None:  # a study cell (training's final evaluation has None)
+        if cfg.eval.eval_stages is not None:  # a study cell
             if calls.get("interrupt") and cfg.model.num_stages == 2 and cfg.eval.eval_stages == 3:
                 raise KeyboardInterrupt  # the study is stopped here
             calls["eval"].append((cfg.model.num_stages, cfg.eval.eval_stages))
@@ -68,8 +62,8 @@ def test_iterations_study_writes_the_grid_and_resumes_after_an_interruption(tmp_
         calls["train"] += 1
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(emanet.train.loop, "evaluate", evaluate)
-    monkeypatch.setattr(emanet.train.loop, "train", train)
+    monkeypatch.setattr(emanet.experiments.study, "evaluate", evaluate)
+    monkeypatch.setattr(emanet.experiments.study, "train", train)
     calls["interrupt"] = True
     with pytest.raises(KeyboardInterrupt):
         run_study("iterations", out, **args)

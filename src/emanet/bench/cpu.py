@@ -1,16 +1,16 @@
 """Speed benchmarks (not tests): `emanet bench` runs the parts in order and writes benchmarks/results.md and
 results.json, rewritten after each part so an interrupted run keeps what it measured.
 
-(a) EM attention, C=512, K=64, T=3, B=1 at 33^2..129^2 (bench_em.py): em_attention vs a plain transcription
+(a) EM attention, C=512, K=64, T=3, B=1 at 33^2..129^2 (em.py): em_attention vs a plain transcription
     of the reference loop, the EMAUnit vs the non-local block; inference and training step. Median latency,
     peak memory (a fresh subprocess per case: ru_maxrss over its first call minus the RSS before it),
     achieved FLOP/s, and the machine's float32 / bfloat16 matmul FLOP/s measured in the same run.
-(b) Whole EMANet-R50 and -R101 OS8 at 513x513 (bench_models.py): the eager forward, the prepared model's
+(b) Whole EMANet-R50 and -R101 OS8 at 513x513 (models.py): the eager forward, the prepared model's
     forward and the Predictor's whole call (eager and default = prepared), float32 and bfloat16 autocast (EM
     kept in float32); medians against the lower bound the multiply-adds imply at the measured matmul rate.
-(c) torch.compile (opt-in, bench_models.py): cold compile and steady medians, inference and one training step.
+(c) torch.compile (opt-in, models.py): cold compile and steady medians, inference and one training step.
 
-Variants compared directly run interleaved (one call of each in turn, bench_timing.py) so a noisy, shared
+Variants compared directly run interleaved (one call of each in turn, timing.py) so a noisy, shared
 machine slows them alike; ratios come from the same run. The report is rendered by bench_report.py;
 `python -m emanet.bench.cpu --report results.json` re-renders it.
 """
@@ -18,7 +18,7 @@ machine slows them alike; ratios come from the same run. The report is rendered 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -29,18 +29,21 @@ from emanet.bench.models import bench_compile, bench_model
 from emanet.bench.report import format_report
 from emanet.bench.timing import machine, machine_load, matmul_flops
 
+logger = logging.getLogger(__name__)
+PARTS = ("em", "model", "compile")
+
 
 def run_benchmarks(
     out_dir: str | Path = "benchmarks",
     quick: bool = False,
-    parts=("em", "model", "compile"),
-    log=print,
+    parts=PARTS,
     *,
     memory: bool = True,
     repeats: int = 5,
-) -> dict:
+) -> Path:
     """Run the parts in order; the report is rewritten after each, so an interrupted run keeps what it
-    measured. ``memory``: the per-case peak-memory subprocesses of (a); ``repeats``: of (b)."""
+    measured. ``memory``: the per-case peak-memory subprocesses of (a); ``repeats``: of (b). Returns the
+    report's .md path (the .json lies beside it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "results_quick" if quick else "results"
@@ -48,12 +51,12 @@ def run_benchmarks(
     # is full of denormals that otherwise slow its (N, N) GEMM about 8x here (measured), flattering EM.
     torch.set_flush_denormal(True)
     result: dict = {"machine": machine(), "quick": quick, "load_before": machine_load()}
-    log(f"machine: {result['machine']}, load {result['load_before']}")
+    logger.info(f"machine: {result['machine']}, load {result['load_before']}")
     result["matmul_gflops"] = {
         "float32": matmul_flops(torch.float32) / 1e9,
         "bfloat16": matmul_flops(torch.bfloat16) / 1e9,
     }
-    log(f"matmul 2048^3: {result['matmul_gflops']}")
+    logger.info(f"matmul 2048^3: {result['matmul_gflops']}")
     started = time.perf_counter()
 
     def write(final: bool = False) -> None:
@@ -66,29 +69,20 @@ def run_benchmarks(
         (out / f"{stem}.md").write_text(format_report(result))
 
     if "em" in parts:
-        log("(a) EM attention, C=512 K=64 T=3 B=1")
+        logger.info("(a) EM attention, C=512 K=64 T=3 B=1")
         sizes = (33, 65) if quick else SIZES
-        result["em"] = bench_em(sizes, budget_s=0.5 if quick else 2.0, memory=memory and not quick, log=log)
+        result["em"] = bench_em(sizes, budget_s=0.5 if quick else 2.0, memory=memory and not quick)
         write()
     if "model" in parts:
         size = 129 if quick else 513
-        log(f"(b) EMANet OS8 at {size}x{size}: eager forward, prepared forward, Predictor")
-        result["model"] = bench_model(size=size, repeats=2 if quick else repeats, log=log)
+        logger.info(f"(b) EMANet OS8 at {size}x{size}: eager forward, prepared forward, Predictor")
+        result["model"] = bench_model(size=size, repeats=2 if quick else repeats)
         write()
     if "compile" in parts:
         if quick:
-            log("(c) torch.compile: skipped with --quick (a cold compile alone takes longer than a quick run)")
+            logger.info("(c) torch.compile: skipped with --quick (a cold compile alone takes longer than a quick run)")
         else:
-            log("(c) torch.compile, EMANet-R50")
-            result["compile"] = bench_compile(log=log)
+            logger.info("(c) torch.compile, EMANet-R50")
+            result["compile"] = bench_compile()
     write(final=True)
-    log((out / f"{stem}.md").read_text())
-    return result
-
-
-if __name__ == "__main__":  # python -m emanet.bench.cpu [--quick] | --report results.json
-    if "--report" in sys.argv:  # re-render results.md from a results.json
-        src = Path(sys.argv[sys.argv.index("--report") + 1])
-        (src.parent / "results.md").write_text(format_report(json.loads(src.read_text())))
-    else:
-        run_benchmarks(quick="--quick" in sys.argv)
+    return out / f"{stem}.md"

@@ -9,6 +9,7 @@ minus the RSS before it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -21,6 +22,8 @@ from torch import nn
 from emanet.bench.timing import count_flops, interleaved
 from emanet.models.em import EMAUnit, em_attention
 from emanet.models.heads import NonLocal2d
+
+logger = logging.getLogger(__name__)
 
 C, K, T = 512, 64, 3
 SIZES = (33, 65, 97, 129)
@@ -105,7 +108,7 @@ GROUPS = [  # variants compared directly run interleaved with each other only, s
 ]
 
 
-def bench_em(sizes=SIZES, budget_s: float = 2.0, memory: bool = True, log=print) -> list[dict]:
+def bench_em(sizes=SIZES, budget_s: float = 2.0, memory: bool = True) -> list[dict]:
     rows = []
     for size in sizes:
         for group in GROUPS:
@@ -126,6 +129,6 @@ def bench_em(sizes=SIZES, budget_s: float = 2.0, memory: bool = True, log=print)
                     row["peak_mb"] = probe_memory(variant, size, mode) / 2**20
                 rows.append(row)
                 ms, rate = row["median_ms"], row["gflops_per_s"]
-                log(f"  {size:>4}^2 {variant:<16}{mode:<11}{ms:>10.2f} ms {rate:>8.1f} GFLOP/s")
+                logger.info(f"  {size:>4}^2 {variant:<16}{mode:<11}{ms:>10.2f} ms {rate:>8.1f} GFLOP/s")
             del fns
     return rows

@@ -1,7 +1,7 @@
 """GPU benchmark of EMANet: training throughput and memory, whole-image inference latency, EM attention.
 
-    python -m emanet.bench.gpu                      # one CUDA GPU; writes benchmarks/gpu_results.md and .json
-    python -m emanet.bench.gpu --dry-run --out DIR  # CPU, tiny shapes: checks the script end to end (the tests)
+    emanet bench gpu                      # one CUDA GPU; writes benchmarks/gpu_results.md and .json
+    emanet bench gpu --dry-run --out DIR  # CPU, tiny shapes: checks the code end to end (the tests)
 
 Sized to finish within 6 minutes on one H100/H200 (``--budget-s``, default 330 s of measuring): the cases run
 in priority order and any left when the budget is spent are listed as skipped, never silently dropped.
@@ -21,30 +21,29 @@ in priority order and any left when the budget is spent are listed as skipped, n
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
+import logging
 import platform
-import statistics
 import subprocess
-import sys
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from emanet.bench.timing import count_flops
+from emanet.bench.gpu_report import format_report
+from emanet.bench.timing import Clock, count_flops, count_host_syncs, peak_memory, reset_memory
+from emanet.errors import UserError
 from emanet.losses import SegmentationLoss
 from emanet.models.em import em_attention
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.models.fuse import prepare_for_inference
 from emanet.models.heads import NonLocal2d
 
+logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # mmsegmentation's EMANet Cityscapes table (V100, fp32, ms per image at 1024x2048, whole-image test)
 MMSEG_V100_MS = {
@@ -98,53 +97,6 @@ DRY = Shapes(  # every code path once, in seconds: one tiny ResNet-18 stands in 
     compile_precisions=("bf16",),
     compile_s=0.0,
 )
-
-
-class Clock:
-    """Wall time per call; on CUDA the queue is drained before and after, so a call's kernels count."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def median(self, fn: Callable[[], object], warmup: int, steps: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(steps):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-
-def peak_memory(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def count_host_syncs(device: torch.device, fn: Callable[[], object]) -> int | None:
-    """Synchronising CUDA calls made by ``fn`` (torch.cuda's sync debug mode, one warning per sync)."""
-    if device.type != "cuda":
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def machine(device: torch.device) -> dict:
@@ -376,8 +328,10 @@ def _autocast(device: torch.device, module: nn.Module, x: torch.Tensor) -> torch
 
 
 class Budget:
-    def __init__(self, seconds: float, log: Callable[[str], None]):
-        self.seconds, self.t0, self._log = seconds, time.perf_counter(), log
+    """Seconds of measuring left; its log lines say how far into the budget they were written."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.t0 = seconds, time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -387,21 +341,22 @@ class Budget:
         return self.elapsed() + need > self.seconds
 
     def log(self, message: str) -> None:
-        self._log(f"[{self.elapsed():6.1f} s] {message}")
+        logger.info(f"[{self.elapsed():6.1f} s] {message}")
 
 
-def run(out: Path, *, dry_run: bool, budget_s: float, log: Callable[[str], None] = print) -> dict:
+def run_gpu_benchmark(out: Path, *, dry_run: bool, budget_s: float) -> dict:
+    """Measure (c), (b) then (a) within ``budget_s`` seconds; write gpu_results.json and .md into ``out``."""
     if dry_run:
         device, shapes, backend = torch.device("cpu"), DRY, "eager"  # compile path traced, no code generation
         torch.set_num_threads(1)  # tiny ops: a thread pool costs more than it saves
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("emanet.bench.gpu needs a CUDA GPU (or --dry-run for the CPU check)")
+            raise UserError("emanet bench gpu needs a CUDA GPU (or --dry-run for the CPU check)")
         device, shapes, backend = torch.device("cuda"), GPU, "inductor"
         torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (the EM's GEMMs)
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
-    budget = Budget(budget_s, log)
+    budget = Budget(budget_s)
     clock = Clock(device)
     result: dict = {
         "dry_run": dry_run,
@@ -438,93 +393,3 @@ def run(out: Path, *, dry_run: bool, budget_s: float, log: Callable[[str], None]
     (out / "gpu_results.json").write_text(json.dumps(result, indent=2))
     (out / "gpu_results.md").write_text(format_report(result))
     return result
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_report(r: dict) -> str:
-    m = r["machine"]
-    where = (
-        f"{m.get('gpu')} ({m.get('gpu_memory_gib')} GiB, sm {m.get('sm')}), driver {m.get('driver')}, "
-        f"CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}"
-        if "gpu" in m
-        else f"CPU {m.get('cpu')}"
-    )
-    rates = r["matmul_tflops"]
-    lines = ["# GPU benchmark (emanet.bench.gpu)", ""]
-    if r["dry_run"]:
-        lines += ["**DRY RUN on the CPU with tiny shapes: checks the script, these are not GPU figures.**", ""]
-    lines += [
-        f"Machine: {where}; torch {m['torch']}, Python {m['python']}, {m['date']}. Measured in {r['seconds']:.0f} s "
-        f"(budget {r['budget_s']:.0f} s). Matmul: float32 (TF32 off) {rates['fp32']:.3g} TFLOP/s, bfloat16 "
-        f"{rates['bf16']:.3g} TFLOP/s. Medians of timed calls after warm-up, the device synchronised around each.",
-        "",
-        f"## (a) Training, {r['shapes']['crop'][0]}x{r['shapes']['crop'][1]} crops, 19 classes",
-        "",
-        "| model | batch | precision | channels_last | compiled | images/s | step s | first step s | peak GiB | "
-        "host syncs/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in r["train"]:
-        name = f"EMANet-{row['backbone'].replace('resnet', 'R')}-D8"
-        head = f"| {name} | {row['batch']} | {row['precision']} | {row['channels_last']} | {row['compiled']} |"
-        if "skipped" in row:
-            lines.append(f"{head} skipped ({row['skipped']}) | | | | |")
-            continue
-        lines.append(
-            f"{head} {row['images_per_s']:.2f} | {row['step_s']:.3f} | {row['first_step_s']:.1f} | "
-            f"{_fmt(row['peak_gib'], '.1f')} | {_fmt(row['host_syncs_per_step'], 'd')} |"
-        )
-    h, w = r["shapes"]["image"]
-    lines += [
-        "",
-        f"## (b) Inference, one {h}x{w} image (whole), 19 classes",
-        "",
-        "mmsegmentation's figures: their EMANet Cityscapes table, V100, fp32 (another GPU; context only).",
-        "",
-        "| model | variant | precision | ms | peak GiB | mmseg V100 ms (512x1024 cfg) | (769x769 cfg) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in r["inference"]:
-        name = f"EMANet-{row['backbone'].replace('resnet', 'R')}-D8"
-        if "skipped" in row:
-            lines.append(f"| {name} | {row['variant']} | {row['precision']} | skipped ({row['skipped']}) | | | |")
-            continue
-        lines.append(
-            f"| {name} | {row['variant']} | {row['precision']} | {row['ms']:.1f} | "
-            f"{_fmt(row['peak_gib'], '.2f')} | {_fmt(row['mmseg_v100_ms_512x1024'], '.0f')} | "
-            f"{_fmt(row['mmseg_v100_ms_769x769'], '.0f')} |"
-        )
-    lines += [
-        "",
-        f"## (c) EM attention vs einsum vs non-local (C={r['shapes']['channels']}, K={r['shapes']['num_bases']}, T=3)",
-        "",
-        "| size | batch | variant | precision | ms | GFLOP | TFLOP/s | % of matmul (same precision) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in r["em"]:
-        head = f"| {row['size']}^2 | {row['batch']} | {row['variant']} | {row['precision']} |"
-        if "skipped" in row:
-            lines.append(f"{head} skipped ({row['skipped']}) | | | |")
-            continue
-        lines.append(
-            f"{head} {row['ms']:.3f} | {row['gflop']:.2f} | {row['tflops']:.2f} | {row['pct_of_matmul']:.0f}% |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for gpu_results.*")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check the script end to end")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="seconds of measuring before skipping")
-    args = parser.parse_args(argv)
-    result = run(Path(args.out), dry_run=args.dry_run, budget_s=args.budget_s)
-    print(f"written: {Path(args.out) / 'gpu_results.md'} ({result['seconds']:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

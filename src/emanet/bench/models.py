@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import time
 from collections.abc import Callable
 
@@ -16,15 +17,21 @@ import torch
 from torch import nn
 
 from emanet.bench.timing import interleaved
+from emanet.config import Config
+from emanet.deploy.predict import Predictor
+from emanet.flops import count_model
+from emanet.losses import SegmentationLoss
+from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.fuse import prepare_for_inference
+from emanet.runtime import maybe_compile
 
+logger = logging.getLogger(__name__)
 MODEL_BACKBONES = ("resnet50", "resnet101")
 
 
 def calibrated_model(backbone: str = "resnet101", **overrides) -> nn.Module:
     """A randomly initialised EMANet (deep stem, OS8, K=64, T=3), BN statistics calibrated on one small
     batch so activations have realistic scales; eval mode."""
-    from emanet.models.emanet import ModelConfig, build_model
-
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, **overrides))
     for m in model.modules():
@@ -35,20 +42,14 @@ def calibrated_model(backbone: str = "resnet101", **overrides) -> nn.Module:
     return model.eval()
 
 
-def bench_model(size: int = 513, repeats: int = 5, backbones=MODEL_BACKBONES, log=print) -> list[dict]:
+def bench_model(size: int = 513, repeats: int = 5, backbones=MODEL_BACKBONES) -> list[dict]:
     """Per backbone, interleaved: the eager forward, the prepared model's forward, and the whole Predictor
     call (preprocessing, forward, softmax, argmax) on a size x size image, eager (prepare=False) and default
     (prepared), in float32 and bfloat16 autocast."""
-    return [row for backbone in backbones for row in _bench_backbone(backbone, size, repeats, log)]
+    return [row for backbone in backbones for row in _bench_backbone(backbone, size, repeats)]
 
 
-def _bench_backbone(backbone: str, size: int, repeats: int, log) -> list[dict]:
-    from emanet.config import Config
-    from emanet.deploy.predict import Predictor
-    from emanet.flops import count_model
-    from emanet.models.emanet import ModelConfig
-    from emanet.models.fuse import prepare_for_inference
-
+def _bench_backbone(backbone: str, size: int, repeats: int) -> list[dict]:
     model = calibrated_model(backbone)
     macs = count_model(model, (size, size)).total.macs
     cfg = Config()
@@ -100,21 +101,19 @@ def _bench_backbone(backbone: str, size: int, repeats: int, log) -> list[dict]:
                 "label_agreement_vs_eager_fp32": agree,
             }
         )
-        log(f"  {backbone} {p} {variant:<30}{t:>8.3f} s  {t / eager:.2f}x eager forward  labels {agree:.4f}")
+        logger.info(f"  {backbone} {p} {variant:<30}{t:>8.3f} s  {t / eager:.2f}x eager forward  labels {agree:.4f}")
     return rows
 
 
 # ----------------------------------------------------------------------------- torch.compile
 
 
-def bench_compile(
-    size: int = 513, train_size: int = 129, repeats: int = 3, backbone: str = "resnet50", log=print
-) -> list[dict]:
+def bench_compile(size: int = 513, train_size: int = 129, repeats: int = 3, backbone: str = "resnet50") -> list[dict]:
     """What the opt-in --compile buys on this CPU: cold compile (first call) and steady medians of
     (i) the prepared model's forward at size x size, float32 and bfloat16 autocast, compiled vs not, and
     (ii) one training step (forward, loss, backward, SGD) at batch 2 x train_size^2, compiled vs not."""
-    rows = _compile_forward_rows(backbone, size, repeats, log)  # frees its models before the training step
-    return rows + [_compile_train_row(backbone, train_size, repeats, log)]
+    rows = _compile_forward_rows(backbone, size, repeats)  # frees its models before the training step
+    return rows + [_compile_train_row(backbone, train_size, repeats)]
 
 
 def _first_call_s(fn: Callable[[], object]) -> float:
@@ -124,9 +123,10 @@ def _first_call_s(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _compile_row(case: str, precision: str, med: dict, cold: float, rel_diff: float | None, log) -> dict:
+def _compile_row(case: str, precision: str, med: dict, cold: float, rel_diff: float | None) -> dict:
     """A (c) row's timings (without its case), logged as one line."""
-    log(f"  compile {case}: eager {med['eager']:.3f} s, compiled {med['compiled']:.3f} s, first call {cold:.1f} s")
+    eager, compiled = med["eager"], med["compiled"]
+    logger.info(f"  compile {case}: eager {eager:.3f} s, compiled {compiled:.3f} s, first call {cold:.1f} s")
     return {
         "precision": precision,
         "eager_s": med["eager"],
@@ -136,11 +136,8 @@ def _compile_row(case: str, precision: str, med: dict, cold: float, rel_diff: fl
     }
 
 
-def _compile_forward_rows(backbone: str, size: int, repeats: int, log) -> list[dict]:
+def _compile_forward_rows(backbone: str, size: int, repeats: int) -> list[dict]:
     """(i): the prepared model's forward on one size x size input, compiled vs not, float32 then bfloat16."""
-    from emanet.models.fuse import prepare_for_inference
-    from emanet.runtime import maybe_compile
-
     fast = prepare_for_inference(calibrated_model(backbone))
     compiled = maybe_compile(fast, True)
     x = torch.randn(1, 3, size, size)
@@ -160,16 +157,13 @@ def _compile_forward_rows(backbone: str, size: int, repeats: int, log) -> list[d
             budget_s=repeats * 3.0,
             max_repeats=repeats,
         )
-        row = _compile_row(f"{backbone} forward {p}", p, med, cold, rel, log)
+        row = _compile_row(f"{backbone} forward {p}", p, med, cold, rel)
         rows.append({"case": f"prepared {backbone} forward {size}x{size}", **row})
     return rows
 
 
-def _compile_train_row(backbone: str, train_size: int, repeats: int, log) -> dict:
+def _compile_train_row(backbone: str, train_size: int, repeats: int) -> dict:
     """(ii): one training step (forward, loss, backward, SGD) at batch 2 x train_size^2, compiled vs not."""
-    from emanet.losses import SegmentationLoss
-    from emanet.runtime import maybe_compile
-
     torch.manual_seed(0)
     model = calibrated_model(backbone).train()
     criterion = SegmentationLoss(reduction="all")
@@ -189,5 +183,5 @@ def _compile_train_row(backbone: str, train_size: int, repeats: int, log) -> dic
     med = interleaved(
         {"eager": lambda: step(model), "compiled": lambda: step(net)}, budget_s=repeats * 3.0, max_repeats=repeats
     )
-    row = _compile_row(f"{backbone} train step", "fp32", med, cold, None, log)
+    row = _compile_row(f"{backbone} train step", "fp32", med, cold, None)
     return {"case": f"{backbone} train step, batch 2 x {train_size}x{train_size}", **row}

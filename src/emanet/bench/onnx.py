@@ -1,8 +1,8 @@
 """Eager PyTorch vs onnxruntime on CPU: writes benchmarks/onnx_results.md and onnx_results.json.
 
-    python -m emanet.bench.onnx [--quick] [--out benchmarks]
+    emanet bench onnx [--quick] [--out benchmarks]
 
-Cases: the demo model (emanet.experiments.demo DEMO_OVERRIDES) at its crop size (data.crop_size), and
+Cases: the demo model (`emanet demo`'s config, which the command passes in) at its crop size, and
 EMANet-ResNet-50 (reference layout: deep stem, OS8, 512 channels, K=64, T=3, 21 classes) at 512x512; batch 1,
 random weights with BN statistics calibrated on one random batch (so activations have a trained network's scale).
 Variants: eager float32 (inference_mode), eager with BatchNorm folded into the convs (models/fuse.py), and
@@ -14,14 +14,13 @@ gives medians and ratios of medians against eager float32.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
+import logging
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from emanet.bench.cpu import machine
+from emanet.bench.timing import machine
+from emanet.config import Config
 from emanet.deploy.export import export_onnx
-from emanet.experiments.demo import demo_config
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.models.fuse import prepare_for_inference
+
+logger = logging.getLogger(__name__)
 
 
 def calibrated(cfg: ModelConfig, size: int = 65) -> nn.Module:
@@ -66,8 +67,39 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _interleaved_medians(fns: dict, repeats: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and fastest seconds per call, the variants taking turns (who goes first rotates each round);
+    ``warmup`` - 1 more rounds first (the caller's parity call was the first)."""
+    for _ in range(warmup - 1):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
+
+
+def _parity(outputs: dict[str, np.ndarray], model: nn.Module, x: torch.Tensor) -> dict:
+    """Each variant's logits against eager float32, and against a float64 run of the same model."""
+    ref = outputs["eager fp32"]
+    with torch.inference_mode():  # float32 rounding of each variant, against a float64 run of the same model
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
+    return {
+        "max_abs_diff_vs_eager": {k: float(np.abs(v - ref).max()) for k, v in outputs.items() if k != "eager fp32"},
+        "max_abs_diff_vs_float64": {k: float(np.abs(v - exact).max()) for k, v in outputs.items()},
+        "same_argmax_vs_eager": {
+            k: float((v.argmax(1) == ref.argmax(1)).mean()) for k, v in outputs.items() if k != "eager fp32"
+        },
+        "max_abs_logit": float(np.abs(ref).max()),
+    }
+
+
 def run_case(
-    name: str, cfg: ModelConfig, shape: tuple[int, ...], repeats: int, warmup: int, threads: int, tmp: Path, log
+    name: str, cfg: ModelConfig, shape: tuple[int, ...], repeats: int, warmup: int, threads: int, tmp: Path
 ) -> dict:
     t_case = time.perf_counter()
     torch.set_num_threads(threads)
@@ -93,23 +125,8 @@ def run_case(
         "onnxruntime": lambda: sess.run(["logits"], {"image": xn})[0],
     }
     outputs = {k: np.asarray(fn()) for k, fn in fns.items()}  # first warm-up call; also the parity figures
-    ref = outputs["eager fp32"]
-    with torch.inference_mode():  # float32 rounding of each variant, against a float64 run of the same model
-        exact = copy.deepcopy(model).double()(x.double()).numpy()
-    diffs = {k: float(np.abs(v - ref).max()) for k, v in outputs.items() if k != "eager fp32"}
-    diffs64 = {k: float(np.abs(v - exact).max()) for k, v in outputs.items()}
-    agree = {k: float((v.argmax(1) == ref.argmax(1)).mean()) for k, v in outputs.items() if k != "eager fp32"}
-    for _ in range(warmup - 1):
-        for fn in fns.values():
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        for k in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    parity = _parity(outputs, model, x)
+    med, fastest = _interleaved_medians(fns, repeats, warmup)
     result = {
         "case": name,
         "threads": threads,
@@ -121,16 +138,14 @@ def run_case(
         "repeats": repeats,
         "warmup": warmup,
         "median_ms": {k: 1e3 * v for k, v in med.items()},
-        "min_ms": {k: 1e3 * min(v) for k, v in times.items()},
-        "ratio_vs_eager": {k: med[k] / med["eager fp32"] for k in names},
-        "max_abs_diff_vs_eager": diffs,
-        "max_abs_diff_vs_float64": diffs64,
-        "same_argmax_vs_eager": agree,
-        "max_abs_logit": float(np.abs(ref).max()),
+        "min_ms": {k: 1e3 * v for k, v in fastest.items()},
+        "ratio_vs_eager": {k: med[k] / med["eager fp32"] for k in fns},
+        **parity,
         "case_s": time.perf_counter() - t_case,
     }
     times_ms = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
-    log(f"{name} ({threads} thr.): {times_ms} (onnxruntime/eager {result['ratio_vs_eager']['onnxruntime']:.2f}x)")
+    ratio = result["ratio_vs_eager"]["onnxruntime"]
+    logger.info(f"{name} ({threads} thr.): {times_ms} (onnxruntime/eager {ratio:.2f}x)")
     return result
 
 
@@ -165,7 +180,7 @@ def render(data: dict) -> str:
         f"before, {data['load_after'][0]:.1f} after), so absolute times are noisy; ratios come from interleaved "
         f"calls in the same run. torch {m['torch']}, onnxruntime {data['onnxruntime']}, Python {m['python']}, "
         f"the same thread count for both (onnxruntime intra-op, no spinning), denormals flushed in both, "
-        f"{m['date']}. Script: `python -m emanet.bench.onnx` ({data['wall_s']:.0f} s).",
+        f"{m['date']}. Command: `emanet bench onnx` ({data['wall_s']:.0f} s).",
         "",
         "| case | input | threads | variant | median ms | min ms | vs eager fp32 | max abs diff: vs eager fp32 "
         "| vs float64 | same argmax as eager fp32 |",
@@ -201,28 +216,24 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent), help="folder for the results")
-    parser.add_argument("--quick", action="store_true", help="the demo model only, few repeats (a smoke run)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for both runtimes")
-    args = parser.parse_args(argv)
+def run_onnx_benchmark(out: Path, *, demo: Config, quick: bool, threads: int) -> tuple[Path, float]:
+    """Run the cases and write ``out``/onnx_results(_quick).md and .json; returns their common stem
+    (without suffix) and the seconds taken. ``demo``: the demo's config, whose model is the first case."""
     import onnxruntime
 
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
     load_before = os.getloadavg()
-    demo_cfg = demo_config()
-    demo, side = demo_cfg.model, demo_cfg.data.crop_size
+    demo_model, side = demo.model, demo.data.crop_size
     # (name, model, input, repeats, warm-up calls, threads); the demo also on one thread, where a busy
     # machine cannot stall a parallel region waiting for a second core
-    cases = [("demo", demo, (1, 3, side, side), 10 if args.quick else 30, 3, args.threads)]
-    if not args.quick:
-        cases.append(("demo", demo, (1, 3, side, side), 30, 3, 1))
+    cases = [("demo", demo_model, (1, 3, side, side), 10 if quick else 30, 3, threads)]
+    if not quick:
+        cases.append(("demo", demo_model, (1, 3, side, side), 30, 3, 1))
         r50 = ModelConfig(arch="emanet", backbone="resnet50", num_classes=21)
-        cases.append(("emanet_resnet50", r50, (1, 3, 512, 512), 5, 1, args.threads))
+        cases.append(("emanet_resnet50", r50, (1, 3, 512, 512), 5, 1, threads))
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_case(*case, tmp=Path(tmp), log=print) for case in cases]
+        results = [run_case(*case, tmp=Path(tmp)) for case in cases]
     data = {
         "machine": machine(),
         "lscpu": lscpu(),
@@ -233,14 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "cases": results,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "onnx_results_quick" if args.quick else "onnx_results"
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
-    (out / f"{stem}.md").write_text(render(data))
-    print(f"written: {out / stem}.md/.json ({data['wall_s']:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    stem = out / ("onnx_results_quick" if quick else "onnx_results")
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text(render(data))
+    return stem, data["wall_s"]

@@ -1,5 +1,6 @@
 """Measuring primitives of the benchmarks: the machine and its load, median seconds of a call and of calls
-taken in turn (interleaved), the machine's matmul FLOP/s, and FLOP counts of a call."""
+taken in turn (interleaved), the machine's matmul FLOP/s, and FLOP counts of a call; for a CUDA device, a
+clock that drains the queue around each call, peak memory and host syncs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,3 +86,53 @@ def machine_load() -> dict:
     except (OSError, ValueError):
         return {}
     return {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen}
+
+
+# ----------------------------------------------------------------------------- on a device (the GPU benchmark)
+
+
+class Clock:
+    """Wall time per call; on CUDA the queue is drained before and after, so a call's kernels count."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median(self, fn: Callable[[], object], warmup: int, steps: int) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_host_syncs(device: torch.device, fn: Callable[[], object]) -> int | None:
+    """Synchronising CUDA calls made by ``fn`` (torch.cuda's sync debug mode, one warning per sync)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,12 @@ import torch
 from emanet.config import Config, load_config
 from emanet.deploy.attention_maps import capture_attention
 from emanet.evaluation import evaluate
+from emanet.experiments import report
 from emanet.runtime import select_device
 from emanet.train.data import build_datasets
 from emanet.train.loop import train
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 DEMO_OVERRIDES = [
     # ResNet-10 (one block per stage), width 16, output stride 8: 22x22 feature maps for 176x176 scenes; its
@@ -105,14 +106,14 @@ def _pooling_figures(models: dict[str, torch.nn.Module], val, n: int) -> dict[st
     return out
 
 
-def _train_both(base: Config, out: Path, *, progress: bool, log: Log) -> dict[str, dict[str, Any]]:
+def _train_both(base: Config, out: Path, *, progress: bool) -> dict[str, dict[str, Any]]:
     """EMANet and the FCN trained from the same config into ``out``/runs/<arch>."""
     runs: dict[str, dict[str, Any]] = {}
     for name, arch in (("EMANet", "emanet"), ("FCN", "fcn")):
         cfg = copy.deepcopy(base)
         cfg.model = dataclasses.replace(cfg.model, arch=arch)
         cfg.train.out_dir = str(out / "runs" / arch)
-        log(f"== training {name} ({cfg.train.iterations} iterations, batch {cfg.train.batch_size})")
+        logger.info(f"== training {name} ({cfg.train.iterations} iterations, batch {cfg.train.batch_size})")
         t0 = time.perf_counter()
         runs[name] = train(cfg, progress=progress, overwrite=True)  # a new demo replaces the last one
         runs[name]["seconds"] = time.perf_counter() - t0
@@ -130,8 +131,6 @@ def _bf16_miou(ema: dict[str, Any], val) -> float:
 
 def _write_figures(runs: dict[str, dict[str, Any]], val, out: Path):
     """curves.png, samples.png and responsibilities.png; returns the bases shown, heaviest first."""
-    from emanet.experiments import report
-
     report.plot_curves(
         {n: report.read_metrics(Path(r["run"]) / "metrics.jsonl") for n, r in runs.items()}, out / "curves.png"
     )
@@ -194,8 +193,6 @@ def _bases_text(val, m, pooling: dict[str, float], chosen, gap: float) -> str:
 
 def _write_report(out: Path, runs: dict[str, dict[str, Any]], val, summary: str, why: str) -> Path:
     """report.md (+ report.html): the result, the per-class table and the figures."""
-    from emanet.experiments import report
-
     names = list(runs)
     rows = []
     for c, cls in enumerate(val.classes):
@@ -218,14 +215,17 @@ def run_demo(
     config_path: str | None = None,
     *,
     progress: bool = True,
-    log: Log = print,
 ) -> dict[str, Any]:
-    """Train both models, measure them, and write the report, its figures and summary.json into ``out_dir``."""
+    """Train both models, measure them, and write the report, its figures and summary.json into ``out_dir``.
+
+    Returns summary.json's figures, plus ``summary`` (the result in a few sentences) and ``report`` (the
+    report.md path) for the caller to show.
+    """
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = demo_config(overrides, config_path)
-    runs = _train_both(base, out, progress=progress, log=log)
+    runs = _train_both(base, out, progress=progress)
     _, val = build_datasets(runs["EMANet"]["config"])
     bf16_miou = _bf16_miou(runs["EMANet"], val)
     chosen = _write_figures(runs, val, out)
@@ -243,9 +243,7 @@ def run_demo(
         "pooling": pooling,
     }
     (out / "summary.json").write_text(json.dumps(summary_json, indent=2))
-    log(summary.replace("**", ""))
-    log(f"report: {path.resolve()} (and report.html)")
-    return summary_json
+    return {**summary_json, "summary": summary.replace("**", ""), "report": path}
 
 
 def _pct(x: float | None) -> str:

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
+from emanet.errors import ConfigError
 from emanet.experiments.report import _figure, _save
 
 ANNOTATE_UP_TO = 25  # classes; beyond this the cells are too small for numbers
 
 
 def require_matplotlib() -> None:
-    """Raise a ValueError saying how to install the extra (call it before a long evaluation)."""
+    """Raise a ConfigError saying how to install the extra (call it before a long evaluation)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install emanet[report]") from None
+        raise ConfigError("--plot needs matplotlib: pip install emanet[report]") from None
 
 
 def normalise_rows(matrix) -> np.ndarray:

@@ -15,16 +15,25 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from emanet.config import Config
+from emanet.config import Config, load_config
+from emanet.errors import ConfigError, RunFolderError
+from emanet.evaluation import evaluate
+from emanet.experiments import plots
+from emanet.experiments.report import markdown_table
+from emanet.pretrained import load_model
+from emanet.runtime import select_device
+from emanet.train.data import build_datasets
+from emanet.train.loop import train
+
+logger = logging.getLogger(__name__)
 
 STUDIES = ("iterations", "bases")
 TRAIN_STAGES = (1, 2, 3, 4, 5)  # the paper's Fig. 4 trains T = 1..5 (accuracy saturates at T_train = 3)
@@ -47,8 +56,6 @@ BASES_LABELS = {
     "ema_grad_last": "moving average + gradient through the last stage",
 }
 
-Log = Callable[[str], None]
-
 
 @dataclass
 class Variant:
@@ -61,7 +68,7 @@ def plan(kind: str, *, train_stages=TRAIN_STAGES, eval_stages=EVAL_STAGES, varia
     if kind == "iterations":
         bad = [t for t in (*train_stages, *eval_stages) if t < 1]
         if bad or not train_stages or not eval_stages:
-            raise ValueError(
+            raise ConfigError(
                 f"--train-stages and --eval-stages need numbers >= 1, got {list(train_stages)} and {list(eval_stages)}"
             )
         return [Variant(f"T{t}", [f"model.num_stages={t}"], list(eval_stages)) for t in train_stages]
@@ -69,9 +76,9 @@ def plan(kind: str, *, train_stages=TRAIN_STAGES, eval_stages=EVAL_STAGES, varia
         names = list(variants or BASES_VARIANTS)
         unknown = [n for n in names if n not in BASES_VARIANTS]
         if unknown:
-            raise ValueError(f"unknown bases variant(s) {unknown}; choose from {', '.join(BASES_VARIANTS)}")
+            raise ConfigError(f"unknown bases variant(s) {unknown}; choose from {', '.join(BASES_VARIANTS)}")
         return [Variant(n, list(BASES_VARIANTS[n]), [None]) for n in names]
-    raise ValueError(f"unknown study {kind!r}; choose from {', '.join(STUDIES)}")
+    raise ConfigError(f"unknown study {kind!r}; choose from {', '.join(STUDIES)}")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -117,7 +124,7 @@ def _existing_runs(existing_runs: dict[str, str] | None, todo: list[Variant]) ->
     existing = {k: Path(v) for k, v in (existing_runs or {}).items()}
     unknown = [k for k in existing if k not in {v.name for v in todo}]
     if unknown:
-        raise ValueError(f"--run names {unknown} are not variants of this study ({', '.join(v.name for v in todo)})")
+        raise ConfigError(f"--run names {unknown} are not variants of this study ({', '.join(v.name for v in todo)})")
     for name, path in existing.items():
         if not path.exists():
             raise FileNotFoundError(f"--run {name}={path}: no such run folder, checkpoint or model folder")
@@ -131,7 +138,7 @@ def _start_folder(out: Path, spec: dict[str, Any]) -> None:
     if spec_path.is_file():
         before = json.loads(spec_path.read_text())
         if before != spec:
-            raise ValueError(
+            raise RunFolderError(
                 f"{out} holds a study started with other settings ({spec_path}); continue it with the "
                 "same arguments, or give another --out"
             )
@@ -140,14 +147,12 @@ def _start_folder(out: Path, spec: dict[str, Any]) -> None:
 
 
 def _train_variant(
-    kind: str, v: Variant, config: Config, run: Path, timing: dict[str, float], *, progress: bool, log: Log
+    kind: str, v: Variant, config: Config, run: Path, timing: dict[str, float], *, progress: bool
 ) -> None:
     """Train one variant into ``run`` (resuming an interrupted run), adding its time to ``timing``."""
-    from emanet.train.loop import train
-
     cfg = copy.deepcopy(config)
     cfg.train.out_dir = str(run)
-    log(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
+    logger.info(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
     t0 = time.perf_counter()
     train(cfg, resume=True, progress=progress)
     timing[f"train {v.name}"] = timing.get(f"train {v.name}", 0.0) + time.perf_counter() - t0
@@ -162,14 +167,8 @@ def _evaluate_cells(
     *,
     max_images: int,
     progress: bool,
-    log: Log,
 ) -> None:
     """Evaluate ``run`` at each T_eval of ``missing``, saving results.json after each cell."""
-    from emanet.evaluation import evaluate
-    from emanet.pretrained import load_model
-    from emanet.runtime import select_device
-    from emanet.train.data import build_datasets
-
     cells, timing = results["cells"], results["seconds"]
     loaded = load_model(run)
     cfg = loaded.config
@@ -187,7 +186,8 @@ def _evaluate_cells(
             "T_train": cfg.model.num_stages,
             "images": res["images"],
         }
-        log(f"{v.name} T_eval={t if t is not None else cfg.model.num_stages}: mIoU {100 * float(res['mIoU']):.2f}")
+        t_eval = t if t is not None else cfg.model.num_stages
+        logger.info(f"{v.name} T_eval={t_eval}: mIoU {100 * float(res['mIoU']):.2f}")
         _write_json(results_path, results)
 
 
@@ -203,12 +203,9 @@ def run_study(
     existing_runs: dict[str, str] | None = None,
     max_images: int = 0,
     progress: bool = True,
-    log: Log = print,
     argv: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or take) every variant, evaluate every cell, write the table, figure and commands into ``out``."""
-    from emanet.config import load_config
-
     out = Path(out)
     todo = plan(kind, train_stages=train_stages, eval_stages=eval_stages, variants=variants)
     existing = _existing_runs(existing_runs, todo)
@@ -231,11 +228,11 @@ def run_study(
     for v in todo:
         run = runs[v.name]
         if v.name not in existing and not (run / "eval.json").is_file():  # finished runs end with eval.json
-            _train_variant(kind, v, configs[v.name], run, timing, progress=progress, log=log)
+            _train_variant(kind, v, configs[v.name], run, timing, progress=progress)
             _write_json(results_path, results)
         missing = [t for t in v.eval_stages if str(t) not in cells.get(v.name, {})]
         if missing:
-            _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress, log=log)
+            _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress)
     results["table"] = write_outputs(kind, out, todo, cells)
     _write_json(results_path, results)
     return results
@@ -247,8 +244,6 @@ def _pct(x: float | None) -> str:
 
 def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str, dict[str, Any]]) -> str:
     """table.md and the figure (iterations.png heatmap / bases.png bars; skipped without matplotlib)."""
-    from emanet.experiments.report import markdown_table
-
     if kind == "iterations":
         stages = sorted({t for v in variants for t in v.eval_stages})
         header = ["T_train \\ T_eval", *map(str, stages)]
@@ -275,8 +270,6 @@ def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str
         figure, caption = "bases.png", "mIoU (%) by bases maintenance and gradient"
     table = markdown_table(header, rows)
     try:
-        from emanet.experiments import plots
-
         if kind == "iterations":
             grid = [[100 * cells[v.name][str(t)]["mIoU"] for t in stages] for v in variants]
             plots.plot_stage_grid(grid, [r[0] for r in rows], stages, out / figure)

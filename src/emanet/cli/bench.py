@@ -1,0 +1,73 @@
+"""`emanet bench`: the CPU speed suite; `emanet bench gpu` and `emanet bench onnx` run the other two.
+
+The measuring code lives in emanet.bench (cpu.py, gpu.py, onnx.py); here are their flags. Progress goes to
+the log (stderr), the finished table and the files written to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from emanet.bench.cpu import PARTS, run_benchmarks
+from emanet.bench.gpu import run_gpu_benchmark
+from emanet.bench.onnx import run_onnx_benchmark
+from emanet.bench.report import format_report
+from emanet.deploy.export import OnnxNotInstalled, require_onnx
+from emanet.errors import UserError
+from emanet.experiments.demo import demo_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")
+    p.add_argument("--out", default="benchmarks", help="folder for results.md / results.json (default: benchmarks)")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="what to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a smoke run)")
+    p.add_argument(
+        "--report", metavar="JSON", help="re-render the .md beside a results .json (measures nothing: no other flag)"
+    )
+    p.set_defaults(func=run_cpu)
+    suites = p.add_subparsers(dest="suite", help="another suite instead of the CPU one")
+    gpu = suites.add_parser("gpu", help="training, inference and EM attention on one CUDA GPU (within ~6 minutes)")
+    gpu.add_argument("--out", default="benchmarks", help="folder for gpu_results.* (default: benchmarks)")
+    gpu.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check the script end to end")
+    gpu.add_argument("--budget-s", type=float, default=330.0, help="seconds of measuring before skipping")
+    gpu.set_defaults(func=run_gpu)
+    onnx = suites.add_parser("onnx", help="eager PyTorch vs onnxruntime on the CPU (pip install emanet[onnx])")
+    onnx.add_argument("--out", default="benchmarks", help="folder for the results (default: benchmarks)")
+    onnx.add_argument("--quick", action="store_true", help="the demo model only, few repeats (a smoke run)")
+    onnx.add_argument("--threads", type=int, help="threads for both runtimes (default: torch's)")
+    onnx.set_defaults(func=run_onnx)
+
+
+def run_cpu(args: argparse.Namespace) -> int:
+    if args.report:
+        src = Path(args.report)
+        out = src.with_suffix(".md")
+        out.write_text(format_report(json.loads(src.read_text())))
+        print(f"written: {out}")
+        return 0
+    md = run_benchmarks(out_dir=args.out, quick=args.quick, parts=args.parts)
+    print(md.read_text())
+    print(f"written: {md}, {md.with_suffix('.json')}")
+    return 0
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    result = run_gpu_benchmark(Path(args.out), dry_run=args.dry_run, budget_s=args.budget_s)
+    print(f"written: {Path(args.out) / 'gpu_results.md'} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    try:
+        require_onnx("onnx", "onnxruntime")
+    except OnnxNotInstalled as e:  # a missing extra: say which to install, no traceback
+        raise UserError(str(e)) from None
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    stem, wall_s = run_onnx_benchmark(Path(args.out), demo=demo_config(), quick=args.quick, threads=threads)
+    print(f"written: {stem}.md/.json ({wall_s:.0f} s)")
+    return 0

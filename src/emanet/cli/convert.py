@@ -1,0 +1,47 @@
+"""`emanet convert`: import a checkpoint of the EMANet reference, mmsegmentation or an ImageNet backbone."""
+
+from __future__ import annotations
+
+import argparse
+
+from emanet.convert.checkpoints import convert
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="import a checkpoint from the EMANet reference, mmsegmentation or an "
+        "ImageNet backbone file (docs/convert.md)",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone"),
+        help="source format: full models (reference, mmseg) or ImageNet backbones",
+    )
+    p.add_argument("src", help="the checkpoint to convert (.pth/.pt/.safetensors)")
+    p.add_argument("dst", help="a model folder (full models) or a .safetensors file (backbones)")
+    p.add_argument("overrides", nargs="*", help="section.key=value on the inferred config, e.g. model.output_stride=16")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load with weights_only=False (runs pickled code: only for files you trust)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = convert(
+        args.src,
+        args.dst,
+        args.source,
+        overrides=args.overrides,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+    )
+    print(result.summary())
+    kind = "model folder" if result.model_config is not None else "backbone weights"
+    print(f"written: {args.dst} ({kind})")
+    return 0

@@ -1,0 +1,92 @@
+"""`emanet eval`: evaluate a model folder, checkpoint or run: mIoU, aAcc, mAcc, fwIoU and a per-class table."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from emanet.cli.common import (
+    add_compile,
+    add_no_prepare,
+    add_no_progress,
+    add_precision,
+    model_source,
+    run_config,
+    run_overrides,
+)
+from emanet.deploy.model_card import write_model_card
+from emanet.evaluation import evaluate, results_to_json
+from emanet.experiments.plots import plot_class_iou, plot_confusion, require_matplotlib
+from emanet.metrics import format_table
+from emanet.models.fuse import prepare_for_inference
+from emanet.pretrained import load_model
+from emanet.runtime import check_precision, maybe_compile, select_device
+from emanet.train.data import build_datasets
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")
+    p.add_argument("checkpoint", help="a model folder, a checkpoint file or a run folder (its newest checkpoint)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="e.g. eval.scales=[0.5,0.75,1,1.25,1.5,1.75] eval.flip=true eval.eval_stages=5 data.root=/data/voc",
+    )
+    p.add_argument("--config", help="a YAML file instead of the checkpoint's own config")
+    p.add_argument("--device", help="cpu, cuda (default: auto)")
+    add_precision(p, help="autocast precision (EM stays fp32)")
+    add_compile(p)
+    add_no_prepare(p)
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
+    plot_help = "also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; emanet[report]"
+    p.add_argument("--plot", action="store_true", help=plot_help)
+    add_no_progress(p, help=None)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.precision:  # before loading anything
+        check_precision(select_device(args.device or "auto"), args.precision)
+    if args.plot:
+        require_matplotlib()  # before a long evaluation
+    # the source's own config (a --config file replaces it); overrides go on top of either
+    file_cfg = run_config(args) if args.config else None
+    overrides = [] if file_cfg else run_overrides(args)
+    loaded = load_model(model_source(args.checkpoint), overrides=overrides, config=file_cfg)
+    cfg = loaded.config
+    device = select_device(cfg.train.device)
+    model = loaded.model.to(device)
+    if not args.no_prepare:  # BatchNorm folded, channels_last: the same results within float32 rounding
+        model = prepare_for_inference(model)
+    model = maybe_compile(model, cfg.train.compile)
+    _, val = build_datasets(cfg)
+    results = evaluate(model, val, cfg, device, max_images=args.max_images, progress=not args.no_progress)
+    results = results_to_json(results)
+    names = list(getattr(val, "classes", [])) or loaded.class_names
+    print(format_table(results, names))
+    if results.get("skipped_files"):
+        skipped = results["skipped_files"]
+        print(f"{len(skipped)} bad file(s) left out (data.on_bad_sample=skip):\n  " + "\n  ".join(skipped))
+    out = _write_results(args.out, loaded.source, cfg, results)
+    if args.plot:
+        confusion = plot_confusion(results["confusion_matrix"], names, out.with_name(f"{out.stem}_confusion.png"))
+        bars = plot_class_iou(results["IoU"], names, out.with_name(f"{out.stem}_iou.png"))
+        print(f"written: {confusion}, {bars}")
+    return 0
+
+
+def _write_results(out_arg: str | None, source: Path, cfg, results: dict) -> Path:
+    """The results as JSON (default: eval.json in a model folder, else eval_<stem>.json beside the file);
+    a model folder's card is rewritten to show its eval.json."""
+    default = source / "eval.json" if source.is_dir() else source.parent / f"eval_{source.stem}.json"
+    out = Path(out_arg) if out_arg else default
+    out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
+    print(f"written: {out}")
+    if source.is_dir() and out == default:
+        card = write_model_card(source)
+        if card is not None:
+            print(f"written: {card}")
+    return out

@@ -1,0 +1,30 @@
+"""`emanet push-to-hub`: upload a model folder, run or checkpoint to the Hugging Face Hub with its card."""
+
+from __future__ import annotations
+
+import argparse
+
+from emanet.deploy.hub import HubError, push_to_hub
+from emanet.errors import ModelSourceError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push-to-hub",
+        help="upload a model folder, run or checkpoint to the Hugging Face Hub "
+        "with a generated model card (pip install emanet[hub]; log in with `hf auth login`)",
+    )
+    p.add_argument("source", help="a model folder, a checkpoint file or a run folder")
+    p.add_argument("repo_id", help="user/name on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", help="a branch to push to (default: main)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)
+    except (ImportError, HubError) as e:  # the extra is missing, or the Hub refused: say so, no traceback
+        raise ModelSourceError(str(e)) from None
+    print(f"pushed: {url}")
+    return 0
