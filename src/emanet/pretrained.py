@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from emanet.errors import ConfigError, ModelSourceError
 from emanet.fields import from_dict
 from emanet.models.backbone import read_weights_file
 from emanet.models.emanet import build_model
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "emanet-model"
 VERSION = 1
@@ -172,14 +174,16 @@ def load_model(
             latest = latest_checkpoint(source)
             if latest.path is None and latest.damaged:
                 reasons = [damaged.error for damaged in latest.damaged]
-                raise ValueError(f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(reasons))
+                raise ModelSourceError(
+                    f"{source}: no readable checkpoint in this run folder:\n  " + "\n  ".join(reasons)
+                )
             if latest.path is None:
                 raise FileNotFoundError(
                     f"{source}: neither a model folder ({WEIGHTS} + {CONFIG}) nor a run "
                     "folder with checkpoints (iter_*.pt)"
                 )
             for damaged in latest.damaged:
-                warnings.warn(f"skipping damaged checkpoint: {damaged.error}; trying an older one", stacklevel=2)
+                logger.warning(f"skipping damaged checkpoint: {damaged.error}; trying an older one")
             path = latest.path
         ckpt = load_checkpoint(path)
         state, saved = ckpt["model"], ckpt.get("config")

@@ -16,8 +16,7 @@ from emanet.bench.cpu import PARTS, run_benchmarks
 from emanet.bench.gpu import run_gpu_benchmark
 from emanet.bench.onnx import run_onnx_benchmark
 from emanet.bench.report import format_report
-from emanet.deploy.export import OnnxNotInstalled, require_onnx
-from emanet.errors import UserError
+from emanet.deploy.export import require_onnx
 from emanet.experiments.demo import demo_config
 
 
@@ -63,10 +62,7 @@ def run_gpu(args: argparse.Namespace) -> int:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
-    try:
-        require_onnx("onnx", "onnxruntime")
-    except OnnxNotInstalled as e:  # a missing extra: say which to install, no traceback
-        raise UserError(str(e)) from None
+    require_onnx("onnx", "onnxruntime")  # OnnxNotInstalled is a user error
     threads = args.threads if args.threads is not None else torch.get_num_threads()
     stem, wall_s = run_onnx_benchmark(Path(args.out), demo=demo_config(), quick=args.quick, threads=threads)
     print(f"written: {stem}.md/.json ({wall_s:.0f} s)")

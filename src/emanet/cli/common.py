@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import argparse
 import typing
-from pathlib import Path
 
 from emanet.config import Config, load_config
-from emanet.deploy.hub import HF_PREFIX, resolve_source
-from emanet.errors import ModelSourceError
 from emanet.runtime import Precision
 
 COMPILE_HELP = "torch.compile the model (opt-in: tens of seconds of compiling before the first image or step)"
@@ -50,17 +47,3 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 def run_config(args: argparse.Namespace) -> Config:
     """``--config`` (a file or packaged recipe; default: the VOC recipe) with ``run_overrides`` on top."""
     return load_config(args.config, run_overrides(args))
-
-
-def model_source(source: str) -> str | Path:
-    """A local model source as given; ``hf://user/repo`` downloaded into the Hub cache first (emanet[hub]).
-
-    Only the prefixed form goes to the Hub: a plain path is always local, so a mistyped run folder is
-    "not found", not a download attempt.
-    """
-    if not source.startswith(HF_PREFIX):
-        return source
-    try:
-        return resolve_source(source)
-    except ImportError as e:  # the optional extra is missing: a message, not a traceback
-        raise ModelSourceError(str(e)) from None

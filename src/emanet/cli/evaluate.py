@@ -12,16 +12,16 @@ from emanet.cli.common import (
     add_no_prepare,
     add_no_progress,
     add_precision,
-    model_source,
     run_config,
     run_overrides,
 )
-from emanet.deploy.model_card import write_model_card
+from emanet.deploy.hub import resolve_source
+from emanet.deploy.model_card import refresh_model_card
 from emanet.evaluation import evaluate, results_to_json
 from emanet.experiments.plots import plot_class_iou, plot_confusion, require_matplotlib
 from emanet.metrics import format_table
 from emanet.models.fuse import prepare_for_inference
-from emanet.pretrained import load_model
+from emanet.pretrained import EVAL, load_model
 from emanet.runtime import check_precision, maybe_compile, select_device
 from emanet.train.data import build_datasets
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     # the source's own config (a --config file replaces it); overrides go on top of either
     file_cfg = run_config(args) if args.config else None
     overrides = [] if file_cfg else run_overrides(args)
-    loaded = load_model(model_source(args.checkpoint), overrides=overrides, config=file_cfg)
+    loaded = load_model(resolve_source(args.checkpoint), overrides=overrides, config=file_cfg)
     cfg = loaded.config
     device = select_device(cfg.train.device)
     model = loaded.model.to(device)
@@ -80,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_results(out_arg: str | None, source: Path, cfg, results: dict) -> Path:
     """The results as JSON (default: eval.json in a model folder, else eval_<stem>.json beside the file);
-    a model folder's card is rewritten to show its eval.json."""
-    default = source / "eval.json" if source.is_dir() else source.parent / f"eval_{source.stem}.json"
+    a model folder's generated card is rewritten to show its eval.json."""
+    default = source / EVAL if source.is_dir() else source.parent / f"eval_{source.stem}.json"
     out = Path(out_arg) if out_arg else default
     out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
     print(f"written: {out}")
     if source.is_dir() and out == default:
-        card = write_model_card(source)
+        card = refresh_model_card(source)
         if card is not None:
             print(f"written: {card}")
     return out

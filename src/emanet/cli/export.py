@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from emanet.cli.common import model_source
-from emanet.deploy.export import OnnxNotInstalled, export_onnx, model_metadata, onnx_parity, require_onnx
-from emanet.errors import ConfigError, UserError
+from emanet.deploy.export import export_onnx, model_metadata, onnx_parity, require_onnx
+from emanet.deploy.hub import resolve_source
+from emanet.errors import ConfigError
 from emanet.pretrained import load_model
 
 
@@ -64,15 +64,12 @@ def _check_args(args: argparse.Namespace) -> None:
             f"got {args.size[0]} {args.size[1]}"
         )
     needed = ["onnx"] + (["onnxruntime"] if args.check else []) + (["onnxscript"] if args.exporter == "dynamo" else [])
-    try:
-        require_onnx(*needed)
-    except OnnxNotInstalled as e:  # a missing extra: say which to install, no traceback
-        raise UserError(str(e)) from None
+    require_onnx(*needed)  # before loading a large model; OnnxNotInstalled is a user error
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    loaded = load_model(model_source(args.source), device="cpu", overrides=args.overrides)
+    loaded = load_model(resolve_source(args.source), device="cpu", overrides=args.overrides)
     h, w = args.size if args.size is not None else (loaded.config.data.crop_size,) * 2
     meta = model_metadata(loaded.config, loaded.class_names, loaded.palette)
     path = export_onnx(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emanet.deploy.hub import HubError, push_to_hub
-from emanet.errors import ModelSourceError
+from emanet.deploy.hub import push_to_hub
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)
-    except (ImportError, HubError) as e:  # the extra is missing, or the Hub refused: say so, no traceback
-        raise ModelSourceError(str(e)) from None
+    # a missing extra (HubNotInstalled) or the Hub's refusal (HubError) are user errors: a message, no traceback
+    url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)
     print(f"pushed: {url}")
     return 0

@@ -7,7 +7,8 @@ import sys
 
 from emanet.cli.common import add_compile, add_no_progress, add_precision, run_config
 from emanet.metrics import format_table
-from emanet.train.loop import TrainingStopped, train
+from emanet.train.loop import train
+from emanet.train.setup import TrainingStopped
 
 
 def register(sub: argparse._SubParsersAction) -> None:
