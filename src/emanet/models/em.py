@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from emanet.fields import choices
+from emanet.fields import choices, one_of
 
 BasesUpdate = Literal["ema", "none", "learned"]
 Residual = Literal["conv", "gamma"]
@@ -172,16 +172,16 @@ class EMAUnit(nn.Module):
         if num_stages < 1 or (eval_stages is not None and eval_stages < 1):
             raise ValueError(f"num_stages and eval_stages must be >= 1, got {num_stages}, {eval_stages}")
         if bases_update not in typing.get_args(BasesUpdate):
-            raise ValueError(f"bases_update must be 'ema', 'none' or 'learned', got {bases_update!r}")
+            raise ValueError(f"bases_update must be {one_of(typing.get_args(BasesUpdate))}, got {bases_update!r}")
         if differentiable not in DIFFERENTIABLE:
-            raise ValueError(f"differentiable must be false, true or 'last', got {differentiable!r}")
+            raise ValueError(f"differentiable must be {one_of(DIFFERENTIABLE)}, got {differentiable!r}")
         if differentiable == "last" and bases_update == "learned":
             raise ValueError(
                 "differentiable='last' cuts the gradient before the last stage, so learned bases "
                 "would never get one; use bases_update='ema' or 'none', or differentiable=true"
             )
         if residual not in typing.get_args(Residual):
-            raise ValueError(f"residual must be 'conv' or 'gamma', got {residual!r}")
+            raise ValueError(f"residual must be {one_of(typing.get_args(Residual))}, got {residual!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.channels, self.num_bases = channels, num_bases
