@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
+from emanet.errors import DataError
+
+from .base import PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
 from .palettes import CITYSCAPES_CLASSES, CITYSCAPES_EVAL_LABEL_IDS, CITYSCAPES_PALETTE
 
 CITYSCAPES_LAYOUT = (

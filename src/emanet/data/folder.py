@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import DataError, PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
+from emanet.errors import DataError
+
+from .base import PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
 from .palettes import distinct_palette, read_palette_file
 
 FOLDER_LAYOUT = (
@@ -18,9 +20,10 @@ def read_classes_file(path: Path) -> list[str]:
         raise FileNotFoundError(f"class list {path} not found; expected {FOLDER_LAYOUT}")
     classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not classes:
-        raise ValueError(f"class list {path} is empty; write one class name per line")
+        raise DataError(path, "the class list is empty; write one class name per line", kind="layout")
     if len(classes) > 255:
-        raise ValueError(f"{path} lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore")
+        reason = f"lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore"
+        raise DataError(path, reason, kind="layout")
     return classes
 
 
@@ -87,7 +90,8 @@ class FolderDataset(SegmentationDataset):
         if palette_file.is_file():
             palette = read_palette_file(palette_file)
             if len(palette) < len(classes):
-                raise ValueError(f"{palette_file} has {len(palette)} colours for {len(classes)} classes")
+                reason = f"has {len(palette)} colours for {len(classes)} classes"
+                raise DataError(palette_file, reason, kind="layout")
         else:
             palette = distinct_palette(len(classes))
         super().__init__(
