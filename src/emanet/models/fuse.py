@@ -140,11 +140,6 @@ def _inputs_to_channels_last(module: nn.Module, args: tuple) -> tuple:
     )
 
 
-def is_prepared(model: nn.Module) -> bool:
-    """True once ``prepare_for_inference`` has run on ``model``."""
-    return getattr(model, "_prepared_for_inference", False)
-
-
 # ----------------------------------------------------------------------------- activation fusion
 
 _POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -308,5 +303,4 @@ def prepare_for_inference(
             model.register_forward_pre_hook(_inputs_to_channels_last)
             model._channels_last_inputs = True
     model.requires_grad_(False)
-    model._prepared_for_inference = True
     return model
