@@ -14,23 +14,9 @@ if _SRC not in sys.path:  # a checkout used without `pip install`
     sys.path.insert(0, _SRC)
 
 from emanet.deploy.hub import from_pretrained  # noqa: E402
-from emanet.models.emanet import (  # noqa: E402
-    emanet_resnet50,
-    emanet_resnet101,
-    emanet_resnet152,
-    fcn_resnet50,
-    fcn_resnet101,
-    nonlocal_resnet50,
-    nonlocal_resnet101,
-)
+from emanet.models.emanet import MODELS  # noqa: E402
 
-__all__ = [
-    "emanet_resnet50",
-    "emanet_resnet101",
-    "emanet_resnet152",
-    "fcn_resnet50",
-    "fcn_resnet101",
-    "from_pretrained",
-    "nonlocal_resnet50",
-    "nonlocal_resnet101",
-]
+# The builders torch.hub lists and loads by name are the package's one table of them
+globals().update(MODELS)
+__all__ = ["from_pretrained"]
+__all__ += list(MODELS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from emanet.config import Config, load_config, save_config
+from emanet.errors import ConfigError
 
 
 def test_defaults_are_the_reference_recipe():
@@ -28,7 +29,7 @@ def test_exponent_floats_without_a_dot(tmp_path):
     f.write_text("optim:\n  weight_decay: 5e-4\n")
     assert load_config(f, ["optim.lr=1E-2"]).optim.weight_decay == 5e-4
     assert load_config(None, ["optim.lr=1e-2"]).optim.lr == 0.01
-    with pytest.raises(ValueError, match="train.iterations: expected int, got '1e3'"):
+    with pytest.raises(ConfigError, match="train.iterations: expected int, got '1e3'"):
         load_config(None, ["train.iterations=1e3"])
 
 
@@ -55,7 +56,7 @@ def test_round_trip(tmp_path):
     ],
 )
 def test_unknown_keys_and_wrong_types_name_the_key(override, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
 
 
@@ -121,7 +122,7 @@ SYNTHETIC = ["data.dataset=synthetic", "model.num_classes=5"]
     ],
 )
 def test_impossible_values_are_refused_naming_the_key(overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
 
 
@@ -149,24 +150,24 @@ def test_edge_values_that_are_allowed():
 
 
 def test_all_problems_are_listed_at_once():
-    with pytest.raises(ValueError, match=r"3 config problems:\n  .*optim\.lr.*\n  .*train\.batch_size.*\n  .*eval"):
+    with pytest.raises(ConfigError, match=r"3 config problems:\n  .*optim\.lr.*\n  .*train\.batch_size.*\n  .*eval"):
         load_config(None, ["optim.lr=0", "train.batch_size=0", "eval.eval_stages=0"])
 
 
 def test_validate_catches_values_assigned_after_loading():
     cfg = load_config()
     cfg.model.num_bases = 0  # bypasses ModelConfig.__post_init__
-    with pytest.raises(ValueError, match=r"model\.num_bases must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"model\.num_bases must be >= 1, got 0"):
         cfg.validate()
 
 
 def test_nested_yaml_typo_names_the_full_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  iteratons: 5\n")
-    with pytest.raises(ValueError, match=r"'train\.iteratons'; did you mean 'train\.iterations'"):
+    with pytest.raises(ConfigError, match=r"'train\.iteratons'; did you mean 'train\.iterations'"):
         load_config(f)
     f.write_text("data:\n  options:\n    aug: true\n  num_worker: 2\n")
-    with pytest.raises(ValueError, match=r"did you mean 'data\.num_workers'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'data\.num_workers'"):
         load_config(f)
 
 
@@ -175,5 +176,5 @@ def test_missing_and_broken_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(ValueError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from emanet.config import LossConfig
 from emanet.losses import SegmentationLoss
 
 
@@ -31,15 +32,22 @@ def test_all_reduction_is_the_reference_mean_over_every_pixel():
 
 def test_aux_term_is_weighted():
     logits, target, total = case()
-    loss = SegmentationLoss(aux_weight=0.4)({"out": logits, "aux": logits}, target)
+    loss = SegmentationLoss(reduction="valid", aux_weight=0.4)({"out": logits, "aux": logits}, target)
     assert loss.item() == pytest.approx(1.4 * total / 2)
 
 
 def test_all_void_image_gives_zero_not_nan():
     logits, target, _ = case()
-    assert SegmentationLoss()(logits, torch.full_like(target, 255)).item() == 0.0
+    for reduction in ("valid", "all"):
+        assert SegmentationLoss(reduction=reduction)(logits, torch.full_like(target, 255)).item() == 0.0
 
 
 def test_bad_reduction():
     with pytest.raises(ValueError, match="reduction"):
         SegmentationLoss(reduction="sum")
+
+
+def test_the_config_is_the_one_place_that_chooses_the_reduction():
+    with pytest.raises(TypeError, match="reduction"):
+        SegmentationLoss()  # no default that could contradict loss.reduction
+    assert LossConfig().reduction == "all"  # the reference's mean over every pixel

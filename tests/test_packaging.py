@@ -15,6 +15,7 @@ import yaml
 
 import emanet
 from emanet.config import RECIPES_DIR, load_config, packaged_configs, resolve_config
+from emanet.models.emanet import MODELS
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,7 @@ def test_torch_hub_load_from_the_checkout(tmp_path):
     hubconf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hubconf)
     assert {"emanet_resnet50", "emanet_resnet101", "fcn_resnet50", "from_pretrained"} <= set(hubconf.__all__)
+    assert set(hubconf.__all__) == {*MODELS, "from_pretrained"}  # the builders come from their one table
     assert all(callable(getattr(hubconf, name)) for name in hubconf.__all__)
     torch.manual_seed(0)
     model = torch.hub.load(

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
+from emanet.data import DATASETS
+from emanet.data.synthetic import SceneConfig
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
+from emanet.errors import ConfigError
 from emanet.fields import from_dict, literal_errors
 from emanet.inference import Mode
 from emanet.losses import Reduction
-from emanet.models.emanet import OUTPUT_STRIDES, ModelConfig
+from emanet.models.emanet import ModelConfig
 from emanet.runtime import Precision
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # the packaged YAML recipes (package data: in the wheel)
@@ -110,9 +115,9 @@ class Config:
         is expected (one problem: its message; several: one per line)."""
         errors = validation_errors(self)
         if len(errors) == 1:
-            raise ValueError(errors[0])
+            raise ConfigError(errors[0])
         if errors:
-            raise ValueError(f"{len(errors)} config problems:\n  " + "\n  ".join(errors))
+            raise ConfigError(f"{len(errors)} config problems:\n  " + "\n  ".join(errors))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -125,11 +130,6 @@ def _suggest(key: str, valid: list[str], prefix: str) -> str:
 
 def _option_errors(cfg: Config) -> list[str]:
     """data.options against the dataset's own keywords (synthetic: SceneConfig fields, length, val_length)."""
-    import inspect
-
-    from emanet.data import DATASETS
-    from emanet.data.synthetic import SceneConfig
-
     d, options = cfg.data, cfg.data.options
     if d.dataset == "synthetic":
         scene_fields = [f.name for f in dataclasses.fields(SceneConfig)]
@@ -155,9 +155,6 @@ def _option_errors(cfg: Config) -> list[str]:
     return errors
 
 
-MODEL_SIZES = ("num_classes", "backbone_width", "channels", "mid_channels", "aux_channels", "num_bases", "num_stages")
-
-
 def validation_errors(cfg: Config) -> list[str]:
     """Every impossible value in ``cfg``, as messages naming the key, the expected range and the value.
 
@@ -167,10 +164,10 @@ def validation_errors(cfg: Config) -> list[str]:
     window (pixels that no window covers). Whether the dataset's class count matches model.num_classes is
     known only once the data is read: ``emanet check-data`` reports it (configs also serve inference).
     """
-    checks = _Checks(
-        # every Literal field of every section, once, from its type (also catches assignments after loading)
-        [err for f in dataclasses.fields(cfg) for err in literal_errors(getattr(cfg, f.name), f"{f.name}.")]
-    )
+    # every Literal field of every section, once, from its type (also catches assignments after loading); the
+    # model's are among ModelConfig.problems, the one check of the model's fields
+    sections = [f.name for f in dataclasses.fields(cfg) if f.name != "model"]
+    checks = _Checks([err for name in sections for err in literal_errors(getattr(cfg, name), f"{name}.")])
     for section in (_model_errors, _data_errors, _optim_loss_errors, _train_errors, _eval_errors):
         section(cfg, checks)
     return checks.errors
@@ -193,22 +190,10 @@ class _Checks:
 
 
 def _model_errors(cfg: Config, c: _Checks) -> None:
-    m = cfg.model
-    # model (ModelConfig checks its own fields on construction; these catch later assignments too)
-    c.need(m.output_stride in OUTPUT_STRIDES, "model.output_stride", "8, 16 or 32", m.output_stride)
-    for name in MODEL_SIZES:
-        c.need(getattr(m, name) >= 1, f"model.{name}", ">= 1", getattr(m, name))
-    c.need(
-        m.eval_stages is None or m.eval_stages >= 1, "model.eval_stages", ">= 1 or null (= num_stages)", m.eval_stages
-    )
-    c.need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
-    c.need(0 <= m.momentum <= 1, "model.momentum", "in [0, 1] (weight of the new bases estimate)", m.momentum)
-    c.need(0 <= m.bn_momentum <= 1, "model.bn_momentum", "in [0, 1]", m.bn_momentum)
+    c.errors += cfg.model.problems()  # ModelConfig checks itself on construction; this catches later assignments
 
 
 def _data_errors(cfg: Config, c: _Checks) -> None:
-    from emanet.data import DATASETS
-
     m, d = cfg.model, cfg.data
     # data
     if d.dataset not in DATASETS:
@@ -271,8 +256,6 @@ def _train_errors(cfg: Config, c: _Checks) -> None:
     c.need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0 = no limit)", t.max_consecutive_skips)
     c.need(bool(t.out_dir), "train.out_dir", "a folder", t.out_dir)
     if t.device != "auto":
-        import torch
-
         try:
             torch.device(t.device)
         except (RuntimeError, ValueError):
@@ -303,7 +286,7 @@ def _eval_errors(cfg: Config, c: _Checks) -> None:
         )
         if e.stride is not None and len(e.stride) == 2:
             c.need(
-                all(s <= c for s, c in zip(e.stride, e.crop_size)),
+                all(s <= w for s, w in zip(e.stride, e.crop_size)),
                 "eval.stride",
                 f"<= eval.crop_size {e.crop_size} (a larger stride leaves pixels no window covers)",
                 e.stride,
@@ -315,7 +298,7 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         d = d.setdefault(p, {})
         if not isinstance(d, dict):
-            raise ValueError(f"override {dotted}: '{p}' is not a section")
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
     d[parts[-1]] = value
 
 
@@ -358,16 +341,16 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             sections = "model:, data:, optim:, loss:, train:, eval:"
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: the top level must be a mapping of sections ({sections}), got a {type(data).__name__}"
             )
     patch: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.iterations=100)")
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.iterations=100)")
         key, raw = item.split("=", 1)
         _set_path(patch, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     cfg = from_dict(Config, _merge(data, patch))

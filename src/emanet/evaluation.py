@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from emanet.config import Config
-from emanet.data import DataError
+from emanet.errors import DataError
 from emanet.inference import infer
 from emanet.metrics import ConfusionMatrix, scores
 from emanet.models.em import set_eval_stages

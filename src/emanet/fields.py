@@ -1,6 +1,7 @@
 """Typed dataclass fields: dicts (YAML, JSON, checkpoints) -> dataclasses with every value checked against its
-field's type, and the allowed values of ``Literal`` fields. Imports nothing of emanet, so the model layer
-(ModelConfig) and the run configuration (config.py) share one implementation.
+field's type, and the allowed values of ``Literal`` fields. Imports only emanet.errors, so the model layer
+(ModelConfig) and the run configuration (config.py) share one implementation. A value or key that does not
+fit is a ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import types
 import typing
 from typing import Any
 
+from emanet.errors import ConfigError
+
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
                 if value is None:
@@ -26,23 +28,23 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _check_type(value, arm, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(f"{key}: expected {tp}, got {value!r}")
+            except ConfigError:
+                pass  # the next arm may take it; if none does, the message names the whole union
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
     if tp is Any:
         return value
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ValueError(f"{key} must be {one_of(typing.get_args(tp))}, got {value!r}")
+            raise ConfigError(f"{key} must be {one_of(typing.get_args(tp))}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         (arm,) = typing.get_args(tp)
         return [_check_type(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -52,12 +54,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
-    raise ValueError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -65,21 +67,18 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _check_type(value, tp, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # __post_init__ validation (ModelConfig)
-        raise ValueError(str(e)) from None
+    return cls(**kwargs)  # ModelConfig's __post_init__ raises its own ConfigError
 
 
 def one_of(values: typing.Sequence[Any]) -> str:
-    """'a', 'b' or 'c': the allowed values as messages name them."""
-    shown = [repr(v) for v in values]
+    """'a', 'b' or 'c': the allowed values as messages name them (booleans as YAML writes them: true, false)."""
+    shown = [str(v).lower() if isinstance(v, bool) else repr(v) for v in values]
     return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
 
 
@@ -118,6 +117,6 @@ def _other_arm(tp: Any, value: Any) -> bool:
         try:
             _check_type(value, arm, "")
             return True
-        except ValueError:
+        except ConfigError:
             pass
     return False

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from emanet.fields import one_of
 
 Reduction = Literal["all", "valid"]
 
@@ -16,12 +19,15 @@ class SegmentationLoss(nn.Module):
     reduction="valid": mean over non-ignored pixels (the usual convention).
     reduction="all": sum over non-ignored pixels divided by ALL pixels, ignored ones included: the
     reference's NLL "averaged over all pixels", which down-weights images with much void.
+
+    ``reduction`` has no default: the run configuration's ``loss.reduction`` ("all", the reference's) is the
+    one place that chooses it.
     """
 
-    def __init__(self, *, ignore_index: int = 255, reduction: Reduction = "valid", aux_weight: float = 0.4):
+    def __init__(self, *, reduction: Reduction, ignore_index: int = 255, aux_weight: float = 0.4):
         super().__init__()
-        if reduction not in ("valid", "all"):
-            raise ValueError(f"loss reduction must be 'valid' or 'all', got {reduction!r}")
+        if reduction not in typing.get_args(Reduction):
+            raise ValueError(f"loss reduction must be {one_of(typing.get_args(Reduction))}, got {reduction!r}")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.aux_weight = aux_weight

@@ -537,7 +537,7 @@ def test_mmseg_1x_meta_and_unsupported_backbone_layouts():
     assert out["data"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     with pytest.raises(ModelSourceError, match="contract_dilation"):
         parse_mmseg_meta({"cfg": cfg.replace("contract_dilation=True", "contract_dilation=False")})
-    with pytest.raises(ValueError, match="only the d8/d16/d32 layouts"):
+    with pytest.raises(ModelSourceError, match="only the d8/d16/d32 layouts"):
         parse_mmseg_meta({"cfg": cfg.replace("dilations=(1, 1, 2, 4)", "dilations=(1, 1, 1, 4)")})
 
 

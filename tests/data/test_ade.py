@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from emanet.data import ADE20KDataset, build_dataset
+from emanet.errors import DataError
 from tests.conftest import H, W
 
 
@@ -42,8 +43,9 @@ def test_value_above_150_names_the_file(make_ade):
 
 def test_bad_split_and_missing_annotations(make_ade):
     root, _ = make_ade()
-    with pytest.raises(ValueError, match="validation"):
+    with pytest.raises(DataError, match="validation") as info:
         ADE20KDataset(root, "testing")
+    assert info.value.kind == "dataset"
     with pytest.raises(FileNotFoundError, match=r"images/validation is not a folder.*annotations"):
         build_dataset("ade20k", root=root, split="val")
     (root / "ADEChallengeData2016/annotations/training/ADE_train_00000002.png").unlink()

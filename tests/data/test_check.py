@@ -5,8 +5,10 @@ Fixtures are tiny datasets in the real layouts (the folder layout, VOC, ADE20K) 
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from emanet.data import (
     colour_mask_to_index,
     distinct_palette,
 )
+from emanet.data import check as check_module
 from tests.conftest import H, W, random_label, write_gray_png, write_image, write_index_png
 
 CLASSES = ["bg", "a", "b", "c", "d"]  # 5 classes: valid labels 0..4 and 255
@@ -282,3 +285,12 @@ def test_data_error_survives_pickling_and_one_argument_construction():
         {"values": [7]},
     )
     assert str(DataError("Caught DataError in worker: /d/x.png: bad")) == "Caught DataError in worker: /d/x.png: bad"
+
+
+def test_check_does_not_import_the_package_back():
+    # data/__init__ imports check; check reads the datasets from data.datasets, never from the package, so the
+    # two import in one direction (not even a function-level import closes the cycle)
+    tree = ast.parse(Path(check_module.__file__).read_text())
+    imported = {(n.module, n.level) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert (None, 1) not in imported and ("emanet.data", 0) not in imported
+    assert ("datasets", 1) in imported

@@ -39,7 +39,7 @@ def test_lut_covers_all_19_classes():
 def test_test_split_without_labels_reads_as_ignore(make_cityscapes):
     root, _ = make_cityscapes(split="test", kind=None)
     ds = CityscapesDataset(root, "test")
-    assert not ds.has_label(0)
+    assert ds.samples[0][1] is None  # no label file
     assert (ds.read(0)[1] == 255).all()
 
 

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from emanet.data import FolderDataset, build_dataset
-from emanet.data.base import DataError
+from emanet.errors import DataError
 from tests.conftest import H, W, write_gray_png, write_image
 
 
@@ -69,8 +69,15 @@ def test_missing_pieces(make_folder, tmp_path):
         FolderDataset(root, "val")
     assert info.value.kind == "empty_split"
     (root / "palette.txt").write_text("1 2 3\n")
-    with pytest.raises(ValueError, match="1 colours for 3 classes"):
+    with pytest.raises(DataError, match=r"palette\.txt: has 1 colours for 3 classes"):
         FolderDataset(root, "train")
+    (root / "palette.txt").write_text("1 2 3\n4 5\n")
+    with pytest.raises(DataError, match=r"palette\.txt: line 2: expected 'r g b'"):
+        FolderDataset(root, "train")
+    (root / "classes.txt").write_text("\n")
+    with pytest.raises(DataError, match=r"classes\.txt: the class list is empty") as info:
+        FolderDataset(root, "train")
+    assert info.value.kind == "layout"
 
 
 def test_folder_dataset_takes_every_image_type_predict_takes(make_folder):

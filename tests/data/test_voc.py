@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from emanet.data import VOCDataset, build_dataset, train_transform
-from emanet.data.base import DataError
 from emanet.data.palettes import VOC_PALETTE, voc_palette
+from emanet.errors import DataError
 from tests.conftest import H, W, write_gray_png, write_image
 
 

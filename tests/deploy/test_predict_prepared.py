@@ -15,7 +15,6 @@ from emanet.cli.main import main
 from emanet.config import Config
 from emanet.deploy.predict import Predictor
 from emanet.models.emanet import build_model
-from emanet.models.fuse import is_prepared
 from emanet.pretrained import save_pretrained
 from tests.conftest import tiny_model
 
@@ -55,12 +54,8 @@ def _images(n: int = 2) -> list[np.ndarray]:
 def test_default_predictor_is_prepared_and_agrees_with_the_eager_model(model_dir, precision):
     fast = Predictor.from_source(model_dir, device="cpu", precision=precision)
     eager = Predictor.from_source(model_dir, device="cpu", precision=precision, prepare=False)
-    assert (
-        fast.prepared
-        and is_prepared(fast.model)
-        and not any(isinstance(m, nn.BatchNorm2d) for m in fast.model.modules())
-    )
-    assert not eager.prepared and not is_prepared(eager.model)
+    assert fast.prepared and not any(isinstance(m, nn.BatchNorm2d) for m in fast.model.modules())
+    assert not eager.prepared and any(isinstance(m, nn.BatchNorm2d) for m in eager.model.modules())
     tol = 1e-5 if precision == "fp32" else 5e-2  # bf16: the two round differently (folded weights)
     for a, b in zip(fast.predict_batch(_images(), probs=True), eager.predict_batch(_images(), probs=True)):
         np.testing.assert_allclose(a.probs, b.probs, atol=tol)
@@ -96,7 +91,7 @@ def test_the_callers_model_is_left_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     predictor = Predictor(model, cfg, device="cpu")
     predictor(_images(1)[0])
-    assert predictor.model is not model and not is_prepared(model)
+    assert predictor.model is not model
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -15,6 +15,7 @@ from torch import nn
 
 from emanet.models.backbone import (
     BACKBONES,
+    OUTPUT_STRIDES,
     RESNETS,
     BasicBlock,
     Bottleneck,
@@ -123,6 +124,17 @@ def test_basic_block_dilation():
     assert isinstance(blk, BasicBlock)
     assert blk.conv1.dilation == blk.conv2.dilation == (4, 4)
     assert model.layer4[0].conv1.dilation == (2, 2)
+
+
+def test_each_output_stride_of_the_table_builds_its_strides_and_dilations():
+    assert sorted(OUTPUT_STRIDES) == sorted(SIZES)  # the conv arithmetic above covers every layout
+    for output_stride, (strides, dilations) in OUTPUT_STRIDES.items():
+        with torch.device("meta"):
+            model = resnet18(output_stride=output_stride)
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        assert [stage[0].conv1.stride[0] for stage in stages] == list(strides)
+        assert [stage[-1].conv1.dilation[0] for stage in stages] == list(dilations)
+        assert model.feature_info[-1]["stride"] == output_stride
 
 
 @pytest.mark.parametrize("stem", ["standard", "deep", "v1c"])

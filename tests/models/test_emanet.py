@@ -7,6 +7,8 @@ import typing
 import pytest
 import torch
 
+import emanet
+from emanet.errors import ConfigError
 from emanet.models.backbone import RESNETS
 from emanet.models.em import EMAUnit
 from emanet.models.emanet import (
@@ -103,6 +105,7 @@ def test_default_emanet_freezes_only_the_em_in_conv():
 
 def test_reference_dilations_and_builders():
     assert layer4_dilations(8) == (2, 8, 16) and layer4_dilations(16) == (1, 4, 8)
+    assert layer4_dilations(32) == (1, 2, 4) and layer4_dilations(8, blocks=2) == (2, 8)
     with torch.device("meta"):
         model = emanet_resnet101(num_classes=21, output_stride=8)
     assert isinstance(model, SegmentationModel)
@@ -111,6 +114,12 @@ def test_reference_dilations_and_builders():
     with pytest.raises(TypeError):
         emanet_resnet101(21)  # keyword-only
     assert set(MODELS) >= {"emanet_resnet50", "emanet_resnet101", "fcn_resnet101", "nonlocal_resnet101"}
+
+
+def test_the_package_exports_every_builder_of_the_table():
+    assert set(MODELS) <= set(emanet.__all__)
+    assert all(getattr(emanet, name) is builder for name, builder in MODELS.items())
+    assert all(hasattr(emanet, name) for name in emanet.__all__)
 
 
 def test_builder_keywords_are_the_model_config_fields():
@@ -139,18 +148,20 @@ def test_builder_keywords_are_the_model_config_fields():
         ({"backbone": "vgg16"}, "model.backbone"),
         ({"output_stride": 4}, "output_stride"),
         ({"num_bases": 0}, "num_bases"),
+        ({"aux_channels": 0}, r"model\.aux_channels must be >= 1, got 0"),  # one list of sizes with the config's
+        ({"dropout": 1.0}, r"model\.dropout must be in \[0, 1\)"),
         ({"head_layout": "psp"}, "head_layout"),
     ],
 )
 def test_config_refuses_impossible_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         ModelConfig(**kwargs)
 
 
 def test_config_dict_round_trip_and_unknown_key():
     cfg = tiny_model(**TINY)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="num_base"):
+    with pytest.raises(ConfigError, match="num_base"):
         ModelConfig.from_dict({"num_base": 8})
 
 

@@ -8,8 +8,8 @@ import json
 
 from emanet.fields import field_choices
 from emanet.flops import count_config, format_model_cost, format_table1, table1
-from emanet.models.backbone import BACKBONES
-from emanet.models.emanet import OUTPUT_STRIDES, ModelConfig
+from emanet.models.backbone import BACKBONES, OUTPUT_STRIDES
+from emanet.models.emanet import ModelConfig
 
 # the model flags: (flag, ModelConfig field, help); defaults and allowed values come from ModelConfig
 MODEL_FLAGS = (
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="parameters and multiply-adds, beside the paper's Table 1")
     g = p.add_argument_group("model")
     defaults = ModelConfig()
-    extra_choices = {"backbone": tuple(BACKBONES), "output_stride": OUTPUT_STRIDES}
+    extra_choices = {"backbone": tuple(BACKBONES), "output_stride": tuple(OUTPUT_STRIDES)}
     for flag, name, what in MODEL_FLAGS:
         default = getattr(defaults, name)
         allowed = field_choices(ModelConfig, name) or extra_choices.get(name)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from emanet.errors import ModelSourceError
+from emanet.models.backbone import OUTPUT_STRIDES
 
 __all__ = ["Unresolved", "parse_mmseg_meta", "read_config_text"]
 
@@ -99,7 +100,8 @@ def _pair_of_ints(value: Any) -> list[int] | None:
     return None
 
 
-_OUTPUT_STRIDES = {((1, 2, 1, 1), (1, 1, 2, 4)): 8, ((1, 2, 2, 1), (1, 1, 1, 2)): 16, ((1, 2, 2, 2), (1, 1, 1, 1)): 32}
+# (strides, dilations) -> output stride: the backbone's table read backwards
+_OUTPUT_STRIDES = {layout: output_stride for output_stride, layout in OUTPUT_STRIDES.items()}
 
 
 def _norm_settings(cfg: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,9 +186,10 @@ def _output_stride(trunk: Mapping[str, Any], out: dict[str, Any], found: list[st
     if isinstance(strides, (list, tuple)) and isinstance(dilations, (list, tuple)):
         layout = (tuple(strides), tuple(dilations))
         if layout not in _OUTPUT_STRIDES:
-            raise ValueError(
-                f"mmseg backbone strides={layout[0]} dilations={layout[1]}: only the d8/d16/d32 "
-                "layouts (1,2,1,1)/(1,1,2,4), (1,2,2,1)/(1,1,1,2), (1,2,2,2)/(1,1,1,1) convert"
+            known = ", ".join(f"{s}/{d}" for s, d in _OUTPUT_STRIDES)
+            raise ModelSourceError(
+                f"mmseg backbone strides={layout[0]} dilations={layout[1]}: only the "
+                f"{'/'.join(f'd{os}' for os in OUTPUT_STRIDES)} layouts {known} convert"
             )
         out["model"]["output_stride"] = _OUTPUT_STRIDES[layout]
         found.append(f"output stride {out['model']['output_stride']}")

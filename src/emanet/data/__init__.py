@@ -6,12 +6,13 @@ Look datasets up by name with ``DATASETS`` / ``build_dataset``; every dataset re
 
 from __future__ import annotations
 
-from pathlib import Path
+from emanet.errors import DataError
 
 from .ade import ADE20KDataset
-from .base import KINDS, DataError, SegmentationDataset, SkipBadSamples, read_image, read_label, worker_init_fn
+from .base import KINDS, SegmentationDataset, SkipBadSamples, read_image, read_label, worker_init_fn
 from .check import Problem, Report, check_data_config, check_dataset, check_split, colour_mask_to_index
 from .cityscapes import CityscapesDataset, cityscapes_label_lut
+from .datasets import DATASETS, build_dataset
 from .folder import FolderDataset
 from .palettes import (
     ADE20K_CLASSES,
@@ -41,40 +42,6 @@ from .transforms import (
     train_transform,
 )
 from .voc import VOCDataset
-
-DATASETS = {
-    "voc": VOCDataset,
-    "cityscapes": CityscapesDataset,
-    "ade20k": ADE20KDataset,
-    "folder": FolderDataset,
-    "synthetic": SyntheticContextDataset,
-}
-
-
-def build_dataset(
-    name: str,
-    *,
-    root: str | Path | None = None,
-    split: str,
-    transform=None,
-    **kwargs,
-) -> SegmentationDataset:
-    """``DATASETS[name](root, split, transform=..., **kwargs)``; "synthetic" takes no root.
-
-    The folder datasets take ``strict=False`` to drop unpaired files into ``dataset.problems`` instead of
-    raising (``check_dataset`` does that).
-    """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    cls = DATASETS[name]
-    if name == "synthetic":
-        if root is not None:
-            raise ValueError("the synthetic dataset is generated on the fly and takes no root")
-        return cls(split, transform=transform, **kwargs)
-    if root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder")
-    return cls(root, split, transform=transform, **kwargs)
-
 
 __all__ = [
     "ADE20KDataset",

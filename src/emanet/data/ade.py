@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
+from emanet.errors import DataError
+
+from .base import PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
 from .palettes import ADE20K_CLASSES, ADE20K_PALETTE
 
 ADE_LAYOUT = "ROOT/ADEChallengeData2016/{images,annotations}/{training,validation}/*.jpg|*.png"
@@ -38,7 +40,8 @@ class ADE20KDataset(SegmentationDataset):
         strict: bool = True,
     ):
         if split not in ADE_SPLITS:
-            raise ValueError(f"ADE20K split must be one of {sorted(ADE_SPLITS)}, got {split!r}")
+            reason = f"ADE20K split must be one of {sorted(ADE_SPLITS)}, got {split!r}"
+            raise DataError(root, reason, kind="dataset")
         folder = ADE_SPLITS[split]
         root = Path(root)
         base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root

@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from emanet.errors import DataError
+
 from .palettes import Palette
 from .transforms import ToTensorNormalize
 
@@ -39,41 +41,6 @@ KINDS = {
     "num_classes": "the dataset's class count differs from model.num_classes",
     "dataset": "the dataset cannot be built (see the message)",
 }
-
-
-class DataError(ValueError):
-    """A problem with one data file: ``path`` names it, ``reason`` says what is wrong, ``kind`` is a key of
-    ``KINDS`` and ``details`` holds figures (bad values and counts, sizes) for reports.
-
-    ``str(e)`` is ``"path: reason"``. One argument (``DataError(message)``) is accepted too, so that
-    DataLoader workers can re-raise it in the main process as a ``DataError`` with the full message.
-    """
-
-    def __init__(self, path: str | Path, reason: str | None = None, *, kind: str = "unreadable", details=None):
-        if reason is None:
-            path, reason = _from_worker(str(path))
-        super().__init__(f"{path}: {reason}" if path else reason)
-        self.path = str(path)
-        self.reason = reason
-        self.kind = kind
-        self.details = dict(details or {})
-
-    def __reduce__(self):  # keep kind and details through pickling (multiprocessing)
-        return type(self), (self.path, self.reason), {"kind": self.kind, "details": self.details}
-
-
-def _from_worker(message: str) -> tuple[str, str]:
-    """Split a one-argument message into (path, reason). DataLoader re-raises a worker's error as
-    ``DataError("Caught DataError in DataLoader worker process N.\\nOriginal Traceback ...")``: keep the
-    original last line ("path: reason") and say where it came from, without the traceback text."""
-    lines = message.strip().splitlines()
-    if len(lines) < 2 or "Original Traceback" not in message or "DataError: " not in lines[-1]:
-        return "", message
-    path, _, reason = lines[-1].split("DataError: ", 1)[1].partition(": ")
-    where = lines[0].removeprefix("Caught DataError in ").rstrip(".")
-    if not reason or not Path(path).exists():
-        return "", f"{path}: {reason} (in {where})" if reason else f"{path} (in {where})"
-    return path, f"{reason} (in {where})"
 
 
 def decode_error(path: str | Path, what: str, error: BaseException) -> DataError:
@@ -212,9 +179,6 @@ class SegmentationDataset(Dataset):
         if self._names is not None:
             return self._names[index]
         return self.samples[index][0].stem
-
-    def has_label(self, index: int) -> bool:
-        return self.samples[index][1] is not None
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation generator (``worker_init_fn`` calls this in each worker)."""

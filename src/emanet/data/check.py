@@ -20,16 +20,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile
 
+from emanet.errors import DataError
+from emanet.progress import progress_bar
+
 from .base import (
     COLOUR_MODES,
     DECODE_ERRORS,
     KINDS,
-    DataError,
     SegmentationDataset,
     decode_error,
     read_image,
     read_label,
 )
+from .datasets import build_dataset
 from .palettes import Palette
 
 
@@ -239,8 +242,6 @@ def check_dataset(
     paired = isinstance(dataset, SegmentationDataset) and len(dataset.samples) == len(dataset)
     bar = None
     if progress:
-        from emanet.progress import progress_bar
-
         bar = progress_bar(total=n, desc=f"check {report.split}", unit="sample")
     with strict_decoding() as was_lenient:
         if was_lenient:
@@ -275,8 +276,6 @@ def check_split(
 ) -> Report:
     """Build ``build_dataset(dataset, root, split, **options)`` without transforms (unpaired files tolerated)
     and ``check_dataset`` it; a dataset that cannot be built gives a report with that one problem."""
-    from . import build_dataset
-
     options = dict(options or {})
     where = dataset if root is None else str(root)
     if dataset != "synthetic":

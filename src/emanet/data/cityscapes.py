@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
+from emanet.errors import DataError
+
+from .base import PairTransform, SegmentationDataset, missing_files_error, require_dir, unpaired_error
 from .palettes import CITYSCAPES_CLASSES, CITYSCAPES_EVAL_LABEL_IDS, CITYSCAPES_PALETTE
 
 CITYSCAPES_LAYOUT = (
@@ -53,10 +55,9 @@ class CityscapesDataset(SegmentationDataset):
         stems = [p.name[: -len("_leftImg8bit.png")] for p in images]
         names = [f"{p.parent.name}/{s}" for p, s in zip(images, stems)]
         label_dir = root / "gtFine" / split
-        lut = None
         problems: list[DataError] = []
         if not label_dir.is_dir() and split == "test":
-            labels = [None] * len(images)
+            labels, lut = [None] * len(images), None
         else:
             require_dir(label_dir, CITYSCAPES_LAYOUT)
             train_ids = [label_dir / f"{n}_gtFine_labelTrainIds.png" for n in names]
@@ -72,23 +73,7 @@ class CityscapesDataset(SegmentationDataset):
                 unlabelled = []
             if not strict:
                 problems += self._orphan_labels(label_dir, image_dir, set(names))
-            if all(p.is_file() for p in train_ids):
-                labels = train_ids
-            elif all(p.is_file() for p in label_ids):
-                labels, lut = label_ids, cityscapes_label_lut()
-            else:
-                if not unlabelled:
-                    missing = [p for p in train_ids if not p.is_file()]
-                    raise FileNotFoundError(
-                        f"{label_dir} has labelTrainIds for some images and only labelIds for others; "
-                        "run cityscapesScripts' createTrainIdLabelImgs for the whole split or remove the "
-                        f"partial labelTrainIds files (missing e.g. {missing[0]})"
-                    )
-                raise missing_files_error(
-                    "label files",
-                    [train_ids[k] for k in unlabelled],
-                    "each image needs <name>_gtFine_labelTrainIds.png or _labelIds.png",
-                )
+            labels, lut = _label_files(label_dir, train_ids, label_ids, unlabelled)
         super().__init__(
             list(zip(images, labels)),
             classes=CITYSCAPES_CLASSES,
@@ -112,3 +97,26 @@ class CityscapesDataset(SegmentationDataset):
                     seen.add(name)
                     found.append(unpaired_error(image_dir / f"{name}_leftImg8bit.png", path, "paired by name"))
         return found
+
+
+def _label_files(
+    label_dir: Path, train_ids: list[Path], label_ids: list[Path], unlabelled: list[int]
+) -> tuple[list[Path], np.ndarray | None]:
+    """The labelTrainIds files when every image has one, else the labelIds files with their lookup table;
+    a split where neither kind is complete raises, naming what is missing."""
+    if all(p.is_file() for p in train_ids):
+        return train_ids, None
+    if all(p.is_file() for p in label_ids):
+        return label_ids, cityscapes_label_lut()
+    if not unlabelled:
+        missing = [p for p in train_ids if not p.is_file()]
+        raise FileNotFoundError(
+            f"{label_dir} has labelTrainIds for some images and only labelIds for others; "
+            "run cityscapesScripts' createTrainIdLabelImgs for the whole split or remove the "
+            f"partial labelTrainIds files (missing e.g. {missing[0]})"
+        )
+    raise missing_files_error(
+        "label files",
+        [train_ids[k] for k in unlabelled],
+        "each image needs <name>_gtFine_labelTrainIds.png or _labelIds.png",
+    )

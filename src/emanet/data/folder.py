@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import DataError, PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
-from .palettes import distinct_palette, read_palette_file
+from emanet.errors import DataError
+
+from .base import PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
+from .palettes import Palette, distinct_palette, read_palette_file
 
 FOLDER_LAYOUT = (
     "ROOT/images/<split>/NAME.{jpg,jpeg,png}, ROOT/masks/<split>/NAME.png (same NAME; subfolders allowed), "
@@ -18,10 +20,39 @@ def read_classes_file(path: Path) -> list[str]:
         raise FileNotFoundError(f"class list {path} not found; expected {FOLDER_LAYOUT}")
     classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not classes:
-        raise ValueError(f"class list {path} is empty; write one class name per line")
+        raise DataError(path, "the class list is empty; write one class name per line", kind="layout")
     if len(classes) > 255:
-        raise ValueError(f"{path} lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore")
+        reason = f"lists {len(classes)} classes; at most 255 fit uint8 labels with 255 = ignore"
+        raise DataError(path, reason, kind="layout")
     return classes
+
+
+def _images_by_name(image_dir: Path, strict: bool, problems: list[DataError]) -> dict[str, Path]:
+    """The images under ``image_dir`` by sample name (relative path without suffix). Two images with one name
+    raise, or with ``strict=False`` the second is recorded in ``problems`` and left out."""
+    images: dict[str, Path] = {}
+    for path in find_images(image_dir):
+        key = path.relative_to(image_dir).with_suffix("").as_posix()
+        if key in images:
+            error = DataError(
+                path, f"another image has the sample name {key!r}: {images[key]}; rename one", kind="duplicate"
+            )
+            if strict:
+                raise error
+            problems.append(error)
+            continue
+        images[key] = path
+    return images
+
+
+def _palette(palette_file: Path, num_classes: int) -> Palette:
+    """The colours of ``palette_file`` (at least one per class), or distinct ones when there is no such file."""
+    if not palette_file.is_file():
+        return distinct_palette(num_classes)
+    palette = read_palette_file(palette_file)
+    if len(palette) < num_classes:
+        raise DataError(palette_file, f"has {len(palette)} colours for {num_classes} classes", kind="layout")
+    return palette
 
 
 class FolderDataset(SegmentationDataset):
@@ -45,18 +76,7 @@ class FolderDataset(SegmentationDataset):
         image_dir = require_dir(root / "images" / split, FOLDER_LAYOUT)
         mask_dir = require_dir(root / "masks" / split, FOLDER_LAYOUT)
         problems: list[DataError] = []
-        images: dict[str, Path] = {}
-        for path in find_images(image_dir):
-            key = path.relative_to(image_dir).with_suffix("").as_posix()
-            if key in images:
-                error = DataError(
-                    path, f"another image has the sample name {key!r}: {images[key]}; rename one", kind="duplicate"
-                )
-                if strict:
-                    raise error
-                problems.append(error)
-                continue
-            images[key] = path
+        images = _images_by_name(image_dir, strict, problems)
         masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in find_images(mask_dir, (".png",))}
         if not images and not masks:
             raise DataError(
@@ -83,17 +103,10 @@ class FolderDataset(SegmentationDataset):
             )
         images = {k: v for k, v in images.items() if k in masks}
         names = sorted(images)
-        palette_file = root / "palette.txt"
-        if palette_file.is_file():
-            palette = read_palette_file(palette_file)
-            if len(palette) < len(classes):
-                raise ValueError(f"{palette_file} has {len(palette)} colours for {len(classes)} classes")
-        else:
-            palette = distinct_palette(len(classes))
         super().__init__(
             [(images[n], masks[n]) for n in names],
             classes=classes,
-            palette=palette,
+            palette=_palette(root / "palette.txt", len(classes)),
             transform=transform,
             names=names,
             seed=seed,

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from emanet.errors import DataError
+
 Palette = list[tuple[int, int, int]]
 
 VOC_CLASSES = (
@@ -294,7 +296,8 @@ def read_palette_file(path: str | Path) -> Palette:
         except ValueError:
             rgb = ()
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-            raise ValueError(f"{path}:{lineno}: expected 'r g b' with integers 0..255, got {line.strip()!r}")
+            reason = f"line {lineno}: expected 'r g b' with integers 0..255, got {line.strip()!r}"
+            raise DataError(path, reason, kind="layout")
         palette.append(rgb)
     return palette
 

@@ -185,9 +185,6 @@ class SyntheticContextDataset(SegmentationDataset):
     def name(self, index: int) -> str:
         return f"{index:05d}"
 
-    def has_label(self, index: int) -> bool:
-        return True
-
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(image uint8 (H, W, 3), label uint8 (H, W), object class) of scene ``index``."""
         if not 0 <= index < self.length:

@@ -8,16 +8,21 @@ returns a float tensor (3, H, W) and an int64 tensor (H, W). Sizes are (height, 
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from emanet.fields import one_of
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_FILL = (124, 116, 104)  # ImageNet mean * 255, rounded: normalises to ~0
 REFERENCE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # EMANet's VOC recipe
+ScaleMode = Literal["auto", "range", "choice"]  # RandomScale: by the list's length, a (min, max) range, choices
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
@@ -77,12 +82,12 @@ class RandomScale:
     are choices; one value is a fixed factor. ``mode="choice"`` forces a two-element list to be choices.
     """
 
-    def __init__(self, scales: Sequence[float], *, mode: str = "auto"):
+    def __init__(self, scales: Sequence[float], *, mode: ScaleMode = "auto"):
         scales = tuple(float(s) for s in scales)
         if not scales or min(scales) <= 0:
             raise ValueError(f"scales must be positive, got {scales}")
-        if mode not in ("auto", "range", "choice"):
-            raise ValueError(f"mode must be 'auto', 'range' or 'choice', got {mode!r}")
+        if mode not in typing.get_args(ScaleMode):
+            raise ValueError(f"mode must be {one_of(typing.get_args(ScaleMode))}, got {mode!r}")
         if mode == "range" and len(scales) != 2:
             raise ValueError(f"a scale range needs (min, max), got {scales}")
         self.scales = scales

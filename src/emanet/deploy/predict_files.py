@@ -11,10 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from emanet.data.base import IMAGE_SUFFIXES, DataError, read_image
+from emanet.data.base import IMAGE_SUFFIXES, read_image
 from emanet.deploy.attention_maps import attention_grid, save_attention_arrays
 from emanet.deploy.predict import Prediction, Predictor
-from emanet.errors import ConfigError
+from emanet.errors import ConfigError, DataError
 from emanet.progress import progress_bar
 
 logger = logging.getLogger(__name__)

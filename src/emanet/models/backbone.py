@@ -11,7 +11,8 @@ Key layouts (state-dict names are a contract: checkpoint converters map other fo
 - Stages: ``layerL.i.conv{1,2,3}`` / ``bn{1,2,3}``; first block ``layerL.0.downsample.{0,1}`` (1x1 conv, BN).
   The stride sits on the 3x3 conv (torchvision v1.5, the reference, mmsegmentation); no conv has a bias.
 
-Output stride (OS) by dilation instead of striding, per stage (layer1, layer2, layer3, layer4):
+Output stride (OS) by dilation instead of striding, per stage (layer1, layer2, layer3, layer4), as the table
+``OUTPUT_STRIDES`` lists:
 - OS32: dilations (1, 1, 1, 1); OS16: layer4 stride 1, dilation 2; OS8: layer3 and layer4 stride 1,
   dilations 2 and 4.
 - The first block of a dilated stage uses half the stage dilation (the previous stage's), as torchvision's
@@ -34,6 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from torch import Tensor, nn
+
+from emanet.fields import one_of
 
 # Weight files are read and checked in backbone_weights.py (the builders' ``weights=`` loads through it); the
 # loader, its report and the file reader stay importable from here too.
@@ -129,15 +132,20 @@ Block = type[BasicBlock] | type[Bottleneck]
 # ----------------------------------------------------------------------------- model
 
 
+# output stride -> (strides, dilations) of layer1..layer4: the one table of the layouts this package builds
+# (ModelConfig's allowed output strides, the multi-grid's layer4 dilation and the mmseg converter read it)
+OUTPUT_STRIDES: dict[int, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
+    8: ((1, 2, 1, 1), (1, 1, 2, 4)),
+    16: ((1, 2, 2, 1), (1, 1, 1, 2)),
+    32: ((1, 2, 2, 2), (1, 1, 1, 1)),
+}
+
+
 def stage_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(strides, dilations) of layer1..layer4 for an output stride."""
-    if output_stride == 32:
-        return (1, 2, 2, 2), (1, 1, 1, 1)
-    if output_stride == 16:
-        return (1, 2, 2, 1), (1, 1, 1, 2)
-    if output_stride == 8:
-        return (1, 2, 1, 1), (1, 1, 2, 4)
-    raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be {one_of(tuple(OUTPUT_STRIDES))}, got {output_stride}")
+    return OUTPUT_STRIDES[output_stride]
 
 
 def _block_dilations(

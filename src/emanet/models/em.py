@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from emanet.fields import choices
+from emanet.fields import choices, one_of
 
 BasesUpdate = Literal["ema", "none", "learned"]
 Residual = Literal["conv", "gamma"]
@@ -35,6 +35,17 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     if device_type in ("cpu", "cuda", "xpu", "mps"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _check_em_inputs(x: Tensor, bases: Tensor, num_stages: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if bases.dim() != 3 or bases.shape[1] != x.shape[1] or bases.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"bases must be (1 or B, C, K) = (1 or {x.shape[0]}, {x.shape[1]}, K), got {tuple(bases.shape)}"
+        )
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
 
 
 def em_attention(
@@ -55,14 +66,7 @@ def em_attention(
         feed a softmax that is nearly one-hot, so half precision flips assignments. Outputs come back in
         x's dtype, the reconstruction also in x's memory format (channels_last in, channels_last out).
     """
-    if x.dim() != 4:
-        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    if bases.dim() != 3 or bases.shape[1] != x.shape[1] or bases.shape[0] not in (1, x.shape[0]):
-        raise ValueError(
-            f"bases must be (1 or B, C, K) = (1 or {x.shape[0]}, {x.shape[1]}, K), got {tuple(bases.shape)}"
-        )
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    _check_em_inputs(x, bases, num_stages)
     b, c, h, w = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 when given float64
     track_grad = torch.is_grad_enabled() and (x.requires_grad or bases.requires_grad)
@@ -124,6 +128,35 @@ def init_bases(channels: int, num_bases: int) -> Tensor:
     return mu / (1e-6 + torch.linalg.vector_norm(mu, dim=1, keepdim=True))
 
 
+def _check_unit_options(
+    num_bases: int,
+    num_stages: int,
+    eval_stages: int | None,
+    bases_update: str,
+    momentum: float,
+    differentiable: Differentiable,
+    residual: str,
+) -> None:
+    """EMAUnit's argument checks: ValueErrors naming the argument (ModelConfig words them as config keys)."""
+    if num_bases < 1:
+        raise ValueError(f"num_bases must be >= 1, got {num_bases}")
+    if num_stages < 1 or (eval_stages is not None and eval_stages < 1):
+        raise ValueError(f"num_stages and eval_stages must be >= 1, got {num_stages}, {eval_stages}")
+    if bases_update not in typing.get_args(BasesUpdate):
+        raise ValueError(f"bases_update must be {one_of(typing.get_args(BasesUpdate))}, got {bases_update!r}")
+    if differentiable not in DIFFERENTIABLE:
+        raise ValueError(f"differentiable must be {one_of(DIFFERENTIABLE)}, got {differentiable!r}")
+    if differentiable == "last" and bases_update == "learned":
+        raise ValueError(
+            "differentiable='last' cuts the gradient before the last stage, so learned bases "
+            "would never get one; use bases_update='ema' or 'none', or differentiable=true"
+        )
+    if residual not in typing.get_args(Residual):
+        raise ValueError(f"residual must be {one_of(typing.get_args(Residual))}, got {residual!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+
+
 class EMAUnit(nn.Module):
     """The EMA unit: a drop-in residual block ``(B, C, H, W) -> (B, C, H, W)``.
 
@@ -167,23 +200,7 @@ class EMAUnit(nn.Module):
         store_attention: bool = False,
     ) -> None:
         super().__init__()
-        if num_bases < 1:
-            raise ValueError(f"num_bases must be >= 1, got {num_bases}")
-        if num_stages < 1 or (eval_stages is not None and eval_stages < 1):
-            raise ValueError(f"num_stages and eval_stages must be >= 1, got {num_stages}, {eval_stages}")
-        if bases_update not in typing.get_args(BasesUpdate):
-            raise ValueError(f"bases_update must be 'ema', 'none' or 'learned', got {bases_update!r}")
-        if differentiable not in DIFFERENTIABLE:
-            raise ValueError(f"differentiable must be false, true or 'last', got {differentiable!r}")
-        if differentiable == "last" and bases_update == "learned":
-            raise ValueError(
-                "differentiable='last' cuts the gradient before the last stage, so learned bases "
-                "would never get one; use bases_update='ema' or 'none', or differentiable=true"
-            )
-        if residual not in typing.get_args(Residual):
-            raise ValueError(f"residual must be 'conv' or 'gamma', got {residual!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        _check_unit_options(num_bases, num_stages, eval_stages, bases_update, momentum, differentiable, residual)
         self.channels, self.num_bases = channels, num_bases
         self.num_stages = num_stages
         self.eval_stages = eval_stages

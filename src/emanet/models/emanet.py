@@ -15,8 +15,9 @@ from typing import Any, Literal, TypedDict
 
 from torch import Tensor, nn
 
-from emanet.fields import from_dict, literal_errors
-from emanet.models.backbone import BACKBONES, RESNETS, Stem
+from emanet.errors import ConfigError
+from emanet.fields import from_dict, literal_errors, one_of
+from emanet.models.backbone import BACKBONES, OUTPUT_STRIDES, RESNETS, Stem
 from emanet.models.em import BasesUpdate, Differentiable, EMAUnit, Residual
 from emanet.models.heads import FCNAuxHead, HeadLayout, NonLocal2d, SegHead, upsample_like
 
@@ -27,7 +28,8 @@ else:  # declared in pyproject.toml for Python 3.10
 
 Arch = Literal["emanet", "fcn", "nonlocal"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
-OUTPUT_STRIDES = (8, 16, 32)
+# ModelConfig's size fields: each must be >= 1 (ModelConfig.problems, which Config.validate runs too)
+MODEL_SIZES = ("num_classes", "backbone_width", "channels", "mid_channels", "aux_channels", "num_bases", "num_stages")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class ModelConfig:
     backbone: str = "resnet101"  # a key of BACKBONES
     stem: Stem = "deep"  # "standard" (torchvision), "deep" (reference), "v1c" (mmsegmentation)
     backbone_width: int = 64  # layer1's planes: 64 in published ResNets (ImageNet weights need it)
-    output_stride: int = 8  # 8, 16 or 32
+    output_stride: int = 8  # a key of OUTPUT_STRIDES: 8, 16 or 32
     multi_grid: bool = True  # layer4 dilations (d/2, 2d, 4d): the reference's (2, 8, 16) at OS8
     pretrained_backbone: str | None = None  # local .pth/.safetensors ImageNet weights (strict load)
     head_layout: HeadLayout = "reference"  # "reference" or "mmseg" (concat of C5 before the classifier)
@@ -62,21 +64,34 @@ class ModelConfig:
     residual: Residual = "conv"  # "conv" (paper: conv + BN + ReLU) or "gamma" (Y = X + gamma * X_hat)
 
     def __post_init__(self) -> None:
-        errors = literal_errors(self, "model.")  # arch, stem, head_layout, bases_update, residual, differentiable
+        errors = self.problems()
         if errors:
-            raise ValueError("; ".join(errors))
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
-        if self.output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"model.output_stride must be 8, 16 or 32, got {self.output_stride}")
-        for name in ("num_classes", "backbone_width", "channels", "mid_channels", "num_bases", "num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError("; ".join(errors))
+
+    def problems(self) -> list[str]:
+        """Every impossible value, each naming its key (``model.``), what is expected and the value: the one
+        check of a model's fields, run on construction and again by Config.validate (after assignments)."""
+        # arch, stem, head_layout, bases_update, residual, differentiable: from their Literal types
+        errors = literal_errors(self, "model.")
+
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                errors.append(f"model.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        need(self.backbone in BACKBONES, "backbone", f"one of {sorted(BACKBONES)}")
+        need(self.output_stride in OUTPUT_STRIDES, "output_stride", one_of(tuple(OUTPUT_STRIDES)))
+        for name in MODEL_SIZES:
+            need(getattr(self, name) >= 1, name, ">= 1")
+        need(self.eval_stages is None or self.eval_stages >= 1, "eval_stages", ">= 1 or null (= num_stages)")
+        need(0 <= self.dropout < 1, "dropout", "in [0, 1)")
+        need(0 <= self.momentum <= 1, "momentum", "in [0, 1] (weight of the new bases estimate)")
+        need(0 <= self.bn_momentum <= 1, "bn_momentum", "in [0, 1]")
         if self.differentiable == "last" and self.bases_update == "learned":
-            raise ValueError(
+            errors.append(
                 "model.differentiable=last leaves learned bases without a gradient; use "
                 "model.bases_update=ema or none, or model.differentiable=true"
             )
+        return errors
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -90,7 +105,7 @@ def layer4_dilations(output_stride: int, blocks: int = 3) -> tuple[int, ...]:
     """The reference's multi-grid (1, 2, 4) times layer4's dilation d, with the first grid ignored by its
     code (that block keeps d/2 like any first block of a dilated stage): (2, 8, 16) at OS8, (1, 4, 8) at OS16.
     ResNet-18's two-block layer4 takes the first two."""
-    d = {8: 4, 16: 2, 32: 1}[output_stride]
+    d = OUTPUT_STRIDES[output_stride][1][3]  # layer4's stage dilation
     return (max(1, d // 2), 2 * d, 4 * d)[:blocks]
 
 

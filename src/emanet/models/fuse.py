@@ -2,7 +2,8 @@
 conv on CPU; ``prepare_for_inference`` in one call.
 
 In eval mode a BatchNorm is a per-channel affine map, ``y = (x - mean) * s + beta`` with
-``s = gamma / sqrt(var + eps)``, so after ``x = W * in + b`` it can be absorbed into the conv:
+``s = gamma / sqrt(var + eps)``, so after ``x = W * in + b`` it can be absorbed into the conv
+(``torch.nn.utils.fusion.fuse_conv_bn_weights`` computes it, here in float64):
 
     W' = W * s   (per output channel)        b' = beta + (b - mean) * s
 
@@ -30,6 +31,7 @@ import functools
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from emanet.models.backbone import BasicBlock, Bottleneck
 from emanet.models.heads import ConvBNReLU
@@ -67,21 +69,28 @@ def _foldable(conv: nn.Conv2d | None, bn: nn.Module | None, shared: set[int]) ->
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Absorb ``bn`` (eval mode) into ``conv`` in place; ``bn`` itself is left untouched."""
-    # float64 for the scale: var + eps can be tiny, and the product must match BN's own float32 maths
-    w = conv.weight.double()  # (C_out, C_in / groups, kh, kw)
-    mean, var = bn.running_mean.double(), bn.running_var.double()  # (C_out,)
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + bn.eps)  # (C_out,)
-    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
-    conv.weight.copy_(w * scale.view(-1, 1, 1, 1))
+    """Absorb ``bn`` (eval mode) into ``conv`` in place with torch's own fold; ``bn`` itself is left untouched."""
+
+    def f64(t: Tensor | None) -> Tensor | None:
+        # float64 for the scale: var + eps can be tiny, and the product must match BN's own float32 maths
+        return None if t is None else t.double()
+
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight.double(),
+        f64(conv.bias),
+        f64(bn.running_mean),
+        f64(bn.running_var),
+        bn.eps,
+        f64(bn.weight),
+        f64(bn.bias),
+    )
+    conv.weight.copy_(weight)  # in place: the parameter keeps its dtype, device and memory format
     if conv.bias is None:
         # BN-followed convs are built with bias=False; the fold needs one
         conv.bias = nn.Parameter(
-            torch.empty_like(mean, dtype=conv.weight.dtype), requires_grad=conv.weight.requires_grad
+            torch.empty_like(bias, dtype=conv.weight.dtype), requires_grad=conv.weight.requires_grad
         )
-    conv.bias.copy_(beta + (b - mean) * scale)
+    conv.bias.copy_(bias)
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -129,11 +138,6 @@ def _inputs_to_channels_last(module: nn.Module, args: tuple) -> tuple:
         a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
         for a in args
     )
-
-
-def is_prepared(model: nn.Module) -> bool:
-    """True once ``prepare_for_inference`` has run on ``model``."""
-    return getattr(model, "_prepared_for_inference", False)
 
 
 # ----------------------------------------------------------------------------- activation fusion
@@ -299,5 +303,4 @@ def prepare_for_inference(
             model.register_forward_pre_hook(_inputs_to_channels_last)
             model._channels_last_inputs = True
     model.requires_grad_(False)
-    model._prepared_for_inference = True
     return model

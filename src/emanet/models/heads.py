@@ -12,6 +12,7 @@ Layouts:
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emanet.fields import one_of
 from emanet.models.em import conv_init_
 
 HeadLayout = Literal["reference", "mmseg"]
@@ -88,8 +90,8 @@ class SegHead(nn.Module):
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        if layout not in ("reference", "mmseg"):
-            raise ValueError(f"head layout must be 'reference' or 'mmseg', got {layout!r}")
+        if layout not in typing.get_args(HeadLayout):
+            raise ValueError(f"head layout must be {one_of(typing.get_args(HeadLayout))}, got {layout!r}")
         self.layout = layout
         self.reduce = ConvBNReLU(in_channels, channels, 3, norm_layer)
         self.context = context if context is not None else nn.Identity()
