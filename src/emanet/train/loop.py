@@ -3,10 +3,10 @@
 ``train(cfg)`` = ``setup`` (train/setup.py: run folder, checked data, model, optimizer, schedule, resumed state
 -> ``TrainRun`` and its ``Counters``) -> ``train_iterations``, which reads top to bottom on one screen:
 
-    for each iteration:  train_step -> schedule step -> log -> checkpoint -> (stop) -> (evaluate)
-    train_step:  micro-batches (autocast forward, loss, backward; DDP syncs gradients on the last one)
-                 -> agree (one all-reduce: mean loss, any rank non-finite, any rank asked to stop)
-                 -> EMA bases update over the global batch + optimizer step, or _skip_step
+    for each iteration:  micro-batches (autocast forward, loss, backward; DDP syncs gradients on the last one)
+                         -> agree (one all-reduce: mean loss, any rank non-finite, any rank asked to stop)
+                         -> EMA bases update over the global batch + optimizer step, or _skip_step
+                         -> schedule step -> log -> checkpoint -> (stop) -> (evaluate)
     checkpoint:  gather every rank's RNG state and replica digest -> rank 0 writes a TrainingState
 
 Only rank 0 logs and writes files. Evaluation is emanet.evaluation; device and autocast are emanet.runtime.
@@ -117,66 +117,56 @@ def train(
 
 
 def train_iterations(run: TrainRun, counters: Counters, stop: StopRequest, log: TrainingLog) -> None:
-    """The iterations after ``counters.start``: step -> schedule -> log -> checkpoint -> (stop) -> (evaluate)."""
-    train_cfg = run.cfg.train
+    """The iterations after ``counters.start``, top to bottom: micro-batches -> one vote -> step (or drop it)
+    -> schedule -> log -> checkpoint -> (stop) -> (evaluate)."""
+    train_cfg, env = run.cfg.train, run.env
     _set_train_mode(run.model, train_cfg.freeze_bn)
     for step in range(counters.start + 1, train_cfg.iterations + 1):
         lr = run.scheduler.get_last_lr()[0]  # the first group's (lr_mult 1): optim.lr at this step
-        loss, bad, stop_voted = train_step(run, counters, step, stop)
-        _advance(run.scheduler, skipped=bad)  # per iteration, a skipped one included
-        log.step(step, loss, lr, bad, counters)
+        saved_bn = [b.clone() for b in run.bn_buffers] if train_cfg.on_nonfinite == "skip" else []
+        loss_sum = torch.zeros((), device=env.device)  # stays on the device: the vote is the step's only host sync
+        for micro in range(train_cfg.accum_steps):
+            images, labels = (x.to(env.device, non_blocking=True) for x in run.stream.next())
+            last = micro == train_cfg.accum_steps - 1  # DDP all-reduces the gradients on the last one only
+            with contextlib.nullcontext() if last or not env.distributed else run.net.no_sync():  # type: ignore[operator]
+                with autocast(env.device, train_cfg.precision):
+                    loss = run.criterion(run.net(images), labels) / train_cfg.accum_steps
+                run.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+            counters.seen += images.shape[0]
 
-        stopping = stop_voted and step < train_cfg.iterations
+        # one all-reduce and one host sync: the summed loss, any rank non-finite, any rank asked to stop
+        vote = torch.stack([loss_sum, (~loss_sum.isfinite()).float(), loss_sum.new_tensor(float(stop.at(step)))])
+        total, bad, votes = agree(vote, env)
+        mean_loss = total / env.world_size
+        if bad:  # stop, or drop the step with everything it touched
+            _skip_step(run, counters, step, mean_loss, saved_bn)
+        else:
+            counters.consecutive = 0
+            for unit in run.units:
+                unit.apply_bases_update()  # all-reduced sums and counts: the global batch's mean
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            average_(run.bn_stats, env)
+        _advance(run.scheduler, skipped=bool(bad))  # per iteration, a skipped one included
+        log.step(step, mean_loss, lr, bool(bad), counters)
+
+        stopping = votes > 0 and step < train_cfg.iterations
         if step % train_cfg.checkpoint_interval == 0 or step == train_cfg.iterations or stopping:
-            counters.last_checkpoint = save_training_checkpoint(run, counters, step, None if bad else loss)
+            counters.last_checkpoint = save_training_checkpoint(run, counters, step, None if bad else mean_loss)
         if stopping:
             raise TrainingInterrupted(
                 f"stopped at iteration {step} ({stop.why()}); checkpoint {counters.last_checkpoint}; "
                 "continue with --resume",
                 iteration=step,
                 checkpoint=counters.last_checkpoint,
-                rank=run.env.rank,
+                rank=env.rank,
             )
-
         if train_cfg.eval_interval and step % train_cfg.eval_interval == 0 and step != train_cfg.iterations:
-            results = evaluate(run.model, run.val_set, run.cfg, run.env.device, max_images=train_cfg.max_eval_images)
+            results = evaluate(run.model, run.val_set, run.cfg, env.device, max_images=train_cfg.max_eval_images)
             _set_train_mode(run.model, train_cfg.freeze_bn)
             log.val(step, results)
-
-
-def train_step(run: TrainRun, counters: Counters, step: int, stop: StopRequest) -> tuple[float, bool, bool]:
-    """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss over ranks, skipped, stop).
-
-    DDP all-reduces gradients on the last micro-batch only. One all-reduce then agrees on the mean loss, any
-    rank's non-finite loss and any rank's stop request; a non-finite step is dropped or stops the run.
-    """
-    train_cfg, env = run.cfg.train, run.env
-    saved_bn = [b.clone() for b in run.bn_buffers] if train_cfg.on_nonfinite == "skip" else []
-    loss_sum = torch.zeros((), device=env.device)  # stays on the device: the vote is the step's only host sync
-    for micro in range(train_cfg.accum_steps):
-        images, labels = run.stream.next()
-        images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-        last = micro == train_cfg.accum_steps - 1
-        with contextlib.nullcontext() if last or not env.distributed else run.net.no_sync():  # type: ignore[operator]
-            with autocast(env.device, train_cfg.precision):
-                loss = run.criterion(run.net(images), labels) / train_cfg.accum_steps
-            run.scaler.scale(loss).backward()
-        loss_sum += loss.detach().float()
-        counters.seen += images.shape[0]
-    vote = torch.stack([loss_sum, (~loss_sum.isfinite()).float(), loss_sum.new_tensor(float(stop.at(step)))])
-    total, bad, votes = agree(vote, env)  # one all-reduce and one host sync: mean loss, non-finite, stop
-    loss_mean = total / env.world_size
-    if bad:
-        _skip_step(run, counters, step, loss_mean, saved_bn)
-    else:
-        counters.consecutive = 0
-        for unit in run.units:
-            unit.apply_bases_update()  # all-reduced sums and counts: the global batch's mean
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        average_(run.bn_stats, env)
-    return loss_mean, bool(bad), votes > 0
 
 
 def _skip_step(run: TrainRun, counters: Counters, step: int, loss: float, saved_bn: list[torch.Tensor]) -> None:
