@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emanet.checkpoint import write_text_atomic
 from emanet.config import Config, load_config
 from emanet.errors import ConfigError, RunFolderError
 from emanet.evaluation import evaluate
@@ -82,9 +82,7 @@ def plan(kind: str, *, train_stages=TRAIN_STAGES, eval_stages=EVAL_STAGES, varia
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # a study stopped mid-write keeps the previous file
+    write_text_atomic(path, json.dumps(data, indent=2))  # a study stopped mid-write keeps the previous file
 
 
 def _commands(
