@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 
 from emanet.checkpoint import (
     FORMAT_VERSION,
     RESUME_KEYS,
+    atomic_path,
     atomic_torch_save,
     checkpoint_candidates,
     checkpoint_iteration,
@@ -16,6 +20,7 @@ from emanet.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
+    write_bytes_atomic,
     write_text_atomic,
 )
 
@@ -130,3 +135,47 @@ def test_checkpoint_names_parse_back_and_the_text_write_is_atomic(tmp_path):
     with pytest.raises(OSError) as failed:
         write_text_atomic(tmp_path / "missing" / "latest.txt", "x")
     assert failed.value.filename == str(tmp_path / "missing" / "latest.txt")
+
+
+# ----------------------------------------------------------------------------- the one way to write a file
+
+
+def test_atomic_path_replaces_the_file_with_an_ordinary_mode_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text("old")
+    with atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".json"  # writers that read the extension still see it
+        assert path.read_text() == "old"  # nothing visible before the block ends
+        tmp.write_text("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_write_keeps_the_old_bytes_and_names_the_path(tmp_path, failure):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the previous export")
+    with pytest.raises(type(failure)) as raised, atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise failure
+    assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    if isinstance(failure, OSError):
+        assert raised.value.filename == str(path) and raised.value.strerror == "No space left on device"
+
+
+def test_an_unwritable_folder_is_an_oserror_naming_the_target(tmp_path):
+    with pytest.raises(OSError) as raised:
+        write_bytes_atomic(tmp_path / "missing" / "x.png", b"png")
+    assert raised.value.filename == str(tmp_path / "missing" / "x.png")
+
+
+def test_text_and_bytes_writes_go_through_atomic_path(tmp_path):
+    write_text_atomic(tmp_path / "a.txt", "ünïcode")
+    write_bytes_atomic(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "a.txt").read_bytes() == "ünïcode".encode() and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"

@@ -9,18 +9,20 @@ next older one and returns the skipped files (``DamagedCheckpoint``) for the cal
 A training checkpoint (format 2) is a ``TrainingState``; older format-2 files lack ``scheduler`` (the
 schedule then resumes at their iteration) and may lack loss, param_norm, class_names and palette (unknown).
 A failed write (disk full, read-only) is a CheckpointWriteError naming the file and the OS reason.
-This module names the checkpoint files of a run folder (``iter_*.pt``, latest.txt) and holds the one atomic
-text write that the run folder's other files use too.
+This module names the checkpoint files of a run folder (``iter_*.pt``, latest.txt) and holds the one way
+emanet writes a file (``atomic_path``, ``write_text_atomic``, ``write_bytes_atomic``): the run folder's other
+files, and every user-facing output (exports, eval JSON, predictions, plots, reports, model folders) use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,19 +98,55 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary beside ``path``, fsync, rename over ``path``: a reader sees the old
-    text or the new, never a torn one. An OSError names ``path``; the temporary is removed."""
-    tmp = path.with_name(f".{path.name}.tmp")
+# ----------------------------------------------------------------------------- writing any file
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for a writer to fill (PIL, matplotlib, torch.onnx, safetensors, open):
+    when the block ends it is fsynced and renamed over ``path``, so a reader sees the old file or the new one,
+    never a torn one. On any failure (disk full, read-only folder, Ctrl-C) the temporary is removed and
+    ``path`` keeps what it held; an OSError is raised again naming ``path`` (the CLI prints "PATH: reason").
+
+    The temporary keeps ``path``'s extension (``.NAME.<random>.tmp.png``): writers that pick the format from
+    the name still see it.
+    """
+    path = Path(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())  # an ordinary file's mode, not mkstemp's 0600
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through ``atomic_path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``atomic_path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_checkpoint(state: dict[str, Any], folder: str | Path, iteration: int, keep: int = 3) -> Path:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from emanet.checkpoint import write_text_atomic
 from emanet.data import DATASETS
 from emanet.data.synthetic import SceneConfig
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
@@ -359,4 +360,4 @@ def load_config(
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

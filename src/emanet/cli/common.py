@@ -1,13 +1,20 @@
-"""Flags and helpers that several subcommands share: device, precision, compile, progress, and the
-``section.key=value`` overrides they turn into."""
+"""Flags and helpers that several subcommands share: device, precision, compile, progress, the
+``section.key=value`` overrides they turn into, and the checks of an output before any work starts."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import typing
+from pathlib import Path
 
+from emanet.checkpoint import checkpoint_iteration
 from emanet.config import Config, load_config
+from emanet.errors import ConfigError
+from emanet.pretrained import CONFIG as MODEL_CONFIG
+from emanet.pretrained import WEIGHTS, is_model_folder
 from emanet.runtime import Precision
+from emanet.train.runs import RESERVED, run_contents
 
 COMPILE_HELP = "torch.compile the model (opt-in: tens of seconds of compiling before the first image or step)"
 NO_PREPARE_HELP = (
@@ -47,3 +54,46 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 def run_config(args: argparse.Namespace) -> Config:
     """``--config`` (a file or packaged recipe; default: the VOC recipe) with ``run_overrides`` on top."""
     return load_config(args.config, run_overrides(args))
+
+
+# ----------------------------------------------------------------------------- outputs, checked before any work
+
+
+def reserved(path: Path) -> str | None:
+    """Why ``path`` is a file of a run or model folder that no command's output may replace, or None."""
+    folder, name = path.parent, path.name
+    if is_model_folder(folder) and name in (WEIGHTS, MODEL_CONFIG):
+        return f"the {name} of the model folder {folder}"
+    if run_contents(folder) and (name in RESERVED or checkpoint_iteration(name) >= 0):
+        return f"{name} belongs to the run in {folder}"
+    return None
+
+
+def claim_output(path: str | Path, *, overwrite: bool, flag: str = "--out") -> Path:
+    """An output file, checked before any work: never a reserved file of a run or model folder; an existing
+    file only with --overwrite; its folder created (parents included) and writable."""
+    path = Path(path)
+    why = reserved(path)
+    if why is not None:
+        raise ConfigError(
+            f"{flag} {path}: {why} and is never replaced, with or without --overwrite; choose another file"
+        )
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path} exists; add --overwrite to replace it, or choose another name")
+    claim_folder(path.parent)
+    return path
+
+
+def claim_folder(folder: str | Path) -> Path:
+    """An output folder, created with its parents and proven writable (a probe file made and removed) before
+    any work; an OSError names the folder and the reason."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".emanet-probe-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
+    return folder

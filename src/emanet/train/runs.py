@@ -51,8 +51,12 @@ EVAL = "eval.json"  # the final evaluation and the run's summary
 BAD_SAMPLES = "bad_samples.txt"  # training files skipped with data.on_bad_sample=skip
 # files whose presence means a folder holds a run (checkpoints are matched by pattern)
 RUN_FILES = (CONFIG, METRICS, LATEST, EVAL, CLASSES, BAD_SAMPLES)
-# temporaries of checkpoint.atomic_torch_save / write_text_atomic and of this module's rewrites
-STALE_TEMPORARY = re.compile(r"\.(iter_\d+\.pt\..+|latest\.txt|metrics(\.cut)?\.jsonl)\.tmp")
+# what the run itself owns: never the target of another command's --out (eval.json may be, with --overwrite)
+RESERVED = (CONFIG, METRICS, METRICS_CUT, LATEST, CLASSES, BAD_SAMPLES, LOCK)
+# temporaries of checkpoint.atomic_torch_save / atomic_path (.NAME.<random>.tmp.EXT; older releases .NAME.tmp)
+STALE_TEMPORARY = re.compile(
+    r"\.(iter_\d+\.pt|latest\.txt|metrics(\.cut)?\.jsonl|classes\.json|config\.yaml)(\.\w+)?\.tmp(\.\w+)?"
+)
 
 # Keys a resume may change: how long and where the run goes on, how often it logs, evaluates and saves,
 # the learning rate (the advice after a diverged run) and evaluation-only settings. Everything else
