@@ -21,7 +21,7 @@ from emanet.data import DATASETS
 from emanet.data.synthetic import SceneConfig
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
 from emanet.errors import ConfigError
-from emanet.fields import from_dict, literal_errors
+from emanet.fields import from_dict, literal_errors, read_utf8
 from emanet.inference import Mode
 from emanet.losses import Reduction
 from emanet.models.emanet import ModelConfig
@@ -294,6 +294,73 @@ def _eval_errors(cfg: Config, c: _Checks) -> None:
             )
 
 
+# ----------------------------------------------------------------------------- reading YAML
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping; the message names it and both lines."""
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: PyYAML keeps the last one silently, so a second
+    `model:` section would replace the first without a word."""
+
+
+def _unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = lines.get(key)
+        except TypeError:  # an unhashable key: construct_mapping refuses it with its own message
+            continue
+        if first is not None:
+            where = f"lines {first} and {line}" if first != line else f"both on line {line}"
+            raise _DuplicateKey(f"key {key!r} is given twice ({where}); keep one")
+        lines[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's sections: UTF-8, valid YAML, no key twice, not empty, a mapping at the top."""
+    text = read_utf8(path, lambda reason: ConfigError(f"{path}: {reason}"))
+    try:
+        data = _yaml(text)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    sections = "model:, data:, optim:, loss:, train:, eval:"
+    if data is None:  # nothing but comments or blank lines
+        raise ConfigError(
+            f"{path}: the config file is empty (no settings); it would mean the VOC defaults: to use those, "
+            f"leave out --config; otherwise give the sections to change ({sections})"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections ({sections}), got a {type(data).__name__}"
+        )
+    return data
+
+
+def _override_value(item: str, raw: str) -> Any:
+    try:
+        return _yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        reason = str(e) if isinstance(e, _DuplicateKey) else f"the value is not valid YAML: {e}"
+        raise ConfigError(f"override {item!r}: {reason}") from None
+
+
 def _set_path(d: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for p in parts[:-1]:
@@ -338,22 +405,13 @@ def load_config(
     config, or the defaults) and apply `section.key=value` overrides."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        path = resolve_config(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            sections = "model:, data:, optim:, loss:, train:, eval:"
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of sections ({sections}), got a {type(data).__name__}"
-            )
+        data = _read_yaml(resolve_config(path))
     patch: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.iterations=100)")
         key, raw = item.split("=", 1)
-        _set_path(patch, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(patch, key.strip(), _override_value(item, raw))
     cfg = from_dict(Config, _merge(data, patch))
     cfg.validate()
     return cfg

@@ -1,7 +1,7 @@
 """Typed dataclass fields: dicts (YAML, JSON, checkpoints) -> dataclasses with every value checked against its
 field's type, and the allowed values of ``Literal`` fields. Imports only emanet.errors, so the model layer
 (ModelConfig) and the run configuration (config.py) share one implementation. A value or key that does not
-fit is a ``ConfigError`` naming the key.
+fit is a ``ConfigError`` naming the key. ``read_utf8`` reads the text files users write (configs, class lists).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from emanet.errors import ConfigError
@@ -120,3 +122,22 @@ def _other_arm(tp: Any, value: Any) -> bool:
         except ConfigError:
             pass
     return False
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_utf8(path: str | Path, error: Callable[[str], Exception]) -> str:
+    """The text of a file users write (a config, a class list), which must be UTF-8; a UTF-8 byte-order mark is
+    dropped. Other bytes raise ``error(reason)``, the reason giving the byte and its offset in the file."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        bad = data[e.start : e.start + 1].hex()
+        # Notepad and PowerShell write UTF-16 with a byte-order mark; Latin-1 and cp1252 fail on a later byte
+        guess = " (it starts with a UTF-16 byte-order mark: a UTF-16 file)" if data.startswith(_UTF16_BOMS) else ""
+        raise error(
+            f"not UTF-8 text: byte 0x{bad} at offset {e.start} cannot be decoded{guess}; UTF-8 is expected "
+            "(save the file as UTF-8)"
+        ) from None

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from emanet.errors import DataError
 
-from .palettes import Palette
+from .palettes import Palette, read_text_file
 from .transforms import ToTensorNormalize
 
 # A paired transform: (PIL image, uint8 label, rng) -> anything; the training ones end in tensors.
@@ -357,7 +357,7 @@ def require_dir(path: Path, layout: str) -> Path:
 
 def read_split_file(path: Path) -> list[str]:
     """Ids from a split list: first token per line, reduced to its stem ('JPEGImages/x.jpg ...' works)."""
-    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    ids = [Path(line.split()[0]).stem for line in read_text_file(path).splitlines() if line.strip()]
     if not ids:
         raise DataError(path, "split list is empty; expected one image id per line", kind="empty_split")
     return ids

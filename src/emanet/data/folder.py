@@ -7,7 +7,7 @@ from pathlib import Path
 from emanet.errors import DataError
 
 from .base import PairTransform, SegmentationDataset, _describe_names, find_images, require_dir
-from .palettes import Palette, distinct_palette, read_palette_file
+from .palettes import Palette, distinct_palette, read_palette_file, read_text_file
 
 FOLDER_LAYOUT = (
     "ROOT/images/<split>/NAME.{jpg,jpeg,png}, ROOT/masks/<split>/NAME.png (same NAME; subfolders allowed), "
@@ -18,7 +18,7 @@ FOLDER_LAYOUT = (
 def read_classes_file(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class list {path} not found; expected {FOLDER_LAYOUT}")
-    classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    classes = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
     if not classes:
         raise DataError(path, "the class list is empty; write one class name per line", kind="layout")
     if len(classes) > 255:

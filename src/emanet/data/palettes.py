@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from emanet.errors import DataError
+from emanet.fields import read_utf8
 
 Palette = list[tuple[int, int, int]]
 
@@ -284,10 +285,16 @@ def flat_palette(palette: Palette) -> list[int]:
     return flat + [0] * (768 - len(flat))
 
 
+def read_text_file(path: str | Path) -> str:
+    """A text file of a dataset (class list, palette, split list), which must be UTF-8: a DataError names the
+    file and the offending byte otherwise."""
+    return read_utf8(path, lambda reason: DataError(path, reason, kind="layout"))
+
+
 def read_palette_file(path: str | Path) -> Palette:
     """Read one ``r g b`` triple (0..255, spaces or commas) per non-empty line."""
     palette = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.replace(",", " ").split()
