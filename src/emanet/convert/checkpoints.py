@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from emanet.config import Config, load_config
 from emanet.convert.keys import (
+    BACKBONE_FORMAT,
     EXPECTED_STEM,
     FULL_MODEL_SOURCES,
     RULES,
@@ -389,7 +390,7 @@ def convert(
             {k: v.clone().contiguous() for k, v in result.state_dict.items()},
             str(dst),
             metadata={
-                "format": "emanet-backbone",
+                "format": BACKBONE_FORMAT,
                 "converted_from": source,
                 **{k: str(v) for k, v in (result.backbone or {}).items()},
             },

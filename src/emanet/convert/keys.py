@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from emanet.checkpoint import CHECKPOINTS, LATEST
 from emanet.errors import ModelSourceError
 from emanet.models.backbone_weights import read_weights_file
+from emanet.pretrained import FORMAT, WEIGHTS, is_model_folder
 
 SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
 FULL_MODEL_SOURCES = ("reference", "mmseg")
@@ -78,6 +81,7 @@ DROPS: dict[str, list[tuple[str, str]]] = {
     + [(p, _NOT_BACKBONE) for p in ("decode_head.", "auxiliary_head.")],
 }
 
+BACKBONE_FORMAT = "emanet-backbone"  # the safetensors metadata of a backbone that `emanet convert` wrote
 EXPECTED_STEM = {"torchvision": "standard", "reference-backbone": "deep", "mmseg-backbone": "v1c"}
 
 
@@ -97,6 +101,8 @@ def rename(key: str, rules: Sequence[tuple[str, str]], *, inverse: bool = False)
 def detect_format(keys: Sequence[str]) -> str | None:
     """Guess a state dict's source format from its key names."""
     ks = set(keys)
+    if "head.context.bases" in ks:
+        return "emanet"  # our own names: a model that needs no conversion
     if any(k.startswith(("extractor.", "emau.", "fc0.")) for k in ks):
         return "reference"
     if any(k.startswith("decode_head.") for k in ks):
@@ -125,7 +131,11 @@ def read_source(
         obj, name = dict(src), "<state dict>"
     else:
         name = str(src)
-        obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
+        _refuse_foreign(Path(src))
+        try:
+            obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
+        except ValueError as e:  # a damaged file, or pickled objects weights_only refuses: the message says which
+            raise ModelSourceError(str(e)) from None
     if not isinstance(obj, Mapping):
         raise ModelSourceError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
     if "format_version" in obj and isinstance(obj.get("model"), Mapping) and "config" in obj:
@@ -150,6 +160,58 @@ def read_source(
     return state, extra, name
 
 
+_LOAD_DIRECTLY = "emanet predict/eval/export take it directly, and so does emanet.pretrained.load_model"
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse, before reading it, what is not a checkpoint to convert: an emanet model or run folder, an emanet
+    model's own weights, and a file that is neither a PyTorch checkpoint nor a safetensors file (random bytes
+    are not pickled objects: --allow-pickle would not help)."""
+    if path.is_dir():
+        if is_model_folder(path):
+            raise ModelSourceError(f"{path} is already an emanet model folder (no conversion needed): {_LOAD_DIRECTLY}")
+        if (path / LATEST).is_file() or any(path.glob(CHECKPOINTS)):
+            raise ModelSourceError(f"{path} is an emanet run folder (no conversion needed): {_LOAD_DIRECTLY}")
+        raise ModelSourceError(f"{path} is a folder: give the checkpoint file to convert (.pth/.pt/.safetensors)")
+    if not path.is_file():
+        return  # read_weights_file says it is not found
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (PyTorch >= 1.6)
+        return
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle: older torch.save
+        return
+    if len(head) > 8 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then its JSON header
+        _refuse_emanet_safetensors(path)
+        return
+    what = "is empty (0 bytes)" if not head else f"starts with bytes {head[:8].hex(' ')}"
+    raise ModelSourceError(
+        f"{path}: not a PyTorch checkpoint (nor a safetensors file): it {what}, while a file of torch.save starts "
+        "with a zip or pickle header; check that the download or copy is complete and that this is the checkpoint"
+    )
+
+
+def _refuse_emanet_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception:  # a damaged file: read_weights_file reports it
+        return
+    if fmt == FORMAT:
+        where = f"its folder, {path.parent}," if path.name == WEIGHTS and is_model_folder(path.parent) else "its folder"
+        raise ModelSourceError(
+            f"{path} holds the weights of an emanet model folder (format {FORMAT!r}): it is already an emanet model "
+            f"and needs no conversion; give {where} to emanet predict/eval/export (or emanet.pretrained.load_model)"
+        )
+    if fmt == BACKBONE_FORMAT:
+        raise ModelSourceError(
+            f"{path} is a backbone that emanet convert already wrote (format {BACKBONE_FORMAT!r}): it needs no "
+            f"conversion; use it as model.pretrained_backbone={path}"
+        )
+
+
 def rename_all(
     state: Mapping[str, Tensor], source: str, name: str
 ) -> tuple[dict[str, Tensor], list[tuple[str, str]], list[tuple[str, str]]]:
@@ -172,6 +234,12 @@ def rename_all(
             pairs.append((key, dst))
     if unknown:
         guess = detect_format(list(state))
+        if guess == "emanet":
+            raise ModelSourceError(
+                f"{name}: the keys are emanet's own (backbone.*, head.*): this is already an emanet model and "
+                "needs no conversion; load it with emanet.pretrained.load_model, or save it as a model folder "
+                "(emanet.pretrained.save_pretrained), which emanet predict/eval/export take directly"
+            )
         if source not in FULL_MODEL_SOURCES and guess in FULL_MODEL_SOURCES:
             guess += "-backbone"  # a full model's file given to a backbone conversion: its backbone part
         hint = (
