@@ -49,7 +49,15 @@ from emanet.train.distributed import (
     init_distributed,
     replica_states,
 )
-from emanet.train.runs import BAD_SAMPLES, EVAL, METRICS, describe_checkpoints, os_reason
+from emanet.train.runs import (
+    BAD_SAMPLES,
+    EVAL,
+    METRICS,
+    describe_checkpoints,
+    logged_losses,
+    os_reason,
+    suspect_reasons,
+)
 from emanet.train.setup import Counters, TrainingStopped, TrainRun, on_rank0, setup
 
 logger = logging.getLogger(__name__)
@@ -202,13 +210,41 @@ def _skip_step(run: TrainRun, counters: Counters, step: int, loss: float, saved_
 
 
 def _diverged(run: TrainRun, counters: Counters, head: str, step: int) -> NonFiniteLoss:
-    kept = describe_checkpoints(run.folder, step, kept_checkpoints(run.folder)) if run.env.is_main else ""
+    kept = kept_checkpoints(run.folder) if run.env.is_main else None  # rank 0 reports; the others carry the head
+    listed = describe_checkpoints(run.folder, step, kept) if kept is not None else ""
     return NonFiniteLoss(
-        f"{head}\n{kept}\ncontinue from a checkpoint you trust with --resume-from PATH (e.g. "
-        "with a lower optim.lr), or set train.on_nonfinite=skip to drop such steps",
+        f"{head}\n{listed}\n{_recovery_advice(run, step, kept)}",
         iteration=step,
         checkpoint=counters.last_checkpoint,
         rank=run.env.rank,
+    )
+
+
+def _recovery_advice(run: TrainRun, step: int, kept: list[dict[str, Any]] | None) -> str:
+    """What to do after a stop for non-finite losses, fitting the settings (no advice to set what is set) and
+    the kept checkpoints (none usable: start over; else the newest one not flagged as suspect)."""
+    train_cfg = run.cfg.train
+    lower_lr = f"a lower optim.lr (now {run.cfg.optim.lr:g})"
+    if train_cfg.on_nonfinite == "stop":
+        other = "; or set train.on_nonfinite=skip to drop such steps"
+    else:  # skip mode stops only after max_consecutive_skips steps in a row
+        n = train_cfg.max_consecutive_skips
+        other = f"; or, if the losses recover after a few steps, raise train.max_consecutive_skips (now {n})"
+    if kept is None:
+        return f"continue from a checkpoint you trust with --resume-from PATH and {lower_lr}{other}"
+    usable = [k for k in kept if "error" not in k and k["finite"]]
+    if not usable:
+        why = "none is kept" if not kept else "each is unreadable or has non-finite weights"
+        restart = "start over with --overwrite (the run folder is moved aside)"
+        return f"no checkpoint is usable ({why}): {restart} and {lower_lr}{other}"
+    reasons = suspect_reasons(kept, step, logged_losses(run.folder))
+    trusted = [k for k, why in zip(kept, reasons) if not why]  # suspect_reasons flags unreadable and non-finite
+    if trusted:
+        pick = f"e.g. the newest one not flagged SUSPECT: --resume-from {trusted[-1]['path']}"
+        return f"continue from a checkpoint you trust ({pick}) with {lower_lr}{other}"
+    return (
+        f"every usable checkpoint is flagged SUSPECT: continue from the oldest (--resume-from {usable[0]['path']}) "
+        f"with {lower_lr}, or start over with --overwrite{other}"
     )
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emanet.checkpoint import RESUME_KEYS, Resumed, load_checkpoint, restore_training_state
 from emanet.config import Config, TrainConfig, save_config
-from emanet.errors import ConfigError, UserError
+from emanet.errors import ConfigError, RunFolderError, UserError
 from emanet.losses import SegmentationLoss
 from emanet.models.em import EMAUnit, ema_units
 from emanet.models.emanet import build_model
@@ -198,7 +198,7 @@ def setup(
 
     def open_folder():  # rank 0: lock, refuse or move aside an earlier run, stale temporaries, resume point
         held.callback(prepare_run_folder(folder, resume=resume, overwrite=overwrite).release)
-        return resume_point(folder, resume_from, cfg.to_dict()) if resume else None
+        return _resume_point(folder, resume_from, cfg) if resume else None
 
     found = on_rank0(env, 0, None, open_folder)
     train_set, val_set, class_names, palette = _checked_datasets(cfg, env)
@@ -242,6 +242,32 @@ def setup(
         stream.close()
         raise
     return run, counters
+
+
+def _resume_point(folder: Path, resume_from: str | Path | None, cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """``runs.resume_point``, refusing a checkpoint past train.iterations before anything is written: the loop
+    would not run, and the config, metrics and eval.json would be rewritten for fewer iterations than trained.
+    A run exactly at train.iterations goes on (said): only its final evaluation runs, which is how an
+    interrupted final evaluation is completed (``emanet study`` resumes a run that has no eval.json)."""
+    found = resume_point(folder, resume_from, cfg.to_dict())
+    if found is None:
+        return None
+    reached, wanted = int(found[1]["iteration"]), cfg.train.iterations
+    flag = "--resume" if resume_from is None else "--resume-from"
+    if reached > wanted:
+        raise RunFolderError(
+            f"{flag}: the run is already at iteration {reached} ({found[0]}) >= train.iterations={wanted}: "
+            f"nothing to train; raise train.iterations above {reached} to continue it (nothing was changed)"
+        )
+    if reached == wanted:
+        logger.warning(
+            "%s: the run is already at iteration %d = train.iterations (%s): nothing to train, only the "
+            "final evaluation runs again; raise train.iterations to continue training",
+            flag,
+            reached,
+            found[0],
+        )
+    return found
 
 
 def _checked_datasets(cfg: Config, env: DistEnv) -> tuple[Dataset, Dataset, list[str], list[list[int]]]:
