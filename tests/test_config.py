@@ -178,3 +178,28 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_config_files_are_utf8_a_byte_order_mark_is_dropped(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"train:\n  iterations: 7\n")
+    assert load_config(path).train.iterations == 7
+    path.write_bytes("train:\n  out_dir: caf\xe9\n".encode("cp1252"))
+    with pytest.raises(ConfigError, match=r"bom.yaml: not UTF-8 text: byte 0xe9 at offset 21 .*UTF-8 is expected"):
+        load_config(path)
+
+
+def test_duplicate_keys_are_refused_in_files_and_overrides_but_merges_are_not(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  options: {length: 2, length: 3}\n")
+    with pytest.raises(ConfigError, match="c.yaml: key 'length' is given twice \\(both on line 2\\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="override 'data.options=.*key 'a' is given twice"):
+        load_config(None, ["data.options={a: 1, a: 2}"])
+    path.write_text("eval: &e\n  flip: true\ntrain:\n  seed: 3\n")  # an anchor alone is no duplicate
+    assert load_config(path).eval.flip is True
+
+
+def test_an_override_that_is_not_valid_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'train.iterations=\[1,': the value is not valid YAML"):
+        load_config(None, ["train.iterations=[1,"])

@@ -458,6 +458,7 @@ def test_a_diverged_run_lists_its_checkpoints_flags_suspect_ones_and_resumes_fro
     train_in_process(run, "train.iterations=2", "train.checkpoint_interval=1", "train.keep_checkpoints=0")
     proc = emanet("train", *common, "train.iterations=6", "optim.lr=1e30", "--resume")  # step 3 explodes the weights
     clean_failure(proc, 4, "non-finite loss", "--resume-from")
+    assert f"not flagged SUSPECT: --resume-from {run / 'iter_0000002.pt'}" in proc.stderr  # the newest it trusts
     lines = {line.split()[0]: line for line in proc.stderr.splitlines() if line.strip().startswith(str(run))}
     assert set(lines) == {str(run / f"iter_000000{i}.pt") for i in (1, 2, 3)}
     assert "SUSPECT" in lines[str(run / "iter_0000003.pt")] and "parameter norm" in lines[str(run / "iter_0000003.pt")]
