@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emanet.checkpoint import latest_checkpoint, load_checkpoint
+from emanet.checkpoint import atomic_path, latest_checkpoint, load_checkpoint
 from emanet.config import Config, load_config
 from emanet.data.palettes import (
     ADE20K_CLASSES,
@@ -86,7 +86,10 @@ def save_pretrained(
 ) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
 
-    No model card: as in transformers, the card is written by whoever publishes (``deploy.hub.push_to_hub``).
+    Both are written to temporaries beside them first and renamed only when both are complete
+    (``checkpoint.atomic_path``): a full disk leaves a folder's earlier files as they were, and an OSError
+    names the file. No model card: as in transformers, the card is written by whoever publishes
+    (``deploy.hub.push_to_hub``).
     """
     from safetensors.torch import save_file
 
@@ -97,7 +100,6 @@ def save_pretrained(
     if len(names) != config.model.num_classes:
         raise ConfigError(f"class_names has {len(names)} entries for {config.model.num_classes} classes")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -105,7 +107,10 @@ def save_pretrained(
         "class_names": names,
         "palette": [list(c) for c in colours],
     }
-    (folder / CONFIG).write_text(json.dumps(meta, indent=2))
+    # both temporaries are complete before either replaces a file: a failed write leaves the old pair
+    with atomic_path(folder / WEIGHTS) as weights, atomic_path(folder / CONFIG) as config_file:
+        save_file(state, str(weights), metadata={"format": FORMAT, "version": str(VERSION)})
+        config_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
 
 
