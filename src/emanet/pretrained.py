@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emanet.checkpoint import atomic_path, latest_checkpoint, load_checkpoint
+from emanet.checkpoint import atomic_path, latest_checkpoint, load_checkpoint, write_text_atomic
 from emanet.config import Config, load_config
 from emanet.data.palettes import (
     ADE20K_CLASSES,
@@ -76,6 +76,11 @@ def default_palette(cfg: Config) -> Palette:
     return distinct_palette(n)
 
 
+class _ConfigNotWritten(Exception):
+    """Carries config.json's OSError past the weights' atomic_path, which names its own file in the OSErrors
+    it re-raises."""
+
+
 def save_pretrained(
     model: nn.Module,
     config: Config,
@@ -107,10 +112,17 @@ def save_pretrained(
         "class_names": names,
         "palette": [list(c) for c in colours],
     }
-    # both temporaries are complete before either replaces a file: a failed write leaves the old pair
-    with atomic_path(folder / WEIGHTS) as weights, atomic_path(folder / CONFIG) as config_file:
-        save_file(state, str(weights), metadata={"format": FORMAT, "version": str(VERSION)})
-        config_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    # the weights' temporary is complete before config.json is written and both are renamed: a failed write
+    # leaves the old pair, never new weights beside an old config
+    try:
+        with atomic_path(folder / WEIGHTS) as weights:
+            save_file(state, str(weights), metadata={"format": FORMAT, "version": str(VERSION)})
+            try:
+                write_text_atomic(folder / CONFIG, json.dumps(meta, indent=2))
+            except OSError as e:
+                raise _ConfigNotWritten(e) from None
+    except _ConfigNotWritten as failed:
+        raise failed.args[0] from None
     return folder
 
 

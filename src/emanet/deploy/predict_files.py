@@ -207,24 +207,17 @@ def plan_outputs(
     kept, refused, existing = [], [], []
     for f in files:
         paths = output_paths(out_dir, f.name, options)
-        parts = {part for p in paths for part in p.relative_to(out_dir).parts}
-        too_long = max(parts, key=lambda part: len(os.fsencode(part)))
-        if len(os.fsencode(too_long)) > limit:
-            size = len(os.fsencode(too_long))
-            refused.append(
-                (
-                    f.path,
-                    f"its output name {too_long} is {size} bytes, longer than the {limit} the file "
-                    f"system of {out_dir} takes; rename the input",
-                )
-            )
+        # the longest part of any output's name (NAME may hold folders)
+        size, part = max((len(os.fsencode(part)), part) for p in paths for part in p.relative_to(out_dir).parts)
+        if size > limit:
+            why = f"its output name {part} is {size} bytes, longer than the {limit} the file system of {out_dir} takes"
+            refused.append((f.path, f"{why}; rename the input"))
             continue
         kept.append(f)
         existing += [p for p in paths if p.exists()]
     if existing and not overwrite:
-        shown = ", ".join(str(p) for p in existing[:3]) + (
-            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        )
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        shown = ", ".join(str(p) for p in existing[:3]) + more
         raise ConfigError(
             f"--out {out_dir}: {len(existing)} output(s) exist already ({shown}); add --overwrite to replace them, "
             "or choose another --out"
