@@ -137,7 +137,7 @@ def export_onnx(
             else:
                 _export_dynamo(net, example, tmp, opset, dynamic=dynamic, per_image=per_image, external_data=big)
         if metadata:
-            _add_metadata(tmp, metadata, external_data=big)
+            _add_metadata(tmp, metadata, data_file=f"{path.name}.data" if big else None)
         onnx.checker.check_model(str(tmp))
     return path
 
@@ -203,15 +203,19 @@ def _export_dynamo(
     program.save(str(path), external_data=external_data)
 
 
-def _add_metadata(path: Path, metadata: dict[str, str], *, external_data: bool) -> None:
-    """Append ``metadata`` to the saved model's metadata_props (keys and values as strings)."""
+def _add_metadata(path: Path, metadata: dict[str, str], *, data_file: str | None) -> None:
+    """Append ``metadata`` to the saved model's metadata_props (keys and values as strings). ``data_file``: the
+    weights of a model over 2 GB go to this file beside it (named after the final file, not the temporary;
+    written in place, not atomically), the exporter's own data file is removed."""
     import onnx
 
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(key), str(value)
-    onnx.save(proto, str(path), save_as_external_data=external_data)
+    onnx.save(proto, str(path), save_as_external_data=data_file is not None, location=data_file)
+    if data_file is not None:
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
 
 
 def model_metadata(config: Any, class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> dict[str, str]:
