@@ -61,12 +61,30 @@ def _rel_name(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
 
 
+def _glob(pattern: Path, exclude: Path | None) -> tuple[Path, list[Path], int]:
+    """(its last folder without wildcards, the files it matches (images in the folders it matches), how many
+    were left out because they lie under ``exclude``)."""
+    parts = pattern.parts
+    fixed = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    files, left_out = [], 0
+    for m in sorted(base.glob(Path(*parts[fixed:]).as_posix())):
+        if m.is_dir():
+            inside, n = _images_in(m, exclude)
+            files, left_out = files + inside, left_out + n
+        elif m.is_file() and exclude is not None and m.resolve().is_relative_to(exclude):
+            left_out += 1
+        elif m.is_file():
+            files.append(m)
+    return base, files, left_out
+
+
 def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) -> tuple[list[InputFile], list[str]]:
     """Files, folders (recursive, image suffixes) and globs -> (inputs with output names, problems).
 
     Names mirror the inputs: a file gives its stem, a folder the paths relative to it, a glob the paths
     relative to its last folder without wildcards. Names two inputs would share get the suffix appended
-    (``a_jpg``, ``a_png``). ``problems`` lists inputs that matched nothing.
+    (``a_jpg``, ``a_png``). ``problems`` lists inputs that matched nothing, or only images under ``exclude``.
     """
     ex = Path(exclude).resolve() if exclude is not None else None
     found: list[InputFile] = []
@@ -83,19 +101,7 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) 
                 problems.append(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found += [InputFile(p, _rel_name(p, path)) for p in files]
         elif _MAGIC.search(item):
-            parts = path.parts
-            fixed = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
-            base = Path(*parts[:fixed]) if fixed else Path(".")
-            matches = sorted(base.glob(Path(*parts[fixed:]).as_posix()))
-            files, left_out = [], 0
-            for m in matches:
-                if m.is_dir():
-                    inside, n = _images_in(m, ex)
-                    files, left_out = files + inside, left_out + n
-                elif m.is_file() and ex is not None and m.resolve().is_relative_to(ex):
-                    left_out += 1
-                elif m.is_file():
-                    files.append(m)
+            base, files, left_out = _glob(path, ex)
             if not files and left_out:
                 problems.append(_excluded(item, left_out, ex))
             elif not files:
