@@ -1,4 +1,7 @@
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +89,38 @@ def test_a_checkpoint_without_its_config_or_a_newer_folder_is_a_model_source_err
     (folder / CONFIG).write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(ModelSourceError, match="newer than this emanet"):
         load_model(folder)
+
+
+def _partial_then_full(data: bytes, path) -> None:
+    """A write that the disk cuts off: a few bytes land, then ENOSPC."""
+    with open(path, "wb") as f:
+        f.write(data[:10])
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _folder_files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_full_disk_leaves_an_earlier_model_folder_as_it_was(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    cfg = _config()
+    folder = save_pretrained(_trained_like(cfg), cfg, tmp_path / "m", class_names=["bg", "a", "b"])
+    before = _folder_files(folder)
+    real = safetensors.torch.save_file
+    # the weights fail: neither file is replaced, no temporary is left, the error names the weights
+    monkeypatch.setattr(
+        safetensors.torch, "save_file", lambda state, path, metadata: _partial_then_full(b"x" * 99, path)
+    )
+    with pytest.raises(OSError, match="No space left") as e:
+        save_pretrained(build_model(cfg.model), cfg, folder, class_names=["x", "y", "z"])
+    assert e.value.filename == str(folder / WEIGHTS) and _folder_files(folder) == before
+    # the config fails after the weights were written: the weights are not renamed over the old ones either
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(Path, "write_text", lambda self, text, **kw: _partial_then_full(text.encode(), self))
+    with pytest.raises(OSError, match="No space left") as e:
+        save_pretrained(build_model(cfg.model), cfg, folder, class_names=["x", "y", "z"])
+    assert e.value.filename == str(folder / CONFIG) and _folder_files(folder) == before
+    monkeypatch.undo()
+    assert load_model(folder).class_names == ["bg", "a", "b"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emanet.checkpoint import latest_checkpoint, load_checkpoint
+from emanet.checkpoint import atomic_path, latest_checkpoint, load_checkpoint, write_text_atomic
 from emanet.config import Config, load_config
 from emanet.data.palettes import (
     ADE20K_CLASSES,
@@ -76,6 +76,11 @@ def default_palette(cfg: Config) -> Palette:
     return distinct_palette(n)
 
 
+class _ConfigNotWritten(Exception):
+    """Carries config.json's OSError past the weights' atomic_path, which names its own file in the OSErrors
+    it re-raises."""
+
+
 def save_pretrained(
     model: nn.Module,
     config: Config,
@@ -86,7 +91,10 @@ def save_pretrained(
 ) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
 
-    No model card: as in transformers, the card is written by whoever publishes (``deploy.hub.push_to_hub``).
+    Both are written to temporaries beside them first and renamed only when both are complete
+    (``checkpoint.atomic_path``): a full disk leaves a folder's earlier files as they were, and an OSError
+    names the file. No model card: as in transformers, the card is written by whoever publishes
+    (``deploy.hub.push_to_hub``).
     """
     from safetensors.torch import save_file
 
@@ -97,7 +105,6 @@ def save_pretrained(
     if len(names) != config.model.num_classes:
         raise ConfigError(f"class_names has {len(names)} entries for {config.model.num_classes} classes")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -105,7 +112,17 @@ def save_pretrained(
         "class_names": names,
         "palette": [list(c) for c in colours],
     }
-    (folder / CONFIG).write_text(json.dumps(meta, indent=2))
+    # the weights' temporary is complete before config.json is written and both are renamed: a failed write
+    # leaves the old pair, never new weights beside an old config
+    try:
+        with atomic_path(folder / WEIGHTS) as weights:
+            save_file(state, str(weights), metadata={"format": FORMAT, "version": str(VERSION)})
+            try:
+                write_text_atomic(folder / CONFIG, json.dumps(meta, indent=2))
+            except OSError as e:
+                raise _ConfigNotWritten(e) from None
+    except _ConfigNotWritten as failed:
+        raise failed.args[0] from None
     return folder
 
 

@@ -153,3 +153,17 @@ def test_dynamo_exporter(tmp_path):
     assert {n.domain for n in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no m.onnx.data
     assert check_onnx(model, path, sizes=((1, 3, 65, 81), (3, 3, 49, 57))) < 1e-4
+
+
+def test_an_export_that_fails_keeps_the_earlier_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"an earlier export")
+
+    def invalid(model, *args, **kwargs):  # what onnx's checker raises for a graph it refuses
+        raise onnx.checker.ValidationError("Field 'shape' of 'type' is required but missing.")
+
+    monkeypatch.setattr(onnx.checker, "check_model", invalid)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_onnx(_tiny("fcn"), path, height=33, width=33)
+    # the checker read the temporary: the graph it refused never replaced the file, and no temporary is left
+    assert path.read_bytes() == b"an earlier export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

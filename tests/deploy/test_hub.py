@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,19 @@ def test_model_card_is_generated_and_a_users_own_card_is_kept(tmp_path):
     tiny_folder(folder)  # save_pretrained again into the same folder
     assert write_model_card(folder) is None and refresh_model_card(folder) is None
     assert (folder / "README.md").read_text() == "# my own card\n"
+
+
+def test_model_card_escapes_class_names_for_its_table_and_for_html(tmp_path):
+    cfg = Config(model=tiny_model(backbone="resnet10", channels=8, num_bases=2))
+    names = ["sky | cloud", "<script>alert(1)</script>", "a\\|b"]
+    folder = save_pretrained(build_model(cfg.model).eval(), cfg, tmp_path / "m", class_names=names)
+    card = write_model_card(folder).read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # a Markdown table splits a row at every "|" not escaped by a backslash (an escaped backslash escapes none)
+    cells = [re.split(r"(?<!\\)((?:\\\\)*)\|", row)[::2] for row in rows]
+    assert [len(c) for c in cells] == [5, 5, 5]  # | index | name | colour | (and the empty ends)
+    assert "<script>" not in card and "| 1 | &lt;script&gt;alert(1)&lt;/script&gt; |" in card
+    assert "| 0 | sky \\| cloud |" in card and "| 2 | a\\\\\\|b |" in card
 
 
 def test_from_pretrained_repo_id_offline_from_the_cache(tmp_path):

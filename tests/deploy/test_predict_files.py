@@ -1,8 +1,12 @@
-"""emanet.deploy.predict_files: which files `emanet predict` reads and the output names they get."""
+"""emanet.deploy.predict_files: which files `emanet predict` reads, the output names they get and the checks of
+those outputs before any work."""
 
 from __future__ import annotations
 
-from emanet.deploy.predict_files import collect_inputs
+import pytest
+
+from emanet.deploy.predict_files import PredictOptions, collect_inputs, output_paths, plan_outputs
+from emanet.errors import ConfigError
 
 
 def test_collect_inputs_mirrors_names(tmp_path):
@@ -24,3 +28,46 @@ def test_collect_inputs_mirrors_names(tmp_path):
     assert problems == [f"{root / 'zzz*.png'}: the pattern matches no image files"]
     files, _ = collect_inputs([str(root / "sub" / "c.png")])
     assert [f.name for f in files] == ["c"]
+
+
+def test_inputs_that_lie_under_out_are_said_to_be_left_out(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (root / name).write_bytes(b"")
+    files, problems = collect_inputs([str(root), str(root / "*.png")], exclude=root)
+    assert files == []
+    assert problems == [
+        f"{root}: its 2 image(s) lie under --out {root.resolve()} and were left out (outputs are never read back "
+        "as inputs); give an --out outside the input folder",
+        f"{root / '*.png'}: its 1 image(s) lie under --out {root.resolve()} and were left out (outputs are never "
+        "read back as inputs); give an --out outside the input folder",
+    ]
+
+
+def test_plan_outputs_refuses_existing_outputs_and_sets_aside_names_too_long(tmp_path):
+    root, out = tmp_path / "imgs", tmp_path / "out"
+    root.mkdir()
+    out.mkdir()
+    for name in ("a.png", "b.png", "x" * 250 + ".png"):
+        (root / name).write_bytes(b"")
+    files, _ = collect_inputs([str(root)])
+    options = PredictOptions(attention=True, save_arrays=True)
+    assert [p.name for p in output_paths(out, "a", options)] == [
+        "a.png",
+        "a_color.png",
+        "a_overlay.png",
+        "a_attention.png",
+        "a_attention.npz",
+    ]
+    kept, refused = plan_outputs(files, out, options, overwrite=False)
+    assert [f.name for f in kept] == ["a", "b"]
+    [(path, reason)] = refused
+    assert path == root / ("x" * 250 + ".png")
+    assert reason.startswith(f"its output name {'x' * 250}_attention.png is 264 bytes, longer than the 255")
+    (out / "b_attention.npz").write_bytes(b"earlier")
+    with pytest.raises(ConfigError, match=rf"--out {out}: 1 output\(s\) exist already \({out / 'b_attention.npz'}\)"):
+        plan_outputs(files, out, options, overwrite=False)
+    assert plan_outputs(files, out, PredictOptions(), overwrite=False)[0] == kept  # no arrays asked for
+    assert plan_outputs(files, out, options, overwrite=True)[0] == kept
+    assert (out / "b_attention.npz").read_bytes() == b"earlier"  # checked, not touched

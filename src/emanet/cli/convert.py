@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from emanet.cli.common import claim_folder, claim_output
 from emanet.convert.checkpoints import convert
+from emanet.convert.keys import FULL_MODEL_SOURCES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _claim_destination(args: argparse.Namespace) -> None:
+    """Before the source is read: a backbone file is never a run's or model folder's own file and replaces an
+    existing file only with --overwrite; the folder that will hold the destination is created and writable.
+    (``convert`` itself refuses a non-empty model folder without --overwrite.)"""
+    dst = Path(args.dst)
+    if args.source in FULL_MODEL_SOURCES:
+        claim_folder(dst.parent)  # not dst itself: a failed conversion leaves no empty folder behind
+    elif dst.suffix == ".safetensors":  # convert explains any other name
+        claim_output(dst, overwrite=args.overwrite, flag="destination")
+
+
 def run(args: argparse.Namespace) -> int:
+    _claim_destination(args)
     result = convert(
         args.src,
         args.dst,

@@ -7,11 +7,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+from emanet.checkpoint import atomic_path, write_text_atomic
 from emanet.cli.common import (
     add_compile,
     add_no_prepare,
     add_no_progress,
     add_precision,
+    claim_output,
     run_config,
     run_overrides,
 )
@@ -40,9 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_compile(p)
     add_no_prepare(p)
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
-    p.add_argument("--out", help="JSON file for the results (default: next to the checkpoint)")
+    p.add_argument(
+        "--out",
+        help="JSON file for the results (default: eval.json in a model folder, else eval_<checkpoint>.json beside "
+        "the checkpoint, rewritten by each eval)",
+    )
     plot_help = "also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; emanet[report]"
     p.add_argument("--plot", action="store_true", help=plot_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its plots)")
     add_no_progress(p, help=None)
     p.set_defaults(func=run)
 
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(resolve_source(args.checkpoint), overrides=overrides, config=file_cfg)
     cfg = loaded.config
     device = select_device(cfg.train.device)
+    outputs = _claim_outputs(args, loaded.source)  # before the evaluation, which may take hours
     model = loaded.model.to(device)
     if not args.no_prepare:  # BatchNorm folded, channels_last: the same results within float32 rounding
         model = prepare_for_inference(model)
@@ -70,23 +78,39 @@ def run(args: argparse.Namespace) -> int:
     if results.get("skipped_files"):
         skipped = results["skipped_files"]
         print(f"{len(skipped)} bad file(s) left out (data.on_bad_sample=skip):\n  " + "\n  ".join(skipped))
-    out = _write_results(args.out, loaded.source, cfg, results)
+    out = outputs[0]
+    write_text_atomic(
+        out, json.dumps({"source": str(loaded.source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2)
+    )
+    print(f"written: {out}")
     if args.plot:
-        confusion = plot_confusion(results["confusion_matrix"], names, out.with_name(f"{out.stem}_confusion.png"))
-        bars = plot_class_iou(results["IoU"], names, out.with_name(f"{out.stem}_iou.png"))
+        confusion, bars = outputs[1:]
+        with atomic_path(confusion) as tmp:
+            plot_confusion(results["confusion_matrix"], names, tmp)
+        with atomic_path(bars) as tmp:
+            plot_class_iou(results["IoU"], names, tmp)
         print(f"written: {confusion}, {bars}")
+    if loaded.source.is_dir() and _is_default(out, loaded.source):  # a model folder's card shows its eval.json
+        card = refresh_model_card(loaded.source)
+        if card is not None:
+            print(f"written: {card}")
     return 0
 
 
-def _write_results(out_arg: str | None, source: Path, cfg, results: dict) -> Path:
-    """The results as JSON (default: eval.json in a model folder, else eval_<stem>.json beside the file);
-    a model folder's generated card is rewritten to show its eval.json."""
-    default = source / EVAL if source.is_dir() else source.parent / f"eval_{source.stem}.json"
-    out = Path(out_arg) if out_arg else default
-    out.write_text(json.dumps({"source": str(source), "eval": dataclasses.asdict(cfg.eval), **results}, indent=2))
-    print(f"written: {out}")
-    if source.is_dir() and out == default:
-        card = refresh_model_card(source)
-        if card is not None:
-            print(f"written: {card}")
-    return out
+def default_out(source: Path) -> Path:
+    """eval.json in a model folder, else eval_<stem>.json beside the checkpoint file."""
+    return source / EVAL if source.is_dir() else source.parent / f"eval_{source.stem}.json"
+
+
+def _is_default(out: Path, source: Path) -> bool:
+    return out.resolve() == default_out(source).resolve()
+
+
+def _claim_outputs(args: argparse.Namespace, source: Path) -> list[Path]:
+    """The JSON file (and with --plot its two figures), checked before the evaluation: never a file of a run
+    or model folder, the folder created and writable. The default file beside the checkpoint is each eval's
+    own and is rewritten freely; an explicit --out that exists needs --overwrite."""
+    out = Path(args.out) if args.out else default_out(source)
+    overwrite = args.overwrite or _is_default(out, source)
+    paths = [out] + ([out.with_name(f"{out.stem}_{kind}.png") for kind in ("confusion", "iou")] if args.plot else [])
+    return [claim_output(path, overwrite=overwrite) for path in paths]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from emanet.cli.common import claim_output
 from emanet.deploy.export import export_onnx, model_metadata, onnx_parity, require_onnx
 from emanet.deploy.hub import resolve_source
 from emanet.errors import ConfigError
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value on the saved config, e.g. model.eval_stages=5")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="(default: onnx)")
     p.add_argument("--out", default="model.onnx", help="the ONNX file to write (default: model.onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17 torchscript, 18 dynamo)")
     p.add_argument(
         "--size",
@@ -69,12 +71,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    # before a large model is loaded: never a run's or model folder's own file, an existing file only with
+    # --overwrite, the folder created and writable
+    out = claim_output(args.out, overwrite=args.overwrite)
     loaded = load_model(resolve_source(args.source), device="cpu", overrides=args.overrides)
     h, w = args.size if args.size is not None else (loaded.config.data.crop_size,) * 2
     meta = model_metadata(loaded.config, loaded.class_names, loaded.palette)
     path = export_onnx(
         loaded.model,
-        args.out,
+        out,
         opset=args.opset,
         height=h,
         width=w,

@@ -6,9 +6,9 @@ import argparse
 import logging
 import typing
 
-from emanet.cli.common import add_compile, add_no_prepare, add_no_progress, add_precision
+from emanet.cli.common import add_compile, add_no_prepare, add_no_progress, add_precision, claim_folder
 from emanet.deploy.predict import Predictor
-from emanet.deploy.predict_files import PredictOptions, collect_inputs, predict_files
+from emanet.deploy.predict_files import PredictOptions, collect_inputs, plan_outputs, predict_files
 from emanet.errors import ConfigError
 from emanet.inference import Mode
 
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", action="store_true", help="write NAME_attention.png: the heaviest EM bases' maps")
     p.add_argument("--attention-bases", type=int, default=6, help="bases shown with --attention (default: 6)")
     p.add_argument("--save-arrays", action="store_true", help="also NAME_attention.npz, raw responsibilities (K, h, w)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already in --out")
     add_no_progress(p)
     p.set_defaults(func=run)
 
@@ -74,15 +75,20 @@ def run(args: argparse.Namespace) -> int:
     )
     if options.attention:
         predictor.require_attention()  # before reading any image
-    files, problems = collect_inputs(args.inputs, exclude=args.out)
-    for problem in problems:
-        logger.warning(problem)
+    # before any image is read: the folder writable, the outputs free (or --overwrite), their names possible
+    out = claim_folder(args.out)
+    files, problems = collect_inputs(args.inputs, exclude=out)
     if not files and not problems:
         raise ConfigError("no input images given")
-    failures = predict_files(predictor, files, args.out, options=options, progress=not args.no_progress)
+    files, unwritable = plan_outputs(files, out, options, overwrite=args.overwrite)
+    problems += [f"{path}: {reason}" for path, reason in unwritable]
+    for problem in problems:
+        logger.warning(problem)
+    failures = predict_files(predictor, files, out, options=options, progress=not args.no_progress)
     failed = len(failures) + len(problems)
+    total = len(files) + len(unwritable)
     print(
-        f"{len(files) - len(failures)} of {len(files)} images predicted into {args.out}"
+        f"{len(files) - len(failures)} of {total} images predicted into {args.out}"
         + (f"; {failed} input(s) failed (listed above)" if failed else "")
     )
     return 1 if failed else 0

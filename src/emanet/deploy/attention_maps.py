@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from emanet.checkpoint import atomic_path
 from emanet.errors import ConfigError
 from emanet.models.em import EMAUnit, ema_units
 
@@ -198,14 +199,17 @@ def save_attention_arrays(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
 ) -> Path:
-    """``.npz`` with the raw responsibilities (K, h, w) float32, the chosen bases and the sizes to map them."""
+    """``.npz`` with the raw responsibilities (K, h, w) float32, the chosen bases and the sizes to map them,
+    written atomically (``checkpoint.atomic_path``)."""
     path = Path(path)
-    np.savez_compressed(
-        path,
-        responsibilities=np.asarray(_check_resp(responsibilities), dtype=np.float32),
-        indices=np.asarray(indices, dtype=np.int64),
-        shares=np.asarray(shares, dtype=np.float64),
-        image_size=np.asarray(image_size, dtype=np.int64),  # (H, W) of the input image
-        padded_size=np.asarray(padded_size, dtype=np.int64),  # (Hp, Wp) the features were computed on
-    )
+    # an open file: numpy adds no .npz of its own, so the name is exactly ``path``
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            responsibilities=np.asarray(_check_resp(responsibilities), dtype=np.float32),
+            indices=np.asarray(indices, dtype=np.int64),
+            shares=np.asarray(shares, dtype=np.float64),
+            image_size=np.asarray(image_size, dtype=np.int64),  # (H, W) of the input image
+            padded_size=np.asarray(padded_size, dtype=np.int64),  # (Hp, Wp) the features were computed on
+        )
     return path

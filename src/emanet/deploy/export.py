@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emanet.checkpoint import atomic_path
 from emanet.errors import ConfigError, ModelSourceError, UserError
 from emanet.fields import one_of
 from emanet.models.fuse import prepare_for_inference
@@ -108,8 +109,11 @@ def export_onnx(
     ``dynamic=False`` fixes the graph to (1, 3, height, width). ``fold_bn`` (default): the graph is the
     prepared model's (``models.fuse.prepare_for_inference``), BatchNorm folded into the convs: fewer nodes,
     the same logits within float32 rounding; False keeps the BatchNormalization nodes. ``metadata`` goes into
-    the model's metadata_props (strings). Weights over 2 GB go to an external ``<name>.data`` file (ONNX's
-    limit).
+    the model's metadata_props (strings). Weights over 2 GB go to external files beside it (ONNX's limit).
+
+    The file is written through ``checkpoint.atomic_path``: the exporter writes a temporary beside ``path``,
+    the metadata is added to it and onnx's checker reads it, and only then does it replace ``path``. A full
+    disk or an invalid graph leaves an existing ``path`` as it was (an OSError names ``path``).
     """
     require_onnx("onnx", *(["onnxscript"] if exporter == "dynamo" else []))
     import onnx
@@ -126,14 +130,15 @@ def export_onnx(
     example = torch.randn(batch, 3, height, width)
     big = sum(t.numel() * t.element_size() for t in net.state_dict().values()) >= _TWO_GB
 
-    with _quiet_export():
-        if exporter == "torchscript":
-            _export_torchscript(net, example, path, opset, dynamic=dynamic, per_image=per_image)
-        else:
-            _export_dynamo(net, example, path, opset, dynamic=dynamic, per_image=per_image, external_data=big)
-    if metadata:
-        _add_metadata(path, metadata, external_data=big)
-    onnx.checker.check_model(str(path))
+    with atomic_path(path) as tmp:
+        with _quiet_export():
+            if exporter == "torchscript":
+                _export_torchscript(net, example, tmp, opset, dynamic=dynamic, per_image=per_image)
+            else:
+                _export_dynamo(net, example, tmp, opset, dynamic=dynamic, per_image=per_image, external_data=big)
+        if metadata:
+            _add_metadata(tmp, metadata, data_file=f"{path.name}.data" if big else None)
+        onnx.checker.check_model(str(tmp))
     return path
 
 
@@ -198,15 +203,19 @@ def _export_dynamo(
     program.save(str(path), external_data=external_data)
 
 
-def _add_metadata(path: Path, metadata: dict[str, str], *, external_data: bool) -> None:
-    """Append ``metadata`` to the saved model's metadata_props (keys and values as strings)."""
+def _add_metadata(path: Path, metadata: dict[str, str], *, data_file: str | None) -> None:
+    """Append ``metadata`` to the saved model's metadata_props (keys and values as strings). ``data_file``: the
+    weights of a model over 2 GB go to this file beside it (named after the final file, not the temporary;
+    written in place, not atomically), the exporter's own data file is removed."""
     import onnx
 
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(key), str(value)
-    onnx.save(proto, str(path), save_as_external_data=external_data)
+    onnx.save(proto, str(path), save_as_external_data=data_file is not None, location=data_file)
+    if data_file is not None:
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
 
 
 def model_metadata(config: Any, class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> dict[str, str]:

@@ -1,9 +1,17 @@
 """The file loop behind ``emanet predict``: inputs (files, folders, globs) -> a ``Predictor`` -> label PNGs,
-colour maps, overlays, probabilities and attention maps under ``--out``, names mirroring the inputs."""
+colour maps, overlays, probabilities and attention maps under ``--out``, names mirroring the inputs.
+
+Every output is written through ``checkpoint.atomic_path`` (a temporary beside it, renamed when complete), so
+no truncated PNG ever stands under an output's name. Before any work ``plan_outputs`` refuses outputs that
+exist already (unless overwrite) and sets aside inputs whose output names the file system cannot hold. While
+predicting, an output the file system refuses fails that input only; a full or read-only disk stops the run.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from emanet.checkpoint import atomic_path
 from emanet.data.base import IMAGE_SUFFIXES, read_image
 from emanet.deploy.attention_maps import attention_grid, save_attention_arrays
 from emanet.deploy.predict import Prediction, Predictor
@@ -19,6 +28,10 @@ from emanet.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 _MAGIC = re.compile(r"[*?\[]")
+OUTPUTS = (".png", "_color.png", "_overlay.png")  # NAME + each, for every input
+ATTENTION, ARRAYS = "_attention.png", "_attention.npz"  # with --attention, with --save-arrays
+# the disk as a whole refuses: every further image would fail the same way, so the run stops
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass
@@ -27,15 +40,43 @@ class InputFile:
     name: str  # output name without suffix, relative to --out (may contain folders)
 
 
-def _images_in(folder: Path, exclude: Path | None) -> list[Path]:
+def _images_in(folder: Path, exclude: Path | None) -> tuple[list[Path], int]:
+    """The images under ``folder``, and how many of them were left out because they lie under ``exclude``."""
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if exclude is not None:  # do not predict on our own outputs when --out lies inside an input folder
-        found = [p for p in found if not p.resolve().is_relative_to(exclude)]
-    return found
+    if exclude is None:
+        return found, 0
+    # do not predict on our own outputs when --out lies inside an input folder
+    kept = [p for p in found if not p.resolve().is_relative_to(exclude)]
+    return kept, len(found) - len(kept)
+
+
+def _excluded(item: str, count: int, exclude: Path) -> str:
+    return (
+        f"{item}: its {count} image(s) lie under --out {exclude} and were left out (outputs are never "
+        "read back as inputs); give an --out outside the input folder"
+    )
 
 
 def _rel_name(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
+
+
+def _glob(pattern: Path, exclude: Path | None) -> tuple[Path, list[Path], int]:
+    """(its last folder without wildcards, the files it matches (images in the folders it matches), how many
+    were left out because they lie under ``exclude``)."""
+    parts = pattern.parts
+    fixed = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    files, left_out = [], 0
+    for m in sorted(base.glob(Path(*parts[fixed:]).as_posix())):
+        if m.is_dir():
+            inside, n = _images_in(m, exclude)
+            files, left_out = files + inside, left_out + n
+        elif m.is_file() and exclude is not None and m.resolve().is_relative_to(exclude):
+            left_out += 1
+        elif m.is_file():
+            files.append(m)
+    return base, files, left_out
 
 
 def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) -> tuple[list[InputFile], list[str]]:
@@ -43,7 +84,7 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) 
 
     Names mirror the inputs: a file gives its stem, a folder the paths relative to it, a glob the paths
     relative to its last folder without wildcards. Names two inputs would share get the suffix appended
-    (``a_jpg``, ``a_png``). ``problems`` lists inputs that matched nothing.
+    (``a_jpg``, ``a_png``). ``problems`` lists inputs that matched nothing, or only images under ``exclude``.
     """
     ex = Path(exclude).resolve() if exclude is not None else None
     found: list[InputFile] = []
@@ -53,22 +94,17 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) 
         if path.is_file():
             found.append(InputFile(path, path.stem))
         elif path.is_dir():
-            files = _images_in(path, ex)
-            if not files:
+            files, left_out = _images_in(path, ex)
+            if not files and left_out:
+                problems.append(_excluded(item, left_out, ex))
+            elif not files:
                 problems.append(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             found += [InputFile(p, _rel_name(p, path)) for p in files]
         elif _MAGIC.search(item):
-            parts = path.parts
-            fixed = next(i for i, part in enumerate(parts) if _MAGIC.search(part))
-            base = Path(*parts[:fixed]) if fixed else Path(".")
-            matches = sorted(base.glob(Path(*parts[fixed:]).as_posix()))
-            files = []
-            for m in matches:
-                if m.is_dir():
-                    files += _images_in(m, ex)
-                elif m.is_file() and (ex is None or not m.resolve().is_relative_to(ex)):
-                    files.append(m)
-            if not files:
+            base, files, left_out = _glob(path, ex)
+            if not files and left_out:
+                problems.append(_excluded(item, left_out, ex))
+            elif not files:
                 problems.append(f"{item}: the pattern matches no image files")
             found += [InputFile(p, _rel_name(p, base)) for p in files]
         else:
@@ -95,6 +131,11 @@ def collect_inputs(inputs: Sequence[str], *, exclude: str | Path | None = None) 
     return unique, problems
 
 
+def _save_image(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def save_outputs(
     pred: Prediction,
     out_dir: str | Path,
@@ -106,15 +147,15 @@ def save_outputs(
     save_arrays: bool = False,
 ) -> list[Path]:
     """Write NAME.png (index, palette), NAME_color.png, NAME_overlay.png and, with attention,
-    NAME_attention.png (+ NAME_attention.npz when ``save_arrays``). Returns the paths written.
+    NAME_attention.png (+ NAME_attention.npz when ``save_arrays``), each atomically. Returns the paths written.
 
     ``align_corners`` is the model's (``config.model.align_corners``): attention maps are upsampled with it."""
     stem = Path(out_dir) / name
     stem.parent.mkdir(parents=True, exist_ok=True)
-    written = [stem.with_name(stem.name + s) for s in (".png", "_color.png", "_overlay.png")]
-    pred.index_image().save(written[0])
-    pred.color_image().save(written[1])
-    pred.overlay(alpha).save(written[2])
+    written = [stem.with_name(stem.name + s) for s in OUTPUTS]
+    _save_image(pred.index_image(), written[0])
+    _save_image(pred.color_image(), written[1])
+    _save_image(pred.overlay(alpha), written[2])
     if pred.attention is not None:
         grid = attention_grid(
             pred.image,
@@ -123,10 +164,10 @@ def save_outputs(
             num_bases=attention_bases,
             align_corners=align_corners,
         )
-        written.append(stem.with_name(stem.name + "_attention.png"))
-        grid.image.save(written[-1])
+        written.append(stem.with_name(stem.name + ATTENTION))
+        _save_image(grid.image, written[-1])
         if save_arrays:
-            written.append(stem.with_name(stem.name + "_attention.npz"))
+            written.append(stem.with_name(stem.name + ARRAYS))
             save_attention_arrays(
                 written[-1],
                 pred.attention,
@@ -146,6 +187,50 @@ class PredictOptions:
     save_arrays: bool = False  # also NAME_attention.npz with the raw responsibilities
 
 
+def output_paths(out_dir: str | Path, name: str, options: PredictOptions) -> list[Path]:
+    """The files ``save_outputs`` writes for the input named ``name`` with these options."""
+    suffixes = OUTPUTS + ((ATTENTION,) if options.attention else ()) + ((ARRAYS,) if options.save_arrays else ())
+    stem = Path(out_dir) / name
+    return [stem.with_name(stem.name + s) for s in suffixes]
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes (255 where it does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def plan_outputs(
+    files: Sequence[InputFile], out_dir: str | Path, options: PredictOptions, *, overwrite: bool
+) -> tuple[list[InputFile], list[tuple[Path, str]]]:
+    """Before any work: (the inputs to predict, [(input, reason)] for those set aside because an output name is
+    longer than the file system takes). Outputs that exist already are a ConfigError naming the first few,
+    unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    limit = _name_max(out_dir) if out_dir.is_dir() else 255
+    kept, refused, existing = [], [], []
+    for f in files:
+        paths = output_paths(out_dir, f.name, options)
+        # the longest part of any output's name (NAME may hold folders)
+        size, part = max((len(os.fsencode(part)), part) for p in paths for part in p.relative_to(out_dir).parts)
+        if size > limit:
+            why = f"its output name {part} is {size} bytes, longer than the {limit} the file system of {out_dir} takes"
+            refused.append((f.path, f"{why}; rename the input"))
+            continue
+        kept.append(f)
+        existing += [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        shown = ", ".join(str(p) for p in existing[:3]) + more
+        raise ConfigError(
+            f"--out {out_dir}: {len(existing)} output(s) exist already ({shown}); add --overwrite to replace them, "
+            "or choose another --out"
+        )
+    return kept, refused
+
+
 def predict_files(
     predictor: Predictor,
     files: Sequence[InputFile],
@@ -154,7 +239,9 @@ def predict_files(
     options: PredictOptions | None = None,
     progress: bool = False,
 ) -> list[tuple[Path, str]]:
-    """Predict every file and write its outputs; unreadable files are logged (a warning), skipped and returned.
+    """Predict every file and write its outputs; a file that cannot be read, or whose outputs the file system
+    refuses, is logged (a warning), skipped and returned. A full or read-only disk stops the run: an OSError
+    naming the output.
 
     Files are read ``predictor.batch_size`` at a time. Returns ``[(path, reason), ...]`` for the failures.
     """
@@ -176,6 +263,7 @@ def predict_files(
         logger.warning("%s: %s", f.path, reason)
 
     bar = progress_bar(total=len(files), desc="predict", unit="img") if progress else None
+    done = 0
     try:
         for start in range(0, len(files), predictor.batch_size):
             chunk, images = [], []
@@ -189,8 +277,14 @@ def predict_files(
             for f, pred in zip(chunk, preds):
                 try:
                     _save(pred, out_dir, f.name, opts, align_corners=predictor.config.model.align_corners)
+                    done += 1
                 except OSError as e:
-                    fail(f, OSError(f"cannot write outputs to {out_dir}: {e}"))
+                    if e.errno in DISK_FULL:
+                        logger.warning(
+                            "stopped after %d of %d images: no more outputs fit %s", done, len(files), out_dir
+                        )
+                        raise
+                    fail(f, OSError(f"cannot write {e.filename or out_dir}: {e.strerror or e}"))
             if bar is not None:
                 bar.update(len(files[start : start + predictor.batch_size]))
     finally:
