@@ -179,3 +179,16 @@ def test_text_and_bytes_writes_go_through_atomic_path(tmp_path):
     write_text_atomic(tmp_path / "a.txt", "ünïcode")
     write_bytes_atomic(tmp_path / "b.bin", b"\x00\x01")
     assert (tmp_path / "a.txt").read_bytes() == "ünïcode".encode() and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+
+
+def test_a_nested_write_keeps_the_name_of_the_file_that_failed(tmp_path):
+    outer, inner = tmp_path / "model.safetensors", tmp_path / "config.json"
+    with pytest.raises(OSError) as raised, atomic_path(outer), atomic_path(inner) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert raised.value.filename == str(inner) and sorted(tmp_path.iterdir()) == []
+
+
+def test_a_name_near_the_file_system_limit_still_gets_a_temporary(tmp_path):
+    path = tmp_path / ("x" * 250 + ".png")
+    write_bytes_atomic(path, b"png")
+    assert path.read_bytes() == b"png" and len(list(tmp_path.iterdir())) == 1

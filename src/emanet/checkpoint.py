@@ -118,8 +118,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     the name still see it.
     """
     path = Path(path)
+    stem = path.name if len(path.name.encode()) <= 200 else path.name[:100]  # a name near 255 bytes still fits
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
         os.chmod(name, 0o666 & ~_umask())  # an ordinary file's mode, not mkstemp's 0600
     except OSError as e:
@@ -132,7 +133,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.filename in (None, str(tmp), name):  # another file's error keeps its name
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 

@@ -281,5 +281,5 @@ def test_convert_never_writes_over_a_model_folders_weights_and_checks_before_rea
     proc = emanet(
         "convert", "--from", "torchvision", str(tmp_path / "no.pth"), str(folder / "model.safetensors"), "--overwrite"
     )
-    refused(proc, f"destination {folder / 'model.safetensors'}: the model.safetensors of the model folder")
+    refused(proc, f"destination {folder / 'model.safetensors'}: model.safetensors belongs to the model folder")
     assert digests(folder) == before

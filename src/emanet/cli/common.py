@@ -63,7 +63,7 @@ def reserved(path: Path) -> str | None:
     """Why ``path`` is a file of a run or model folder that no command's output may replace, or None."""
     folder, name = path.parent, path.name
     if is_model_folder(folder) and name in (WEIGHTS, MODEL_CONFIG):
-        return f"the {name} of the model folder {folder}"
+        return f"{name} belongs to the model folder {folder}"
     if run_contents(folder) and (name in RESERVED or checkpoint_iteration(name) >= 0):
         return f"{name} belongs to the run in {folder}"
     return None
