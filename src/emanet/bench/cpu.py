@@ -28,6 +28,7 @@ from emanet.bench.em import SIZES, bench_em
 from emanet.bench.models import bench_compile, bench_model
 from emanet.bench.report import format_report
 from emanet.bench.timing import machine, machine_load, matmul_flops
+from emanet.checkpoint import write_text_atomic
 
 logger = logging.getLogger(__name__)
 PARTS = ("em", "model", "compile")
@@ -65,8 +66,9 @@ def run_benchmarks(
         result["matmul_gflops_after"] = {"float32": after}
         result["load_after"] = machine_load()
         result["minutes"] = (time.perf_counter() - started) / 60
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-        (out / f"{stem}.md").write_text(format_report(result))
+        # each whole or not at all: a failed rewrite keeps the previous part's tables
+        write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2))
+        write_text_atomic(out / f"{stem}.md", format_report(result))
 
     if "em" in parts:
         logger.info("(a) EM attention, C=512 K=64 T=3 B=1")

@@ -36,6 +36,7 @@ from torch import nn
 
 from emanet.bench.gpu_report import format_report
 from emanet.bench.timing import Clock, count_flops, count_host_syncs, peak_memory, reset_memory
+from emanet.checkpoint import write_text_atomic
 from emanet.errors import UserError
 from emanet.losses import SegmentationLoss
 from emanet.models.em import em_attention
@@ -390,6 +391,6 @@ def run_gpu_benchmark(out: Path, *, dry_run: bool, budget_s: float) -> dict:
         reset_memory(device)
     result["seconds"] = budget.elapsed()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_results.json").write_text(json.dumps(result, indent=2))
-    (out / "gpu_results.md").write_text(format_report(result))
+    write_text_atomic(out / "gpu_results.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "gpu_results.md", format_report(result))
     return result

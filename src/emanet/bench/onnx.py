@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from emanet.bench.timing import machine
+from emanet.checkpoint import write_text_atomic
 from emanet.config import Config
 from emanet.deploy.export import export_onnx
 from emanet.models.emanet import ModelConfig, build_model
@@ -246,6 +247,6 @@ def run_onnx_benchmark(out: Path, *, demo: Config, quick: bool, threads: int) ->
     }
     out.mkdir(parents=True, exist_ok=True)
     stem = out / ("onnx_results_quick" if quick else "onnx_results")
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
-    stem.with_suffix(".md").write_text(render(data))
+    write_text_atomic(stem.with_suffix(".json"), json.dumps(data, indent=2))
+    write_text_atomic(stem.with_suffix(".md"), render(data))
     return stem, data["wall_s"]

@@ -16,6 +16,8 @@ from emanet.bench.cpu import PARTS, run_benchmarks
 from emanet.bench.gpu import run_gpu_benchmark
 from emanet.bench.onnx import run_onnx_benchmark
 from emanet.bench.report import format_report
+from emanet.checkpoint import write_text_atomic
+from emanet.cli.common import claim_folder
 from emanet.deploy.export import require_onnx
 from emanet.experiments.demo import demo_config
 
@@ -45,10 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_cpu(args: argparse.Namespace) -> int:
     if args.report:
         src = Path(args.report)
-        out = src.with_suffix(".md")
-        out.write_text(format_report(json.loads(src.read_text())))
+        out = src.with_suffix(".md")  # the table beside its JSON, rewritten by design (never a run's file)
+        write_text_atomic(out, format_report(json.loads(src.read_text())))
         print(f"written: {out}")
         return 0
+    claim_folder(args.out)  # made and proven writable before minutes of measuring
     md = run_benchmarks(out_dir=args.out, quick=args.quick, parts=args.parts)
     print(md.read_text())
     print(f"written: {md}, {md.with_suffix('.json')}")
@@ -56,6 +59,7 @@ def run_cpu(args: argparse.Namespace) -> int:
 
 
 def run_gpu(args: argparse.Namespace) -> int:
+    claim_folder(args.out)
     result = run_gpu_benchmark(Path(args.out), dry_run=args.dry_run, budget_s=args.budget_s)
     print(f"written: {Path(args.out) / 'gpu_results.md'} ({result['seconds']:.0f} s)")
     return 0
@@ -64,6 +68,7 @@ def run_gpu(args: argparse.Namespace) -> int:
 def run_onnx(args: argparse.Namespace) -> int:
     require_onnx("onnx", "onnxruntime")  # OnnxNotInstalled is a user error
     threads = args.threads if args.threads is not None else torch.get_num_threads()
+    claim_folder(args.out)
     stem, wall_s = run_onnx_benchmark(Path(args.out), demo=demo_config(), quick=args.quick, threads=threads)
     print(f"written: {stem}.md/.json ({wall_s:.0f} s)")
     return 0

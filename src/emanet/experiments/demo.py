@@ -14,12 +14,14 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from emanet.checkpoint import write_text_atomic
 from emanet.config import Config, load_config
 from emanet.deploy.attention_maps import capture_attention
 from emanet.evaluation import evaluate
@@ -215,16 +217,18 @@ def run_demo(
     config_path: str | None = None,
     *,
     progress: bool = True,
+    claim: Callable[[Path], Any] = report.make_folder,
 ) -> dict[str, Any]:
     """Train both models, measure them, and write the report, its figures and summary.json into ``out_dir``.
 
-    Returns summary.json's figures, plus ``summary`` (the result in a few sentences) and ``report`` (the
-    report.md path) for the caller to show.
+    ``claim`` makes ``out_dir`` once the config is valid and before any training (the CLI passes
+    cli.common.claim_folder, which also proves it writable). Returns summary.json's figures, plus
+    ``summary`` (the result in a few sentences) and ``report`` (the report.md path) for the caller to show.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     base = demo_config(overrides, config_path)
+    claim(out)
     runs = _train_both(base, out, progress=progress)
     _, val = build_datasets(runs["EMANet"]["config"])
     bf16_miou = _bf16_miou(runs["EMANet"], val)
@@ -242,7 +246,7 @@ def run_demo(
         "wall_seconds": wall,
         "pooling": pooling,
     }
-    (out / "summary.json").write_text(json.dumps(summary_json, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary_json, indent=2))
     return {**summary_json, "summary": summary.replace("**", ""), "report": path}
 
 

@@ -14,6 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from emanet.checkpoint import atomic_path, write_text_atomic
+
+
+def make_folder(folder: Path) -> Path:
+    """An output folder, made with its parents: run_demo's and run_study's ``claim`` outside the CLI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
 
 def _figure(width: float, height: float):
     """A pyplot-free Agg figure, so no global state or display is touched."""
@@ -28,9 +36,11 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path) -> Path:
+    """The figure as a PNG at ``path``, written whole or not at all (a failed write keeps the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
 
@@ -236,18 +246,19 @@ _STYLE = (
 
 
 def write_report(folder, *, title: str, sections: list[tuple[str, str]]) -> Path:
-    """Write folder/report.md and a self-contained folder/report.html with the same content; return the .md."""
+    """Write folder/report.md and a self-contained folder/report.html with the same content (each whole or
+    not at all); return the .md."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}\n"]
     parts += [f"## {heading}\n\n{body.strip()}\n" for heading, body in sections]
     markdown = "\n".join(parts)
     md_path = folder / "report.md"
-    md_path.write_text(markdown)
+    write_text_atomic(md_path, markdown)
     page = (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
         f"<body>\n{markdown_to_html(markdown)}\n</body>\n</html>\n"
     )
-    (folder / "report.html").write_text(page)
+    write_text_atomic(folder / "report.html", page)
     return md_path
