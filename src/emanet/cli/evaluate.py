@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from emanet.checkpoint import atomic_path, write_text_atomic
+from emanet.checkpoint import write_text_atomic
 from emanet.cli.common import (
     add_compile,
     add_no_prepare,
@@ -85,10 +85,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"written: {out}")
     if args.plot:
         confusion, bars = outputs[1:]
-        with atomic_path(confusion) as tmp:
-            plot_confusion(results["confusion_matrix"], names, tmp)
-        with atomic_path(bars) as tmp:
-            plot_class_iou(results["IoU"], names, tmp)
+        plot_confusion(results["confusion_matrix"], names, confusion)  # written whole or not at all
+        plot_class_iou(results["IoU"], names, bars)
         print(f"written: {confusion}, {bars}")
     if loaded.source.is_dir() and _is_default(out, loaded.source):  # a model folder's card shows its eval.json
         card = refresh_model_card(loaded.source)
