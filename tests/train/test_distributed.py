@@ -20,7 +20,6 @@ from emanet.train.distributed import (
     DistEnv,
     PerSampleSeed,
     ResumableSampler,
-    StopSignals,
     agree,
     replica_states,
     rng_state,
@@ -28,6 +27,7 @@ from emanet.train.distributed import (
     state_digest,
 )
 from emanet.train.loop import train
+from emanet.train.stops import StopSignals
 from tests.conftest import run_cli, tiny_model, tiny_run
 
 TINY = tiny_run("model.dropout=0.0", "train.log_interval=1", scales="[0.75, 1.25]", length=8)
