@@ -16,6 +16,7 @@ import types
 import pytest
 
 import emanet.cli.configs
+import emanet.cli.demo
 from emanet.cli import main as cli
 from emanet.cli.main import main
 from emanet.errors import ConfigError
@@ -119,6 +120,17 @@ def test_an_early_stop_of_training_from_any_command_is_said_once_on_rank_0_with_
     already.reported = True  # said by emanet train before the ranks met
     stops.append(already)
     assert main(["configs"]) == 3 and capsys.readouterr().err == ""
+
+
+def test_a_signal_stopping_training_inside_a_command_that_does_not_resume_is_130(monkeypatch, capsys):
+    def demo(args):  # `emanet demo` trains its models afresh each time: nothing to continue
+        stop = TrainingInterrupted("stopped at iteration 3 (signal 15); checkpoint x", iteration=3, checkpoint="x")
+        stop.signum = signal.SIGTERM
+        raise stop
+
+    monkeypatch.setattr(emanet.cli.demo, "run", demo)
+    assert main(["demo", "--out", "never-written"]) == 130
+    assert capsys.readouterr().err.startswith("emanet demo: interrupted by SIGTERM;")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

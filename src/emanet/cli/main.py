@@ -38,6 +38,7 @@ from emanet.cli import (
 )
 from emanet.errors import ConfigError, UserError
 from emanet.progress import write
+from emanet.train.loop import TrainingInterrupted
 from emanet.train.setup import TrainingStopped
 from emanet.train.stops import signal_name
 
@@ -199,6 +200,8 @@ def _run(args: argparse.Namespace) -> int:
         _check_overrides(getattr(args, "overrides", []))
         return args.func(args)
     except TrainingStopped as e:  # train, study, demo: run folder 2, signal 3, non-finite loss 4, lost peer 5
+        if isinstance(e, TrainingInterrupted) and e.signum and args.command not in ("train", *RESUMABLE):
+            return _interrupted(args.command, e.signum)  # demo: a rerun starts afresh, nothing continues
         if e.speaks and not e.reported:
             print(f"emanet {args.command}: {_stop_message(args.command, e)}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -61,6 +61,7 @@ EXIT_NONFINITE = 4  # non-finite loss (or too many skipped steps); choose a chec
 
 class TrainingInterrupted(TrainingStopped):
     exit_code = EXIT_INTERRUPTED
+    signum = 0  # the signal that stopped it (the lowest rank's that got one); 0 for train(stop_at=...)
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -183,13 +184,15 @@ def train_iterations(run: TrainRun, counters: Counters, stop: StopRequest, log: 
         if step % train_cfg.checkpoint_interval == 0 or step == train_cfg.iterations or stopping:
             counters.last_checkpoint = save_training_checkpoint(run, counters, step, None if bad else mean_loss)
         if stopping:
-            raise TrainingInterrupted(
+            interrupted = TrainingInterrupted(
                 f"stopped at iteration {step} ({stop.why(asked)}); checkpoint {counters.last_checkpoint}",
                 advice="continue with --resume",
                 iteration=step,
                 checkpoint=counters.last_checkpoint,
                 rank=env.rank,
             )
+            interrupted.signum = next((int(v) for v in asked if v), 0)
+            raise interrupted
         if train_cfg.eval_interval and step % train_cfg.eval_interval == 0 and step != train_cfg.iterations:
             results = evaluate(run.model, run.val_set, run.cfg, env.device, max_images=train_cfg.max_eval_images)
             _set_train_mode(run.model, train_cfg.freeze_bn)
