@@ -1,5 +1,6 @@
 """The command line: the parser built from the subcommand modules, flops output, the error boundary (a
-UserError is a message, anything else a traceback), the log handler and its -q/-v, and how the program exits."""
+UserError is a message, an early stop of training its message and status, a signal one line and 130, anything
+else a traceback), the log handler and its -q/-v, and how the program exits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -14,9 +16,11 @@ import types
 import pytest
 
 import emanet.cli.configs
+import emanet.cli.demo
 from emanet.cli import main as cli
 from emanet.cli.main import main
 from emanet.errors import ConfigError
+from emanet.train.loop import NonFiniteLoss, TrainingInterrupted
 
 
 def test_every_subcommand_is_bound_to_the_handler_of_its_module():
@@ -96,6 +100,80 @@ def test_any_other_error_is_a_bug_and_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(emanet.cli.configs, "run", broken)
     with pytest.raises(ValueError, match="internal shape mismatch"):  # not turned into a message
         main(["configs"])
+
+
+def test_an_early_stop_of_training_from_any_command_is_said_once_on_rank_0_with_its_status(monkeypatch, capsys):
+    stops = []
+
+    def stopped(args):
+        raise stops.pop(0)
+
+    monkeypatch.setattr(emanet.cli.configs, "run", stopped)
+    stop = dict(iteration=7, checkpoint="run/iter_0000007.pt", advice="continue with --resume")
+    stops.append(TrainingInterrupted("stopped at iteration 7 (signal 2); checkpoint run/iter_0000007.pt", **stop))
+    assert main(["configs"]) == 3
+    said = "stopped at iteration 7 (signal 2); checkpoint run/iter_0000007.pt; continue with --resume"
+    assert capsys.readouterr().err == f"emanet configs: {said}\n"
+    stops.append(NonFiniteLoss("non-finite loss", iteration=7, checkpoint=None, rank=1))  # another rank: silent
+    assert main(["configs"]) == 4 and capsys.readouterr().err == ""
+    already = TrainingInterrupted("stopped", **stop)
+    already.reported = True  # said by emanet train before the ranks met
+    stops.append(already)
+    assert main(["configs"]) == 3 and capsys.readouterr().err == ""
+
+
+def test_a_signal_stopping_training_inside_a_command_that_does_not_resume_is_130(monkeypatch, capsys):
+    def demo(args):  # `emanet demo` trains its models afresh each time: nothing to continue
+        stop = TrainingInterrupted("stopped at iteration 3 (signal 15); checkpoint x", iteration=3, checkpoint="x")
+        stop.signum = signal.SIGTERM
+        raise stop
+
+    monkeypatch.setattr(emanet.cli.demo, "run", demo)
+    assert main(["demo", "--out", "never-written"]) == 130
+    assert capsys.readouterr().err.startswith("emanet demo: interrupted by SIGTERM;")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_command_unwinds_it_and_is_one_line_and_130(monkeypatch, capsys, signum):
+    unwound = []
+
+    def working(args):
+        try:
+            os.kill(os.getpid(), signum)  # handled at the next bytecode: raised here, in the main thread
+            raise AssertionError("the signal did not stop the command")
+        finally:
+            unwound.append(True)  # a `with atomic_path(...)` block would remove its temporary here
+
+    monkeypatch.setattr(emanet.cli.configs, "run", working)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert main(["configs"]) == 130 and unwound == [True]
+    name = signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+    assert capsys.readouterr().err == (
+        f"emanet configs: interrupted by {name}; files already written are complete, nothing half-written is kept\n"
+    )
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
+
+
+def test_whatever_a_signal_causes_on_the_way_out_is_reported_as_the_signal(monkeypatch, capsys):
+    def working(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:  # e.g. a DataLoader worker killed by the same signal, noticed while unwinding
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated") from None
+
+    monkeypatch.setattr(emanet.cli.configs, "run", working)
+    assert main(["configs"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("emanet configs: interrupted by SIGTERM;") and "DataLoader" not in err
+
+
+def test_help_lists_every_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for status in ("0 ", "1 ", "2 ", "3 ", "4 ", "5 ", "130 "):
+        assert f"\n  {status}" in out, status
+    assert "stopped by SIGINT/SIGTERM" in out
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,18 @@
 """Distributed plumbing: sampler shards and offsets, per-sample augmentation seeds, RNG states, stop signals,
-and a real 2-process torchrun (gloo) run compared with one process on the same global batch."""
+a real 2-process torchrun (gloo) run compared with one process on the same global batch, and what rank 0 says
+when one rank of such a run is sent SIGTERM or killed."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +27,6 @@ from emanet.train.distributed import (
     DistEnv,
     PerSampleSeed,
     ResumableSampler,
-    StopSignals,
     agree,
     replica_states,
     rng_state,
@@ -28,6 +34,7 @@ from emanet.train.distributed import (
     state_digest,
 )
 from emanet.train.loop import train
+from emanet.train.stops import StopSignals, describe_lost_peer, describe_stop, lost_ranks, peer_failure
 from tests.conftest import run_cli, tiny_model, tiny_run
 
 TINY = tiny_run("model.dropout=0.0", "train.log_interval=1", scales="[0.75, 1.25]", length=8)
@@ -169,3 +176,114 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(tmp_p
             torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
         else:
             assert torch.equal(ddp["model"][key], value), key
+
+
+def test_the_stop_vote_in_words_names_each_rank_and_its_signal():
+    assert describe_stop([15.0]) == "signal 15"  # one process: as before
+    assert describe_stop([0.0, 15.0]) == "SIGTERM to rank 1"
+    assert describe_stop([2.0, 2.0]) == "SIGINT to every rank"
+    assert describe_stop([15.0, 0.0, 15.0, 2.0]) == "SIGTERM to ranks 0, 2; SIGINT to rank 3"
+
+
+GLOO_LOST = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:25517. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
+    "before reporting an error. GLHF!"
+)
+
+
+def test_a_lost_peer_is_told_from_a_bug_and_named_by_rank_and_pid():
+    assert peer_failure(RuntimeError(GLOO_LOST)) and peer_failure(RuntimeError("Connection reset by peer"))
+    assert not peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        env = DistEnv(rank=0, world_size=3, peers=((host, os.getpid()), (host, ended.pid), (host, alive.pid)))
+        assert lost_ranks(env, wait_s=0) == [1]
+        lost, who, reason = describe_lost_peer(env, RuntimeError(GLOO_LOST))
+        assert lost == [1] and who == f"rank 1 (PID {ended.pid} on {host}) is gone (killed or crashed)"
+        assert reason == "Connection closed by peer [127.0.0.1]:25517"
+        elsewhere = DistEnv(rank=0, world_size=2, peers=((host, os.getpid()), ("other-node", 1)))
+        assert describe_lost_peer(elsewhere, RuntimeError(GLOO_LOST))[:2] == (
+            [],
+            "the connection to another rank was lost",
+        )
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def _torchrun_until_training(run: Path) -> subprocess.Popen:
+    """A 2-process torchrun training that goes on for long, returned once a few steps are logged."""
+    overrides = [*TINY, "train.batch_size=1", "train.iterations=100000", "train.checkpoint_interval=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "emanet", "train", "--no-progress", *overrides, f"train.out_dir={run}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return proc
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The PID of torchrun's worker of ``rank`` (Linux /proc: its parent and its RANK variable)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under PID {launcher}")
+
+
+def _rank0_said(err: str) -> str:
+    """Rank 0's one line; nothing of emanet's code in a traceback (torchrun's own summary may follow)."""
+    assert not re.search(r'File ".*[/\\]emanet[/\\]', err) and "[rank0]:" not in err, err[-4000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("emanet train:")]
+    return line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_sigterm_to_one_rank_is_reported_by_rank_0_naming_the_rank_and_the_signal(tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun_until_training(run)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    line = _rank0_said(err)
+    step = load_checkpoint(latest_checkpoint(run).path)["iteration"]
+    assert line == (
+        f"emanet train: stopped at iteration {step} (SIGTERM to rank 1); checkpoint {run / f'iter_{step:07d}.pt'}; "
+        "continue with --resume"
+    )
+    assert "exitcode  : 3" in err  # both workers: the interrupted status
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_killed_rank_is_reported_by_rank_0_in_words_with_the_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun_until_training(run)
+    victim = _rank_pid(proc.pid, 1)
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    line = _rank0_said(err)
+    assert re.fullmatch(
+        rf"emanet train: rank 1 \(PID {victim} on .+\) is gone \(killed or crashed\) at iteration \d+: .+; "
+        rf"newest checkpoint: {re.escape(str(run))}/iter_\d{{7}}\.pt; continue with --resume \(the same torchrun "
+        r"command, every process restarted\)",
+        line,
+    ), line
+    newest = line.split("newest checkpoint: ")[1].split(";")[0]
+    assert Path(newest).is_file() and load_checkpoint(newest)["iteration"] >= 2

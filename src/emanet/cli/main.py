@@ -2,8 +2,10 @@
 
 Each subcommand is one module of this package holding its parser and its handler side by side: its
 ``register(sub)`` adds the sub-parser and binds the handler with ``set_defaults(func=...)``. ``main`` parses,
-installs the one log handler and runs the handler; a UserError or a file error is a message and exit code 2,
-anything else is a bug and keeps its traceback.
+installs the one log handler and the interrupt policy, and runs the handler; a UserError or a file error is a
+message and exit code 2, an early stop of training (TrainingStopped) its message and its own status, SIGINT
+or SIGTERM one line and 130 (3 where a rerun continues what was saved); anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from types import ModuleType
@@ -32,11 +36,29 @@ from emanet.cli import (
     study,
     train,
 )
-from emanet.errors import UserError
+from emanet.errors import ConfigError, UserError
 from emanet.progress import write
+from emanet.train.loop import TrainingInterrupted
+from emanet.train.setup import TrainingStopped
+from emanet.train.stops import signal_name
 
 # in the order `emanet --help` lists them
 COMMANDS = (configs, flops, train, evaluate, demo, predict, study, push_to_hub, bench, check_data, convert, export)
+
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM with nothing to continue from: 128 + SIGINT, what a shell shows for Ctrl-C
+EXIT_RESUMABLE = 3  # SIGINT/SIGTERM after saving what a rerun continues from (emanet.train.loop.EXIT_INTERRUPTED)
+# commands that keep what they finished, and how to continue after a signal (train: its own StopSignals)
+RESUMABLE = {"study": "what was finished is kept: run the same command again to continue"}
+EXIT_STATUSES = """exit status:
+  0    done
+  1    some inputs failed or problems were found (predict, check-data, export --check)
+  2    a usage, config, path or run-folder error, or a failed write; the message says what to fix
+  3    stopped by SIGINT/SIGTERM after saving what a rerun continues from (train: a checkpoint,
+       continue with --resume; study: run the same command again)
+  4    train: non-finite loss; continue from a checkpoint you trust with --resume-from
+  5    train under torchrun: another process was lost; continue with --resume
+  130  stopped by SIGINT/SIGTERM; files already written are complete, nothing half-written is kept
+  a second SIGINT/SIGTERM ends a command at once; a traceback is a bug"""
 
 
 def _add_verbosity(p: argparse.ArgumentParser, default=None) -> None:
@@ -57,7 +79,12 @@ def _sub_parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argpars
 
 def build_parser(commands: Sequence[ModuleType] = COMMANDS) -> argparse.ArgumentParser:
     """The `emanet` parser: each module of ``commands`` registers its sub-parser, bound to its handler."""
-    parser = argparse.ArgumentParser(prog="emanet", description="EMANet semantic segmentation")
+    parser = argparse.ArgumentParser(
+        prog="emanet",
+        description="EMANet semantic segmentation",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"emanet {__version__}")
     _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,25 +130,116 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
         logger.setLevel(level_before)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command, raised in the main thread: every ``with`` block unwinds on the way
+    out (an atomic write removes its temporary file, the target keeps its bytes)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+class _Interrupts:
+    """While a command runs, the first SIGINT or SIGTERM raises Interrupted (training swaps in its own
+    StopSignals, which save a checkpoint first); a second one ends the process at once (the default action).
+    The previous handlers come back on exit; outside the main thread nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)  # None: installed outside Python
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (`emanet eval RUN --device cpu eval.flip=true`)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    with _logging_to_stderr(args):
+    return args
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Each override is one word, section.key=value: `train.iterations 1000` or a lone `train.iterations` is
+    refused saying so, before any work (argparse would only call it an unrecognized argument)."""
+    for i, item in enumerate(overrides):
+        if "=" in item:
+            continue
+        value = overrides[i + 1] if i + 1 < len(overrides) and "=" not in overrides[i + 1] else "VALUE"
+        example = f"{item}={value}" if "." in item else "train.iterations=1000"
+        raise ConfigError(f"override {item!r} has no '=': give each as one word section.key=value (e.g. {example})")
+
+
+def _stop_message(command: str, e: TrainingStopped) -> str:
+    if command in RESUMABLE and e.advice:  # not train's --resume: the command's own way to continue
+        return f"{e.reason}; {RESUMABLE[command]}"
+    return str(e)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's handler behind the error boundary: UserError and OSError are a message and status 2, an
+    early stop of training its message (said once) and its own status."""
+    try:
+        _check_overrides(getattr(args, "overrides", []))
+        return args.func(args)
+    except TrainingStopped as e:  # train, study, demo: run folder 2, signal 3, non-finite loss 4, lost peer 5
+        if isinstance(e, TrainingInterrupted) and e.signum and args.command not in ("train", *RESUMABLE):
+            return _interrupted(args.command, e.signum)  # demo: a rerun starts afresh, nothing continues
+        if e.speaks and not e.reported:
+            print(f"emanet {args.command}: {_stop_message(args.command, e)}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except UserError as e:  # a mistake the user can fix: the message says how, no traceback
+        print(f"emanet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing file, a read-only folder, a full disk: the path and the OS reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"emanet {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    # anything else is a bug: it propagates with its traceback (exit status 1)
+
+
+def _interrupted(command: str, signum: int) -> int:
+    """One line for a command stopped by SIGINT/SIGTERM, and its status: 3 where a rerun continues, else 130."""
+    name = signal_name(signum) + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+    if command in RESUMABLE:
+        print(f"emanet {command}: interrupted by {name}; {RESUMABLE[command]}", file=sys.stderr, flush=True)
+        return EXIT_RESUMABLE
+    print(
+        f"emanet {command}: interrupted by {name}; files already written are complete, nothing half-written is kept",
+        file=sys.stderr,
+        flush=True,
+    )
+    return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(build_parser(), argv)
+    with _logging_to_stderr(args), _Interrupts() as interrupts:
         try:
-            return args.func(args)
-        except UserError as e:  # a mistake the user can fix: the message says how, no traceback
-            print(f"emanet {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:  # a missing file, a read-only folder, a full disk: the path and the OS reason
-            where = f"{e.filename}: " if e.filename else ""
-            print(f"emanet {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-            return 2
-        # anything else is a bug: it propagates with its traceback (exit status 1)
+            return _run(args)
+        except BaseException:
+            if interrupts.received is None:
+                raise
+            # Interrupted itself, or what it caused on the way out (a DataLoader worker killed by the same
+            # signal, a write cut short): the signal is the reason
+            return _interrupted(args.command, interrupts.received)
 
 
 def run() -> None:
@@ -133,7 +251,10 @@ def run() -> None:
     finished well, which torchrun then reports as a failed job. Every file is closed by then; output and
     logging are flushed, then the worker ends with ``os._exit``. A plain process exits normally.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C just before or after the command's own handling: no traceback
+        code = EXIT_INTERRUPTED
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_now(code)
     raise SystemExit(code)

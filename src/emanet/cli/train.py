@@ -35,24 +35,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _say_why(e: TrainingStopped) -> None:
-    """Rank 0 says why the run stopped, before any rank exits: torchrun would cut rank 0 short."""
-    if e.rank == 0:
+    """Rank 0 says why the run stopped, before any rank exits (torchrun would cut rank 0 short); the CLI's
+    error boundary then returns the stop's exit status without saying it again."""
+    if e.speaks:
         print(f"emanet train: {e}", file=sys.stderr, flush=True)
+    e.reported = True
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
-    try:
-        out = train(
-            cfg,
-            resume=args.resume,
-            resume_from=args.resume_from,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            on_stop=_say_why,
-        )
-    except TrainingStopped as e:  # run folder/write (2), signal (3) or non-finite loss (4): rank 0 said why
-        return e.exit_code
+    # an early stop (TrainingStopped: run folder/write 2, signal 3, non-finite loss 4, lost peer 5) goes on to
+    # the CLI's error boundary, which returns its exit status
+    out = train(
+        cfg,
+        resume=args.resume,
+        resume_from=args.resume_from,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        on_stop=_say_why,
+    )
     if out["rank"] == 0:
         print(format_table(out["results"], out["class_names"]))
         if out["skipped_steps"] or out["bad_samples"]:

@@ -11,7 +11,7 @@
   state and replica digest for a checkpoint, one gather), ``barrier``; set-up uses ``broadcast_object`` and
   ``broadcast_buffers_``. Evaluation shards through emanet.runtime (``shard``, ``all_gather_lists``).
 - RNG states (python, numpy, torch, CUDA) for checkpoints; ``state_digest`` to check replicas agree.
-- ``StopSignals``: SIGTERM/SIGINT only set a flag; a second signal aborts at once.
+- How a run stops (SIGTERM/SIGINT, the stop vote, a lost peer) is emanet.train.stops.
 
 Imports nothing above the data layer.
 """
@@ -24,7 +24,7 @@ import itertools
 import os
 import random
 import signal
-import threading
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,7 @@ class DistEnv:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # init_distributed created the process group (and destroys it)
+    peers: tuple[tuple[str, int], ...] = ()  # (host, PID) of every rank: who is gone when a peer is lost
 
     @property
     def is_main(self) -> bool:
@@ -86,8 +87,15 @@ def init_distributed(device_name: str = "auto") -> DistEnv:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    peers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
     return DistEnv(
-        rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device, owns_group=owns
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=dist.get_world_size(),
+        device=device,
+        owns_group=owns,
+        peers=tuple((str(host), int(pid)) for host, pid in peers),
     )
 
 
@@ -344,46 +352,3 @@ def state_digest(module: nn.Module) -> dict[str, str]:
         hashes[kind].update(name.encode())
         hashes[kind].update(data)
     return {k: h.hexdigest() for k, h in hashes.items()}
-
-
-# ----------------------------------------------------------------------------- stop signals
-
-
-class StopSignals:
-    """While active, SIGTERM and SIGINT only record themselves in ``received``: the training loop checks it
-    once per step, saves and stops. A second signal aborts at once (KeyboardInterrupt for SIGINT, the default
-    action for SIGTERM). The previous handlers come back on exit. Outside the main thread nothing is
-    installed (Python delivers signals to the main thread only)."""
-
-    def __init__(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self.installed = False
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signum
-            return
-        # second signal: give up on the clean stop
-        signal.signal(signum, signal.SIG_DFL)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        os.kill(os.getpid(), signum)
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-            self.installed = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if previous is None else previous)  # None: installed outside Python
-        self._previous.clear()
-        self.installed = False

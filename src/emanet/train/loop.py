@@ -4,7 +4,7 @@
 -> ``TrainRun`` and its ``Counters``) -> ``train_iterations``, which reads top to bottom on one screen:
 
     for each iteration:  micro-batches (autocast forward, loss, backward; DDP syncs gradients on the last one)
-                         -> agree (one all-reduce: mean loss, any rank non-finite, any rank asked to stop)
+                         -> agree (one all-reduce: mean loss, any rank non-finite, each rank's stop signal)
                          -> EMA bases update over the global batch + optimizer step, or _skip_step
                          -> schedule step -> log -> checkpoint -> (stop) -> (evaluate)
     checkpoint:  gather every rank's RNG state and replica digest -> rank 0 writes a TrainingState
@@ -13,7 +13,8 @@ Only rank 0 logs and writes files. Evaluation is emanet.evaluation; device and a
 
 Exit statuses a caller can return (the CLI's train command does): 0 done, setup.EXIT_USAGE (2) the run
 folder, config or a write failed (RunError), EXIT_INTERRUPTED (3) stopped by SIGTERM/SIGINT after saving a
-checkpoint, EXIT_NONFINITE (4) stopped on a non-finite loss.
+checkpoint, EXIT_NONFINITE (4) stopped on a non-finite loss, stops.EXIT_PEER_LOST (5) another torchrun
+process is gone (PeerLost: a collective failed; the newest checkpoint is what was saved).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LRScheduler
 
-from emanet.checkpoint import LATEST, TrainingState, kept_checkpoints, save_checkpoint
+from emanet.checkpoint import LATEST, TrainingState, checkpoint_candidates, kept_checkpoints, save_checkpoint
 from emanet.config import Config
 from emanet.errors import ConfigError, RunFolderError
 from emanet.evaluation import evaluate, results_to_json
@@ -41,7 +41,7 @@ from emanet.progress import progress_bar
 from emanet.runtime import autocast, check_precision
 from emanet.train.data import count_bad_samples
 from emanet.train.distributed import (
-    StopSignals,
+    DistEnv,
     agree,
     average_,
     barrier,
@@ -59,6 +59,7 @@ from emanet.train.runs import (
     suspect_reasons,
 )
 from emanet.train.setup import Counters, TrainingStopped, TrainRun, on_rank0, setup
+from emanet.train.stops import PeerLost, StopRequest, StopSignals, peer_failure, peer_lost
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ EXIT_NONFINITE = 4  # non-finite loss (or too many skipped steps); choose a chec
 
 class TrainingInterrupted(TrainingStopped):
     exit_code = EXIT_INTERRUPTED
+    signum = 0  # the signal that stopped it (the lowest rank's that got one); 0 for train(stop_at=...)
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -101,24 +103,47 @@ def train(
         )
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     env = init_distributed(cfg.train.device)
+    counters = Counters()  # setup's replace them; until then a lost peer interrupted the set-up
     try:
-        check_precision(env.device, cfg.train.precision)
-        with StopSignals() as signals, contextlib.ExitStack() as held:
-            resuming = resume or resume_from is not None
-            run, counters = setup(cfg, env, held, resume=resuming, resume_from=resume_from, overwrite=overwrite)
-            held.callback(run.stream.close)  # its workers ignore SIGTERM: they end here, whatever happens
-            log = held.enter_context(TrainingLog(run, counters.start, progress=progress))
-            train_iterations(run, counters, StopRequest(signals, stop_at), log)
-            log.close()  # the bar ends before the final evaluation's
-            return _finish(run, counters, log, progress=progress and env.is_main)
-    except TrainingStopped as e:  # raised on every rank alike: agreed by the step's vote or broadcast
-        if on_stop is not None:
-            on_stop(e)
-        barrier(env)
-        raise
+        # the signals stay a flag while a stop is said too: torchrun's SIGTERM to the others then cannot cut it
+        with StopSignals() as signals:
+            try:
+                check_precision(env.device, cfg.train.precision)
+                with contextlib.ExitStack() as held:
+                    resuming = resume or resume_from is not None
+                    run, counters = setup(cfg, env, held, resume=resuming, resume_from=resume_from, overwrite=overwrite)
+                    held.callback(run.stream.close)  # its workers ignore SIGTERM: they end here, whatever happens
+                    log = held.enter_context(TrainingLog(run, counters.start, progress=progress))
+                    train_iterations(run, counters, StopRequest(signals, stop_at), log)
+                    log.close()  # the bar ends before the final evaluation's
+                    return _finish(run, counters, log, progress=progress and env.is_main)
+            except RuntimeError as e:  # TrainingStopped (raised on every rank alike), or perhaps a lost peer
+                stop = _as_stop(e, env, Path(cfg.train.out_dir), counters)
+                if stop is None:  # a bug: its traceback
+                    raise
+                if on_stop is not None:
+                    on_stop(stop)
+                if not isinstance(stop, PeerLost):  # a lost peer never comes to a meeting
+                    barrier(env)
+                if stop is e:
+                    raise
+                raise stop from e
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         cleanup_distributed(env)
+
+
+def _as_stop(error: RuntimeError, env: DistEnv, folder: Path, counters: Counters) -> TrainingStopped | None:
+    """``error`` as an early stop: itself if it is one, a PeerLost for a collective that failed because another
+    rank is gone, None for anything else (a bug)."""
+    if isinstance(error, TrainingStopped):
+        return error
+    if not env.distributed or not peer_failure(error):
+        return None
+    saved = counters.last_checkpoint
+    if saved is None and env.is_main:  # lost during set-up: the run folder's newest
+        saved = next((str(p) for p in checkpoint_candidates(folder)), None)
+    return peer_lost(env, error, step=counters.step, checkpoint=saved)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -130,6 +155,7 @@ def train_iterations(run: TrainRun, counters: Counters, stop: StopRequest, log: 
     train_cfg, env = run.cfg.train, run.env
     _set_train_mode(run.model, train_cfg.freeze_bn)
     for step in range(counters.start + 1, train_cfg.iterations + 1):
+        counters.step = step
         lr = run.scheduler.get_last_lr()[0]  # the first group's (lr_mult 1): optim.lr at this step
         saved_bn = [b.clone() for b in run.bn_buffers] if train_cfg.on_nonfinite == "skip" else []
         loss_sum = torch.zeros((), device=env.device)  # stays on the device: the vote is the step's only host sync
@@ -143,9 +169,11 @@ def train_iterations(run: TrainRun, counters: Counters, stop: StopRequest, log: 
             loss_sum += loss.detach().float()
             counters.seen += images.shape[0]
 
-        # one all-reduce and one host sync: the summed loss, any rank non-finite, any rank asked to stop
-        vote = torch.stack([loss_sum, (~loss_sum.isfinite()).float(), loss_sum.new_tensor(float(stop.at(step)))])
-        total, bad, votes = agree(vote, env)
+        # one all-reduce and one host sync: the summed loss, any rank non-finite, each rank's stop signal (0: none)
+        signals = [0.0] * env.world_size
+        signals[env.rank] = float(stop.signal())
+        vote = torch.cat([torch.stack([loss_sum, (~loss_sum.isfinite()).float()]), loss_sum.new_tensor(signals)])
+        total, bad, *asked = agree(vote, env)
         mean_loss = total / env.world_size
         if bad:  # stop, or drop the step with everything it touched
             _skip_step(run, counters, step, mean_loss, saved_bn)
@@ -160,17 +188,19 @@ def train_iterations(run: TrainRun, counters: Counters, stop: StopRequest, log: 
         _advance(run.scheduler, skipped=bool(bad))  # per iteration, a skipped one included
         log.step(step, mean_loss, lr, bool(bad), counters)
 
-        stopping = votes > 0 and step < train_cfg.iterations
+        stopping = (any(asked) or stop.reached(step)) and step < train_cfg.iterations
         if step % train_cfg.checkpoint_interval == 0 or step == train_cfg.iterations or stopping:
             counters.last_checkpoint = save_training_checkpoint(run, counters, step, None if bad else mean_loss)
         if stopping:
-            raise TrainingInterrupted(
-                f"stopped at iteration {step} ({stop.why()}); checkpoint {counters.last_checkpoint}; "
-                "continue with --resume",
+            interrupted = TrainingInterrupted(
+                f"stopped at iteration {step} ({stop.why(asked)}); checkpoint {counters.last_checkpoint}",
+                advice="continue with --resume",
                 iteration=step,
                 checkpoint=counters.last_checkpoint,
                 rank=env.rank,
             )
+            interrupted.signum = next((int(v) for v in asked if v), 0)
+            raise interrupted
         if train_cfg.eval_interval and step % train_cfg.eval_interval == 0 and step != train_cfg.iterations:
             results = evaluate(run.model, run.val_set, run.cfg, env.device, max_images=train_cfg.max_eval_images)
             _set_train_mode(run.model, train_cfg.freeze_bn)
@@ -249,20 +279,6 @@ def _recovery_advice(run: TrainRun, step: int, kept: list[dict[str, Any]] | None
 
 
 # ----------------------------------------------------------------------------- beside the loop
-
-
-@dataclass
-class StopRequest:
-    """SIGTERM/SIGINT (``signals``) or ``train(stop_at=...)``: the loop saves a checkpoint and stops."""
-
-    signals: StopSignals
-    stop_at: int | None
-
-    def at(self, step: int) -> bool:
-        return self.signals.requested or (self.stop_at is not None and step >= self.stop_at)
-
-    def why(self) -> str:
-        return f"signal {self.signals.received}" if self.signals.requested else "stop_at"
 
 
 class TrainingLog:

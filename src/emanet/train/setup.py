@@ -63,13 +63,23 @@ EXIT_USAGE = 2  # the run folder, the config or a write refused the run; nothing
 
 
 class TrainingStopped(RuntimeError):
-    """Training ended early on purpose; ``exit_code`` is the process status to return."""
+    """Training ended early on purpose; ``exit_code`` is the process status to return.
+
+    Raised on every rank alike; the message is said once, by the rank where ``speaks`` (rank 0). ``reported``
+    is set by whoever said it (emanet train, before the ranks meet), so the CLI does not say it twice.
+    """
 
     exit_code = 1
 
-    def __init__(self, message: str, *, iteration: int, checkpoint: str | None, rank: int = 0):
-        super().__init__(message)
+    def __init__(self, message: str, *, iteration: int, checkpoint: str | None, rank: int = 0, advice: str = ""):
+        super().__init__(f"{message}; {advice}" if advice else message)
+        self.reason, self.advice = message, advice  # what happened; how to continue (`--resume`)
         self.iteration, self.checkpoint, self.rank = iteration, checkpoint, rank
+        self.reported = False
+
+    @property
+    def speaks(self) -> bool:
+        return self.rank == 0
 
 
 class RunError(TrainingStopped):
@@ -160,6 +170,7 @@ class Counters:
     """What changes as the run goes."""
 
     start: int = 0  # the iteration training continues from
+    step: int = 0  # the iteration in progress (what a lost peer interrupted)
     skipped: int = 0  # steps skipped for non-finite losses (train.on_nonfinite=skip)
     consecutive: int = 0  # ... of them in a row, up to now
     seen: int = 0  # images this process read since start (throughput)
