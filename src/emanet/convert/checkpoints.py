@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from emanet.checkpoint import atomic_path
 from emanet.config import Config, load_config
 from emanet.convert.keys import (
     BACKBONE_FORMAT,
@@ -383,16 +385,15 @@ def convert(
         assert result.config is not None and result.model is not None
         save_pretrained(result.model, result.config, dst, class_names=result.class_names, palette=result.palette)
     else:
-        from safetensors.torch import save_file
-
         dst.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.clone().contiguous() for k, v in result.state_dict.items()},
-            str(dst),
-            metadata={
-                "format": BACKBONE_FORMAT,
-                "converted_from": source,
-                **{k: str(v) for k, v in (result.backbone or {}).items()},
-            },
-        )
+        with atomic_path(dst) as tmp:  # a failed write keeps an earlier file (with --overwrite) as it was
+            save_file(
+                {k: v.clone().contiguous() for k, v in result.state_dict.items()},
+                str(tmp),
+                metadata={
+                    "format": BACKBONE_FORMAT,
+                    "converted_from": source,
+                    **{k: str(v) for k, v in (result.backbone or {}).items()},
+                },
+            )
     return result
