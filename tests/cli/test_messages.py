@@ -228,3 +228,26 @@ def test_resume_of_a_complete_run_says_only_the_final_evaluation_runs(two_iterat
     proc = emanet("train", "--no-progress", *TINY, "train.iterations=2", f"train.out_dir={run}", "--resume")
     said(proc, 0, "already at iteration 2 = train.iterations", "only the final evaluation runs again")
     assert {k: v for k, v in hashes(run).items() if k.startswith("iter_")} == checkpoints
+
+
+# ----------------------------------------------------------------------------- the dataset a config names
+
+
+def test_train_without_a_dataset_root_says_which_key_to_set(tmp_path):
+    # the packaged VOC recipe names no root: a newcomer's first `emanet train` (a traceback since the CLI
+    # catches only user errors)
+    said(emanet("train", f"train.out_dir={tmp_path / 'r'}", "data.root=null"), 2, "data.root", "needs a root folder")
+    said(
+        emanet("train", "data.dataset=nope", f"train.out_dir={tmp_path / 'r'}"),
+        2,
+        "data.dataset must be one of",
+        "got 'nope'",
+    )
+    assert [p.name for p in (tmp_path / "r").iterdir()] == [".lock"]  # nothing of a run was written
+
+
+def test_backbone_weights_that_cannot_be_read_are_a_message(tmp_path):
+    bad = tmp_path / "r50.pth"
+    bad.write_bytes(b"\x00not a checkpoint")
+    proc = emanet("train", *TINY, f"model.pretrained_backbone={bad}", f"train.out_dir={tmp_path / 'r'}")
+    said(proc, 2, str(bad))

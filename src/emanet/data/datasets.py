@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emanet.errors import ConfigError
+
 from .ade import ADE20KDataset
 from .base import SegmentationDataset
 from .cityscapes import CityscapesDataset
@@ -35,12 +37,14 @@ def build_dataset(
     raising (``check_dataset`` does that).
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"data.dataset: unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     cls = DATASETS[name]
     if name == "synthetic":
         if root is not None:
-            raise ValueError("the synthetic dataset is generated on the fly and takes no root")
+            raise ConfigError("data.root: the synthetic dataset is generated on the fly and takes no root")
         return cls(split, transform=transform, **kwargs)
     if root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder")
+        raise ConfigError(
+            f"data.root: dataset {name!r} needs a root folder (data.root=/path/to/it, or a --config that sets it)"
+        )
     return cls(root, split, transform=transform, **kwargs)

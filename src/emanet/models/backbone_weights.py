@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from emanet.errors import ModelSourceError
+
 # ImageNet classifier of torchvision-style files: meaningless for a dense backbone, reported as ignored.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
@@ -45,7 +47,7 @@ def read_weights_file(path: str | os.PathLike, *, allow_pickle: bool = False, wh
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError, OSError: a damaged file
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            raise ModelSourceError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # truncated file, or pickled objects weights_only refuses
@@ -55,7 +57,7 @@ def read_weights_file(path: str | os.PathLike, *, allow_pickle: bool = False, wh
                 "; it holds pickled Python objects (e.g. an mmengine message hub): if you trust the file, "
                 "pass allow_pickle=True (CLI: --allow-pickle)"
             )
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}){hint}") from None
+        raise ModelSourceError(f"{path}: not a readable checkpoint ({type(e).__name__}){hint}") from None
 
 
 def _read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[dict, str]:
@@ -63,7 +65,7 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[
         return dict(source), "<state dict>"
     sd = read_weights_file(source, what="backbone weights")
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{source} holds a {type(sd).__name__}, not a state dict")
+        raise ModelSourceError(f"{source} holds a {type(sd).__name__}, not a state dict")
     return dict(sd), str(source)
 
 
@@ -81,10 +83,10 @@ def _plain_state_dict(
     if prefix:
         sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
-            raise ValueError(f"{name}: no key starts with prefix={prefix!r}")
+            raise ModelSourceError(f"{name}: no key starts with prefix={prefix!r}")
     not_tensors = [k for k, v in sd.items() if not isinstance(v, Tensor)]
     if not_tensors:
-        raise ValueError(
+        raise ModelSourceError(
             f"{name} is not a state dict: {not_tensors[:5]} are not tensors "
             "(convert other checkpoint formats to a plain state dict first)"
         )
@@ -175,7 +177,7 @@ def load_backbone_weights(
         )
         if mismatched or strict:
             fix = "" if mismatched else "\n  (pass strict=False to load the matching keys anyway)"
-            raise ValueError(msg + fix)
+            raise ModelSourceError(msg + fix)
         warnings.warn(msg, stacklevel=2)
 
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
