@@ -99,7 +99,8 @@ def os_reason(error: OSError) -> str:
 _HELD: set[str] = set()  # folders locked by this process (POSIX locks do not conflict within one process)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists here (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,7 +126,7 @@ class RunLock:
         if text and text[0].isdigit():
             pid = int(text[0])
             host = f" on {text[1]}" if len(text) > 1 else ""
-            return f"PID {pid}{host}" + ("" if _pid_alive(pid) else " (no longer running here)")
+            return f"PID {pid}{host}" + ("" if pid_alive(pid) else " (no longer running here)")
         return "another process"
 
     def acquire(self) -> RunLock:

@@ -25,6 +25,7 @@ from typing import Any
 import torch.distributed as dist
 
 from emanet.train.distributed import DistEnv
+from emanet.train.runs import pid_alive
 from emanet.train.setup import TrainingStopped
 
 EXIT_PEER_LOST = 5  # torchrun: another rank is gone; the newest checkpoint is kept, resume with --resume
@@ -197,10 +198,4 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     except OSError:  # no /proc: ask the kernel whether the PID exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
