@@ -46,6 +46,12 @@ def said(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
     return proc.stderr
 
 
+def train_two_iterations(run: Path) -> None:
+    """A finished tiny run with a checkpoint at each of its two iterations (in this process)."""
+    args = ["train", "--no-progress", *TINY, "train.iterations=2", "train.checkpoint_interval=1"]
+    assert main([*args, f"train.out_dir={run}"]) == 0
+
+
 # ----------------------------------------------------------------------------- files that are not UTF-8
 
 NOT_UTF8 = {  # the bytes, the offset of the first one UTF-8 cannot decode
@@ -168,19 +174,7 @@ def test_skip_mode_is_not_told_to_set_skip_and_no_checkpoint_means_start_over(tm
 
 def test_when_every_kept_checkpoint_is_non_finite_none_is_offered(tmp_path):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--no-progress",
-                *TINY,
-                "train.iterations=2",
-                "train.checkpoint_interval=1",
-                f"train.out_dir={run}",
-            ]
-        )
-        == 0
-    )
+    train_two_iterations(run)
     for path in sorted(run.glob("iter_*.pt")):  # weights already broken when saved
         ckpt = load_checkpoint(path)
         ckpt["model"] = {k: v.float().fill_(math.nan) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
@@ -197,19 +191,7 @@ def test_when_every_kept_checkpoint_is_non_finite_none_is_offered(tmp_path):
 @pytest.fixture
 def two_iterations(tmp_path) -> Path:
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--no-progress",
-                *TINY,
-                "train.iterations=2",
-                "train.checkpoint_interval=1",
-                f"train.out_dir={run}",
-            ]
-        )
-        == 0
-    )
+    train_two_iterations(run)
     return run
 
 
