@@ -11,7 +11,8 @@ schedule then resumes at their iteration) and may lack loss, param_norm, class_n
 A failed write (disk full, read-only) is a CheckpointWriteError naming the file and the OS reason.
 This module names the checkpoint files of a run folder (``iter_*.pt``, latest.txt) and holds the one way
 emanet writes a file (``atomic_path``, ``write_text_atomic``, ``write_bytes_atomic``): the run folder's other
-files, and every user-facing output (exports, eval JSON, predictions, plots, reports, model folders) use it.
+files, and every user-facing output (exports, eval JSON, predictions, plots, reports, model folders) use it;
+``claim_folder`` makes an output folder and proves it writable before a command's work starts.
 """
 
 from __future__ import annotations
@@ -136,6 +137,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if isinstance(e, OSError) and e.filename in (None, str(tmp), name):  # another file's error keeps its name
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+def claim_folder(folder: str | Path) -> Path:
+    """An output folder, created with its parents and proven writable (a probe file made and removed) before
+    any work; an OSError names the folder and the reason."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".emanet-probe-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
+    return folder
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from emanet.cli.common import claim_folder, claim_output, reserved
+from emanet.checkpoint import claim_folder
+from emanet.cli.common import claim_output, reserved
 from emanet.config import Config
 from emanet.errors import ConfigError
 from emanet.models.emanet import build_model

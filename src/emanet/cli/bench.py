@@ -16,8 +16,7 @@ from emanet.bench.cpu import PARTS, run_benchmarks
 from emanet.bench.gpu import run_gpu_benchmark
 from emanet.bench.onnx import run_onnx_benchmark
 from emanet.bench.report import format_report
-from emanet.checkpoint import write_text_atomic
-from emanet.cli.common import claim_folder
+from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.deploy.export import require_onnx
 from emanet.experiments.demo import demo_config
 

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import typing
 from pathlib import Path
 
-from emanet.checkpoint import checkpoint_iteration
+from emanet.checkpoint import checkpoint_iteration, claim_folder
 from emanet.config import Config, load_config
 from emanet.errors import ConfigError
 from emanet.pretrained import CONFIG as MODEL_CONFIG
@@ -84,16 +83,3 @@ def claim_output(path: str | Path, *, overwrite: bool, flag: str = "--out") -> P
         raise ConfigError(f"{flag} {path} exists; add --overwrite to replace it, or choose another name")
     claim_folder(path.parent)
     return path
-
-
-def claim_folder(folder: str | Path) -> Path:
-    """An output folder, created with its parents and proven writable (a probe file made and removed) before
-    any work; an OSError names the folder and the reason."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".emanet-probe-"):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(folder)) from None
-    return folder

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from emanet.cli.common import claim_folder, claim_output
+from emanet.checkpoint import claim_folder
+from emanet.cli.common import claim_output
 from emanet.convert.checkpoints import convert
 from emanet.convert.keys import FULL_MODEL_SOURCES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from emanet.cli.common import add_no_progress, claim_folder
+from emanet.cli.common import add_no_progress
 from emanet.experiments.demo import run_demo
 
 
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # --out is made and proven writable once the config is valid, before minutes of training
-    result = run_demo(args.out, args.overrides, args.config, progress=not args.no_progress, claim=claim_folder)
+    result = run_demo(args.out, args.overrides, args.config, progress=not args.no_progress)
     print(result["summary"])
     print(f"report: {result['report'].resolve()} (and report.html)")
     return 0

@@ -6,7 +6,8 @@ import argparse
 import logging
 import typing
 
-from emanet.cli.common import add_compile, add_no_prepare, add_no_progress, add_precision, claim_folder
+from emanet.checkpoint import claim_folder
+from emanet.cli.common import add_compile, add_no_prepare, add_no_progress, add_precision
 from emanet.deploy.predict import Predictor
 from emanet.deploy.predict_files import PredictOptions, collect_inputs, plan_outputs, predict_files
 from emanet.errors import ConfigError

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from emanet.cli.common import add_no_progress, claim_folder
+from emanet.cli.common import add_no_progress
 from emanet.errors import ConfigError
 from emanet.experiments.study import EVAL_STAGES, STUDIES, TRAIN_STAGES, run_study
 
@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         progress=not args.no_progress,
         argv=argv,
-        claim=claim_folder,  # --out made and proven writable after the checks, before any training
     )
     print(results["table"])
     print(f"study folder: {args.out} (table.md, results.json, commands.sh)")

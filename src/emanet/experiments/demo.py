@@ -14,14 +14,13 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from emanet.checkpoint import write_text_atomic
+from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.config import Config, load_config
 from emanet.deploy.attention_maps import capture_attention
 from emanet.evaluation import evaluate
@@ -217,18 +216,17 @@ def run_demo(
     config_path: str | None = None,
     *,
     progress: bool = True,
-    claim: Callable[[Path], Any] = report.make_folder,
 ) -> dict[str, Any]:
     """Train both models, measure them, and write the report, its figures and summary.json into ``out_dir``.
 
-    ``claim`` makes ``out_dir`` once the config is valid and before any training (the CLI passes
-    cli.common.claim_folder, which also proves it writable). Returns summary.json's figures, plus
+    ``out_dir`` is made and proven writable (checkpoint.claim_folder) once the config is valid and before any
+    training. Returns summary.json's figures, plus
     ``summary`` (the result in a few sentences) and ``report`` (the report.md path) for the caller to show.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
     base = demo_config(overrides, config_path)
-    claim(out)
+    claim_folder(out)
     runs = _train_both(base, out, progress=progress)
     _, val = build_datasets(runs["EMANet"]["config"])
     bf16_miou = _bf16_miou(runs["EMANet"], val)

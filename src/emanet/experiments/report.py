@@ -17,12 +17,6 @@ from PIL import Image
 from emanet.checkpoint import atomic_path, write_text_atomic
 
 
-def make_folder(folder: Path) -> Path:
-    """An output folder, made with its parents: run_demo's and run_study's ``claim`` outside the CLI."""
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def _figure(width: float, height: float):
     """A pyplot-free Agg figure, so no global state or display is touched."""
     try:

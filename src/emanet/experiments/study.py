@@ -18,17 +18,16 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emanet.checkpoint import write_text_atomic
+from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.config import Config, load_config
 from emanet.errors import ConfigError, RunFolderError
 from emanet.evaluation import evaluate
 from emanet.experiments import plots
-from emanet.experiments.report import make_folder, markdown_table
+from emanet.experiments.report import markdown_table
 from emanet.pretrained import load_model
 from emanet.runtime import select_device
 from emanet.train.data import build_datasets
@@ -130,9 +129,9 @@ def _existing_runs(existing_runs: dict[str, str] | None, todo: list[Variant]) ->
     return existing
 
 
-def _start_folder(out: Path, spec: dict[str, Any], claim: Callable[[Path], Any]) -> None:
+def _start_folder(out: Path, spec: dict[str, Any]) -> None:
     """Claim the folder, then write study.json, or check that its study was started with the same settings."""
-    claim(out)
+    claim_folder(out)
     spec_path = out / "study.json"
     if spec_path.is_file():
         before = json.loads(spec_path.read_text())
@@ -203,12 +202,11 @@ def run_study(
     max_images: int = 0,
     progress: bool = True,
     argv: list[str] | None = None,
-    claim: Callable[[Path], Any] = make_folder,
 ) -> dict[str, Any]:
     """Train (or take) every variant, evaluate every cell, write the table, figure and commands into ``out``.
 
-    ``claim`` makes ``out`` once every argument and config is checked and before any training (the CLI passes
-    cli.common.claim_folder, which also proves it writable).
+    ``out`` is made and proven writable (checkpoint.claim_folder) once every argument and config is checked and
+    before any training.
     """
     out = Path(out)
     todo = plan(kind, train_stages=train_stages, eval_stages=eval_stages, variants=variants)
@@ -224,7 +222,7 @@ def run_study(
             v.name: {"overrides": v.overrides, "eval_stages": v.eval_stages, "run": str(runs[v.name])} for v in todo
         },
     }
-    _start_folder(out, spec, claim)
+    _start_folder(out, spec)
     write_text_atomic(out / "commands.sh", _commands(kind, config, list(overrides), out, todo, runs, argv))
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
