@@ -60,3 +60,13 @@ def _from_worker(message: str) -> tuple[str, str]:
 
 class ModelSourceError(UserError):
     """A model folder, checkpoint, run folder or Hub repo that cannot be loaded or converted as asked."""
+
+
+class MissingExtra(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra, from the package index and from a checkout (one wording for every
+    message that names an extra): ``pip install 'emanet[onnx]'`` or ``pip install -e '.[onnx]'``."""
+    return f"pip install 'emanet[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
