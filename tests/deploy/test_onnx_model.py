@@ -136,6 +136,16 @@ def test_settings_the_graph_cannot_honour_are_refused_naming_the_file(onnx_file)
         load_onnx(onnx_file, overrides=["model.num_bases=8"])
 
 
+def test_a_saved_eval_stages_the_graph_does_not_hold_is_dropped_with_a_warning(model_dir, tmp_path, caplog):
+    loaded = load_model(model_dir)
+    loaded.config.eval.eval_stages = 5  # a training config's T_eval; export bakes the model's T=2
+    meta = model_metadata(loaded.config, loaded.class_names, loaded.palette)
+    path = export_onnx(loaded.model, tmp_path / "t5.onnx", height=33, width=33, metadata=meta)
+    with caplog.at_level(logging.WARNING):
+        cfg = load_onnx(path).config
+    assert cfg.eval.eval_stages is None and "eval.eval_stages=5 is not in the graph" in caplog.text
+
+
 def test_overrides_and_a_config_file_keep_the_graphs_model(model_dir, onnx_file):
     loaded = load_onnx(onnx_file, overrides=["eval.mode=slide", "eval.crop_size=[25,25]", "eval.stride=[16,16]"])
     assert loaded.config.eval.mode == "slide" and loaded.source == onnx_file

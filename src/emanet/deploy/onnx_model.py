@@ -114,7 +114,7 @@ def load_onnx(
 
     ``overrides`` (``section.key=value``) apply on top of the file's config; ``config`` (e.g. `emanet eval
     --config`) gives the data, loss and eval sections instead, the model section stays the graph's. The
-    file's own runtime keys become cpu / fp32 / no compile and its eval.eval_stages the graph's T; asking for
+    file's own runtime keys become cpu / fp32 / no compile and its eval.eval_stages null (the graph's T); asking for
     other values (an override, ``config``) or a model.* override is a ConfigError.
     """
     model = OnnxModel(path, threads=threads)
