@@ -109,6 +109,21 @@ def test_predictor_from_onnx_equals_the_pytorch_model(model_dir, onnx_file, opti
         assert b.palette[:3] == PALETTE
 
 
+def test_an_int8_graph_runs_the_same_way(onnx_file, tmp_path):
+    """int8 graphs (here onnxruntime's dynamic quantization) take and give float32: the same path runs them."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(str(onnx_file), str(int8), weight_type=QuantType.QInt8)  # keeps the metadata
+    images = _images()
+    for options in ({}, SLIDE):
+        floats = Predictor.from_source(onnx_file, **options).predict_batch(images, probs=True)
+        ints = Predictor.from_source(int8, **options).predict_batch(images, probs=True)
+        for a, b in zip(floats, ints):
+            assert (b.labels == a.labels).mean() >= 0.95  # quantization error, not a different pipeline
+            assert np.abs(b.probs - a.probs).max() < 0.2
+
+
 def test_a_static_export_runs_its_window_size_and_names_the_file_otherwise(model_dir, static_file):
     torch_pred = Predictor.from_source(model_dir, device="cpu", **SLIDE)
     onnx_pred = Predictor.from_source(static_file, batch_size=2, **SLIDE)  # a fixed batch of 1: image by image
