@@ -19,6 +19,7 @@ from emanet.cli.common import (
 )
 from emanet.deploy.hub import resolve_source
 from emanet.deploy.model_card import refresh_model_card
+from emanet.deploy.onnx_model import is_onnx_file, load_onnx
 from emanet.evaluation import evaluate, results_to_json
 from emanet.experiments.plots import plot_class_iou, plot_confusion, require_matplotlib
 from emanet.metrics import format_table
@@ -30,7 +31,10 @@ from emanet.train.data import build_datasets
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")
-    p.add_argument("checkpoint", help="a model folder, a checkpoint file or a run folder (its newest checkpoint)")
+    p.add_argument(
+        "checkpoint",
+        help="a model folder, a checkpoint file, a run folder (its newest checkpoint) or an exported .onnx file",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -62,12 +66,16 @@ def run(args: argparse.Namespace) -> int:
     # the source's own config (a --config file replaces it); overrides go on top of either
     file_cfg = run_config(args) if args.config else None
     overrides = [] if file_cfg else run_overrides(args)
-    loaded = load_model(resolve_source(args.checkpoint), overrides=overrides, config=file_cfg)
+    onnx = is_onnx_file(args.checkpoint)
+    if onnx:  # its config is the file's metadata; onnxruntime runs it on the CPU in float32
+        loaded = load_onnx(args.checkpoint, overrides=overrides, config=file_cfg)
+    else:
+        loaded = load_model(resolve_source(args.checkpoint), overrides=overrides, config=file_cfg)
     cfg = loaded.config
     device = select_device(cfg.train.device)
     outputs = _claim_outputs(args, loaded.source)  # before the evaluation, which may take hours
     model = loaded.model.to(device)
-    if not args.no_prepare:  # BatchNorm folded, channels_last: the same results within float32 rounding
+    if not (args.no_prepare or onnx):  # BatchNorm folded, channels_last: the same results within float32 rounding
         model = prepare_for_inference(model)
     model = maybe_compile(model, cfg.train.compile)
     _, val = build_datasets(cfg)

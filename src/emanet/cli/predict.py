@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label maps, colour images and overlays (+ EM attention maps) for images")
-    p.add_argument("source", help="a model folder (save_pretrained), a checkpoint file or a run folder")
+    p.add_argument(
+        "source", help="a model folder (save_pretrained), a checkpoint file, a run folder or an exported .onnx file"
+    )
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or quoted globs")
     p.add_argument("--out", required=True, help="output folder; names mirror the inputs (NAME.png, NAME_color.png...)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward; same-size images batch (default: 1)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import typing
 import warnings
 from collections.abc import Sequence
@@ -33,8 +34,10 @@ import torch
 from torch import nn
 
 from emanet.checkpoint import atomic_path
+from emanet.config import Config
+from emanet.data.palettes import Palette
 from emanet.errors import ConfigError, ModelSourceError, UserError
-from emanet.fields import one_of
+from emanet.fields import from_dict, one_of
 from emanet.models.fuse import prepare_for_inference
 from emanet.models.heads import NonLocal2d
 
@@ -45,6 +48,8 @@ TOLERANCE = 1e-4  # default largest absolute logit difference `emanet export --c
 INPUT, OUTPUT = "image", "logits"
 INSTALL_HINT = "pip install 'emanet[onnx]' (onnx, onnxruntime, onnxscript)"
 _TWO_GB = 2**31
+
+logger = logging.getLogger(__name__)
 
 
 class OnnxNotInstalled(UserError, ImportError):
@@ -226,7 +231,38 @@ def model_metadata(config: Any, class_names: Sequence[str], palette: Sequence[Se
         "emanet.class_names": json.dumps(list(class_names)),
         "emanet.palette": json.dumps([list(c) for c in palette]),
         "emanet.model_config": json.dumps(config.model.to_dict()),
+        "emanet.config": json.dumps(config.to_dict()),  # the whole config: eval padding and test-time settings
     }
+
+
+def read_model_metadata(meta: dict[str, str], source: str | Path) -> tuple[Config, list[str], Palette]:
+    """model_metadata's strings -> (config, class names, palette); a ModelSourceError names ``source``.
+
+    Files written before "emanet.config" give their model section and normalisation, the rest of the config
+    is emanet's defaults (logged as a warning).
+    """
+    if "emanet.model_config" not in meta:
+        raise ModelSourceError(
+            f"{source}: no emanet metadata in this ONNX file (emanet.model_config, emanet.config): export the "
+            "model with `emanet export`, which writes it"
+        )
+    try:
+        if "emanet.config" in meta:
+            config = from_dict(Config, json.loads(meta["emanet.config"]))
+        else:
+            logger.warning(
+                f"{source}: no emanet.config (an older export): eval padding and test-time settings "
+                "are emanet's defaults; export again for the model's own"
+            )
+            data = {"mean": json.loads(meta["emanet.mean"]), "std": json.loads(meta["emanet.std"])}
+            config = from_dict(Config, {"model": json.loads(meta["emanet.model_config"]), "data": data})
+        names = [str(n) for n in json.loads(meta["emanet.class_names"])]
+        palette = [(int(r), int(g), int(b)) for r, g, b in json.loads(meta["emanet.palette"])]
+    except (KeyError, TypeError, ValueError) as e:  # ValueError: bad JSON, and the config's own ConfigError
+        raise ModelSourceError(f"{source}: unreadable emanet metadata ({type(e).__name__}: {e})") from None
+    if len(names) != config.model.num_classes:
+        raise ModelSourceError(f"{source}: {len(names)} class names for {config.model.num_classes} classes")
+    return config, names, palette
 
 
 def onnx_session(path: str | Path, *, threads: int = 0):

@@ -28,6 +28,7 @@ from emanet.data.palettes import Palette, distinct_palette, index_image
 from emanet.data.transforms import eval_transform
 from emanet.deploy.attention_maps import attention_unit, blend, capture_attention
 from emanet.deploy.hub import resolve_source
+from emanet.deploy.onnx_model import OnnxModel, is_onnx_file, load_onnx
 from emanet.errors import ConfigError
 from emanet.fields import one_of
 from emanet.inference import Mode, check_inference_args, infer, infer_whole
@@ -92,7 +93,7 @@ def _full_palette(palette: Palette | None, num_classes: int) -> Palette:
 class Predictor:
     """A model plus its preprocessing and test-time settings; call it on images.
 
-    ``Predictor.from_source(path)`` loads a model folder, checkpoint file or run folder once. Test-time
+    ``Predictor.from_source(path)`` loads a model folder, checkpoint file, run folder or ONNX file once. Test-time
     options default to the config's ``eval`` section (mode, scales, flip, crop_size, stride, eval_stages).
     ``eval_stages`` is set on the EMA units of the model predicted with, which is in eval mode. Images of the
     same padded size are batched ``batch_size`` at a time.
@@ -141,6 +142,10 @@ class Predictor:
         self.crop_size = crop_size if crop_size is not None else e.crop_size
         self.stride = stride if stride is not None else e.stride
         check_inference_args(self.mode, self.scales, self.crop_size, self.stride)
+        stages = eval_stages if eval_stages is not None else e.eval_stages
+        if isinstance(model, OnnxModel):  # the graph was prepared at export (BatchNorm folded): run it as it is
+            model.check_options(device=device, precision=precision, compile=compile, eval_stages=stages)
+            device, prepare = "cpu", False
         if device is None:
             param = next(model.parameters(), None)
             device = param.device if param is not None else "cpu"
@@ -148,7 +153,6 @@ class Predictor:
         autocast(self.device, precision)  # fails now, not at the first image, for fp16 without CUDA
         # prepared: a copy, since folding BatchNorm rewrites weights the caller may still train
         model = prepare_for_inference(copy.deepcopy(model).to(self.device)) if prepare else model.to(self.device).eval()
-        stages = eval_stages if eval_stages is not None else e.eval_stages
         if stages is not None:
             set_eval_stages(model, stages)
         self.prepared = prepare
@@ -167,13 +171,16 @@ class Predictor:
     def from_source(
         cls, source: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), **options
     ) -> Predictor:
-        """Load a model folder, a checkpoint file, a run folder or ``hf://user/repo`` (a Hugging Face Hub repo,
-        ``pip install emanet[hub]``); ``options`` are the constructor's keywords."""
-        dev = select_device(device)
-        loaded = load_model(resolve_source(source), device=dev, overrides=list(overrides))
-        return cls(
-            loaded.model, loaded.config, class_names=loaded.class_names, palette=loaded.palette, device=dev, **options
-        )
+        """Load a model folder, a checkpoint file, a run folder, ``hf://user/repo`` (a Hugging Face Hub repo,
+        ``pip install emanet[hub]``) or an exported ``.onnx`` file (run by onnxruntime on the CPU, ``pip
+        install emanet[onnx]``; deploy/onnx_model.py); ``options`` are the constructor's keywords."""
+        if is_onnx_file(source):
+            loaded = load_onnx(source, overrides=overrides)
+        else:
+            device = select_device(device)
+            loaded = load_model(resolve_source(source), device=device, overrides=list(overrides))
+        names, palette = loaded.class_names, loaded.palette
+        return cls(loaded.model, loaded.config, class_names=names, palette=palette, device=device, **options)
 
     @property
     def plain(self) -> bool:
@@ -182,6 +189,11 @@ class Predictor:
 
     def require_attention(self) -> None:
         """Raise a clear ConfigError now if the model has no EM attention unit (or its inputs are resized)."""
+        if isinstance(self.model, OnnxModel):
+            raise ConfigError(
+                f"{self.model.path}: attention maps are not in an ONNX graph (its only output is the logits); "
+                "predict them from the model folder or checkpoint it was exported from"
+            )
         attention_unit(self.model)
         if self._resized:
             raise ConfigError(
