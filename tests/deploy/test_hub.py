@@ -18,7 +18,7 @@ from PIL import Image
 from emanet import build_model
 from emanet.config import Config
 from emanet.deploy.model_card import MARKER, refresh_model_card, write_model_card
-from emanet.errors import ConfigError, ModelSourceError
+from emanet.errors import ConfigError, ModelSourceError, install_hint
 from emanet.pretrained import CARD, save_pretrained
 from tests.conftest import tiny_model
 
@@ -178,7 +178,7 @@ def test_without_huggingface_hub_the_cli_says_how_to_install(tmp_path):
         env=env,
         timeout=300,
     )
-    assert r.returncode == 2 and "pip install emanet[hub]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and install_hint("hub") in r.stderr and "Traceback" not in r.stderr
 
 
 def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkeypatch, capsys):
