@@ -168,7 +168,7 @@ class Predictor:
         cls, source: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), **options
     ) -> Predictor:
         """Load a model folder, a checkpoint file, a run folder or ``hf://user/repo`` (a Hugging Face Hub repo,
-        ``pip install emanet[hub]``); ``options`` are the constructor's keywords."""
+        the hub extra, ``errors.install_hint("hub")``); ``options`` are the constructor's keywords."""
         dev = select_device(device)
         loaded = load_model(resolve_source(source), device=dev, overrides=list(overrides))
         return cls(
