@@ -310,19 +310,22 @@ def r50_folder(path: Path) -> tuple[Path, torch.nn.Module]:
     return save_pretrained(model, cfg, path), model
 
 
-def test_hub_entry_points_take_weights_from_a_folder_or_a_checkpoint(tmp_path):
-    from emanet.deploy.hub import entry_points
+def test_hub_entry_points_take_weights_from_a_folder_a_checkpoint_or_a_hub_repo(tmp_path, monkeypatch):
+    from emanet.deploy import hub
 
-    points = entry_points()
+    points = hub.entry_points()
     folder, model = r50_folder(tmp_path / "m")
     saved = json.loads((folder / "config.json").read_text())["config"]
     torch.save({"model": model.state_dict(), "config": saved}, tmp_path / "model.pt")
+    fetched = []
+    monkeypatch.setattr(hub, "download", lambda repo, revision=None: fetched.append(repo) or folder)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        for source in (folder, tmp_path / "model.pt", str(folder)):
+        for source in (folder, tmp_path / "model.pt", str(folder), "hf://someone/r50"):
             loaded = points["emanet_resnet50"](weights=source)
             assert not loaded.training and loaded.config == model.config
             torch.testing.assert_close(loaded(x), model(x))
+        assert fetched == ["someone/r50"]  # only the hf:// source went to the Hub
         # keywords apply on top of the saved config; one that changes the weights' shapes is a clear error
         assert points["emanet_resnet50"](weights=folder, eval_stages=5).config.eval_stages == 5
         with pytest.raises(ModelSourceError, match="do not match"):
