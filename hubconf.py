@@ -7,17 +7,19 @@ emanet publishes no weights of its own, so ``pretrained=True`` is an error that 
 ``from_pretrained(source)`` loads any of those sources whatever its architecture.
 """
 
-import sys
-from pathlib import Path
+import sys as _sys
+from pathlib import Path as _Path
 
 dependencies = ["torch", "numpy", "PIL", "yaml", "safetensors", "tqdm"]
 
-_SRC = str(Path(__file__).resolve().parent / "src")
-if _SRC not in sys.path:  # a checkout used without `pip install`
-    sys.path.insert(0, _SRC)
+_SRC = str(_Path(__file__).resolve().parent / "src")
+if _SRC not in _sys.path:  # a checkout used without `pip install`
+    _sys.path.insert(0, _SRC)
 
-from emanet.deploy.hub import entry_points  # noqa: E402
+from emanet.deploy.hub import entry_points as _entry_points  # noqa: E402
 
-# The builders torch.hub lists and loads by name: the package's one table of them (models.emanet.MODELS)
-globals().update(entry_points())
-__all__ = list(entry_points())
+# The builders torch.hub lists and loads by name: the package's one table of them (models.emanet.MODELS).
+# Every other name here is private (a leading _), so that torch.hub.list shows the entry points only.
+_POINTS = _entry_points()
+globals().update(_POINTS)
+__all__ = list(_POINTS)

@@ -138,6 +138,9 @@ def test_torch_hub_load_from_the_checkout(tmp_path):
     spec.loader.exec_module(hubconf)
     assert {"emanet_resnet50", "emanet_resnet101", "fcn_resnet50", "from_pretrained"} <= set(hubconf.__all__)
     assert set(hubconf.__all__) == {*MODELS, "from_pretrained"}  # the builders come from their one table
+    # torch.hub.list's rule (it takes GitHub repos only): every public callable is an entry point, and only ours are
+    listed = {name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
+    assert listed == set(hubconf.__all__)
     assert all(callable(getattr(hubconf, name)) for name in hubconf.__all__)
     torch.manual_seed(0)
     model = torch.hub.load(
