@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test test-slow lint demo flops bench clean
+.PHONY: setup test test-slow lint demo flops bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,12 @@ flops: setup
 bench: setup
 	$(VENV)/bin/emanet bench --out benchmarks
 
+# What an upload to a package index would take: the sdist and the wheel in dist/, checked by twine (rendering of
+# the README as the long description, metadata). tests/test_packaging.py also installs the wheel into a fresh venv.
+dist: setup
+	rm -rf dist
+	$(PY) -m build --outdir dist
+	$(PY) -m twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache

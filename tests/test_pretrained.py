@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
+import emanet
 from emanet.checkpoint import save_checkpoint
 from emanet.config import Config
-from emanet.errors import ModelSourceError
+from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.emanet import build_model
 from emanet.pretrained import CARD, CONFIG, WEIGHTS, load_model, save_pretrained
 from tests.conftest import tiny_model
@@ -124,3 +126,55 @@ def test_a_full_disk_leaves_an_earlier_model_folder_as_it_was(tmp_path, monkeypa
     assert e.value.filename == str(folder / CONFIG) and _folder_files(folder) == before
     monkeypatch.undo()
     assert load_model(folder).class_names == ["bg", "a", "b"]
+
+
+# ----------------------------------------------------------------------------- models that carry their config
+
+
+def test_model_save_pretrained_and_from_pretrained_round_trip_in_the_same_folder_format(tmp_path):
+    cfg = _config()
+    model = _trained_like(cfg)
+    assert model.config == cfg.model and model.config is not cfg.model  # build_model records a copy
+    folder = model.save_pretrained(tmp_path / "m")  # no config: the model carries it
+    explicit = save_pretrained(model, cfg, tmp_path / "explicit")  # the function as before
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG, WEIGHTS])
+    meta, before = (json.loads((f / CONFIG).read_text()) for f in (folder, explicit))
+    assert list(meta) == ["format", "version", "config", "class_names", "palette"] == list(before)
+    assert meta["format"] == "emanet-model" and meta["version"] == 1
+    assert meta["config"]["model"] == before["config"]["model"] == cfg.model.to_dict()
+    with safe_open(str(folder / WEIGHTS), "pt") as f, safe_open(str(explicit / WEIGHTS), "pt") as g:
+        assert f.metadata() == g.metadata() == {"format": "emanet-model", "version": "1"}
+        assert sorted(f.keys()) == sorted(g.keys()) == sorted(model.state_dict())
+    loaded = emanet.SegmentationModel.from_pretrained(folder)
+    assert isinstance(loaded, emanet.SegmentationModel) and not loaded.training
+    assert loaded.config == cfg.model
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(1, 3, 33, 35)
+    assert torch.equal(loaded(x), model(x))
+    assert emanet.from_pretrained(folder).config == cfg.model  # the top-level function, the same loader
+
+
+def test_a_loaded_model_saved_again_keeps_its_run_config_names_and_colours(tmp_path):
+    cfg = _config()
+    cfg.data.mean, cfg.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # e.g. a converted model's normalisation
+    palette = [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    first = save_pretrained(_trained_like(cfg), cfg, tmp_path / "a", class_names=["bg", "a", "b"], palette=palette)
+    loaded = load_model(first).model
+    again = save_pretrained(loaded, tmp_path / "b")  # save_pretrained(model, folder): what it carries
+    meta = json.loads((again / CONFIG).read_text())
+    assert meta == json.loads((first / CONFIG).read_text())
+    assert meta["class_names"] == ["bg", "a", "b"] and meta["palette"] == [list(c) for c in palette]
+    assert meta["config"]["data"]["mean"] == [0.5, 0.5, 0.5]
+    # explicit names win; save_pretrained(model, None, folder) is the same call
+    named = save_pretrained(loaded, None, tmp_path / "c", class_names=["x", "y", "z"])
+    assert json.loads((named / CONFIG).read_text())["class_names"] == ["x", "y", "z"]
+
+
+def test_a_model_without_a_config_or_a_folder_is_a_clear_error(tmp_path):
+    bare = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(ConfigError, match=r"carries no ModelConfig.*save_pretrained\(model, config, folder\)"):
+        save_pretrained(bare, tmp_path / "m")
+    with pytest.raises(ConfigError, match="needs a folder"):
+        save_pretrained(build_model(_config().model), None)
+    assert not (tmp_path / "m").exists()

@@ -36,7 +36,7 @@ from emanet.data.palettes import (
 from emanet.errors import ConfigError, ModelSourceError
 from emanet.fields import from_dict
 from emanet.models.backbone import read_weights_file
-from emanet.models.emanet import build_model
+from emanet.models.emanet import ModelConfig, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,26 @@ def default_palette(cfg: Config) -> Palette:
     return distinct_palette(n)
 
 
+def carried_config(model: nn.Module) -> Config:
+    """The run config a model carries: the one it was loaded with (``model.pretrained_meta``), with the model
+    section it was built from (``model.config``); a model built by a builder: the defaults around its
+    ModelConfig."""
+    model_config = getattr(model, "config", None)
+    if not isinstance(model_config, ModelConfig):
+        raise ConfigError(
+            f"this {type(model).__name__} carries no ModelConfig (model.config): build it with emanet's builders "
+            "or build_model, or pass the config: save_pretrained(model, config, folder)"
+        )
+    saved = (getattr(model, "pretrained_meta", None) or {}).get("config")
+    cfg = from_dict(Config, saved) if saved else Config()
+    return dataclasses.replace(cfg, model=model_config)
+
+
+def _if_sized(values: list | None, config: Config) -> list | None:
+    """Carried class names or colours, only while they fit the model's number of classes."""
+    return list(values) if values and len(values) == config.model.num_classes else None
+
+
 class _ConfigNotWritten(Exception):
     """Carries config.json's OSError past the weights' atomic_path, which names its own file in the OSErrors
     it re-raises."""
@@ -83,19 +103,34 @@ class _ConfigNotWritten(Exception):
 
 def save_pretrained(
     model: nn.Module,
-    config: Config,
-    folder: str | Path,
+    config: Config | str | Path | None,
+    folder: str | Path | None = None,
     *,
     class_names: list[str] | None = None,
     palette: Palette | None = None,
 ) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
 
+    ``save_pretrained(model, folder)`` (or ``config=None``): the config the model carries (``model.config``, on
+    top of the run config a loaded model came with) and its class names and palette, when it has them.
+    ``save_pretrained(model, config, folder)``: that config.
+
     Both are written to temporaries beside them first and renamed only when both are complete
     (``checkpoint.atomic_path``): a full disk leaves a folder's earlier files as they were, and an OSError
     names the file. No model card: as in transformers, the card is written by whoever publishes
     (``deploy.hub.push_to_hub``).
     """
+    if folder is None and isinstance(config, (str, Path)):  # save_pretrained(model, folder)
+        config, folder = None, config
+    if folder is None:
+        raise ConfigError("save_pretrained needs a folder: save_pretrained(model, folder)")
+    if config is None:
+        config = carried_config(model)
+        carried = getattr(model, "pretrained_meta", None) or {}
+        class_names = class_names if class_names is not None else _if_sized(carried.get("class_names"), config)
+        palette = palette if palette is not None else _if_sized(carried.get("palette"), config)
+    elif not isinstance(config, Config):
+        raise ConfigError(f"save_pretrained: config must be an emanet.config.Config or None, got {config!r}")
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -218,4 +253,6 @@ def load_model(
     model.to(device).eval()
     names = list(class_names) if class_names else default_class_names(cfg)
     colours = [tuple(int(v) for v in c) for c in palette] if palette else default_palette(cfg)
+    # what model.save_pretrained(folder) writes again: the run config, the class names and colours
+    model.pretrained_meta = {"config": cfg.to_dict(), "class_names": names, "palette": [list(c) for c in colours]}
     return LoadedModel(model=model, config=cfg, class_names=names, palette=colours, source=source)

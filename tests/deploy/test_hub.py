@@ -18,7 +18,7 @@ from PIL import Image
 from emanet import build_model
 from emanet.config import Config
 from emanet.deploy.model_card import MARKER, refresh_model_card, write_model_card
-from emanet.errors import ConfigError, ModelSourceError
+from emanet.errors import ConfigError, ModelSourceError, install_hint
 from emanet.pretrained import CARD, save_pretrained
 from tests.conftest import tiny_model
 
@@ -178,7 +178,7 @@ def test_without_huggingface_hub_the_cli_says_how_to_install(tmp_path):
         env=env,
         timeout=300,
     )
-    assert r.returncode == 2 and "pip install emanet[hub]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and install_hint("hub") in r.stderr and "Traceback" not in r.stderr
 
 
 def test_push_to_hub_cli_from_a_run_folder_and_a_refused_upload(tmp_path, monkeypatch, capsys):
@@ -264,3 +264,85 @@ def test_sources_resolve_to_local_folders_and_the_command_line_keeps_plain_paths
     assert hub.resolve_source("someone/y", bare_repo_id=True) == tmp_path and fetched[-1] == "someone/y"
     with pytest.raises(ModelSourceError, match="hf://user/repo"):
         hub.resolve_source("hf://not a repo")
+
+
+def test_model_push_to_hub_uploads_what_the_model_carries(tmp_path, monkeypatch):
+    hf = pytest.importorskip("huggingface_hub")
+    sent = {}
+
+    class FakeApi:  # the network is never used
+        def __init__(self, token=None):
+            sent["token"] = token
+
+        def create_repo(self, repo_id, **kwargs):
+            sent["create"] = (repo_id, kwargs)
+
+        def upload_folder(self, *, folder_path, repo_id, **kwargs):
+            sent["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            sent["upload"] = (repo_id, kwargs)
+            return "https://huggingface.co/someone/carried/commit/2"
+
+    monkeypatch.setattr(hf, "HfApi", FakeApi)
+    from emanet.deploy.hub import from_pretrained
+
+    folder, model = tiny_folder(tmp_path / "m")
+    loaded = from_pretrained(folder)  # carries the folder's run config and class names
+    url = loaded.push_to_hub("someone/carried", private=True, token="t0k", commit_message="first")
+    assert url.endswith("/commit/2") and sent["token"] == "t0k"
+    assert sent["create"] == ("someone/carried", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert sent["upload"][1]["commit_message"] == "first"
+    assert sorted(sent["files"]) == ["README.md", "config.json", "model.safetensors"]
+    meta = json.loads(sent["files"]["config.json"])
+    assert meta == json.loads((folder / "config.json").read_text())  # the class names came along
+    assert 'from_pretrained("someone/carried")' in sent["files"]["README.md"].decode()
+    # a freshly built model pushes too: its config is the one it was built from
+    model.push_to_hub("someone/fresh", class_names=["a", "b", "c"])
+    assert json.loads(sent["files"]["config.json"])["class_names"] == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="user/name"):
+        model.push_to_hub("not a repo")
+
+
+def r50_folder(path: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny emanet_resnet50 (width 8) as a model folder: what the torch.hub entry point of that name loads."""
+    cfg = Config(model=tiny_model(backbone="resnet50", channels=8, num_bases=2))
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    return save_pretrained(model, cfg, path), model
+
+
+def test_hub_entry_points_take_weights_from_a_folder_a_checkpoint_or_a_hub_repo(tmp_path, monkeypatch):
+    from emanet.deploy import hub
+
+    points = hub.entry_points()
+    folder, model = r50_folder(tmp_path / "m")
+    saved = json.loads((folder / "config.json").read_text())["config"]
+    torch.save({"model": model.state_dict(), "config": saved}, tmp_path / "model.pt")
+    fetched = []
+    monkeypatch.setattr(hub, "download", lambda repo, revision=None: fetched.append(repo) or folder)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for source in (folder, tmp_path / "model.pt", str(folder), "hf://someone/r50"):
+            loaded = points["emanet_resnet50"](weights=source)
+            assert not loaded.training and loaded.config == model.config
+            torch.testing.assert_close(loaded(x), model(x))
+        assert fetched == ["someone/r50"]  # only the hf:// source went to the Hub
+        # keywords apply on top of the saved config; one that changes the weights' shapes is a clear error
+        assert points["emanet_resnet50"](weights=folder, eval_stages=5).config.eval_stages == 5
+        with pytest.raises(ModelSourceError, match="do not match"):
+            points["emanet_resnet50"](weights=folder, num_classes=7)
+        untrained = points["fcn_resnet50"](num_classes=4, backbone_width=8, channels=8, mid_channels=8)
+    assert untrained.training and untrained.config.arch == "fcn"
+    with pytest.raises(ConfigError, match=r"holds emanet_resnet50, not fcn_resnet50.*'emanet_resnet50'"):
+        points["fcn_resnet50"](weights=folder)
+
+
+def test_hub_entry_points_refuse_pretrained_true_and_suggest_a_misspelled_keyword(tmp_path):
+    from emanet.deploy.hub import entry_points
+
+    points = entry_points()
+    with pytest.raises(ConfigError, match=r"pretrained=True\): emanet publishes no weights.*pass weights="):
+        points["emanet_resnet101"](pretrained=True)
+    with pytest.raises(TypeError, match="'num_clases'; did you mean 'num_classes'"):
+        points["emanet_resnet101"](weights=tmp_path, num_clases=21)  # before anything is loaded
+    with torch.device("meta"):
+        assert points["emanet_resnet101"](pretrained=False, num_classes=3).config.num_classes == 3

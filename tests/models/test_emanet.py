@@ -18,6 +18,7 @@ from emanet.models.emanet import (
     SegmentationModel,
     build_model,
     emanet_resnet101,
+    fcn_resnet50,
     layer4_dilations,
 )
 from emanet.models.heads import NonLocal2d
@@ -127,10 +128,16 @@ def test_builder_keywords_are_the_model_config_fields():
     fields = typing.get_type_hints(ModelConfig)
     del fields["arch"], fields["backbone"]  # fixed by each builder's name
     assert typing.get_type_hints(ModelOverrides) == fields and not ModelOverrides.__required_keys__
-    with pytest.raises(TypeError, match="num_clases"):
-        emanet_resnet101(num_clases=21)  # an unknown keyword is named
+    with pytest.raises(TypeError, match="'num_clases'; did you mean 'num_classes'"):
+        emanet_resnet101(num_clases=21)  # an unknown keyword is named, with the closest one
+    with pytest.raises(TypeError, match="'outputstride'; did you mean 'output_stride'"):
+        fcn_resnet50(outputstride=16)
+    with pytest.raises(TypeError, match="'zzz'; the keywords are ModelConfig's: num_classes, stem"):
+        emanet_resnet101(zzz=1)
     with pytest.raises(TypeError, match="arch"):
         emanet_resnet101(arch="fcn")
+    with pytest.raises(TypeError, match=r"'weights'; load a saved model with emanet.from_pretrained"):
+        emanet_resnet101(weights="models/voc")
     with torch.device("meta"):
         for name, builder in MODELS.items():
             arch, backbone = name.split("_")
@@ -188,3 +195,13 @@ def test_every_conv_starts_from_the_reference_fan_out_init(arch):
         elif isinstance(m, torch.nn.BatchNorm2d) and not (arch == "nonlocal" and name.endswith("context.bn")):
             assert bool((m.weight == 1).all() and (m.bias == 0).all()), name
     assert checked > 40  # backbone, reduction conv, context module and classifier convs
+
+
+def test_builders_record_the_config_they_built_from():
+    with torch.device("meta"):
+        model = fcn_resnet50(num_classes=5, output_stride=16)
+    assert model.config == ModelConfig(arch="fcn", backbone="resnet50", num_classes=5, output_stride=16)
+    cfg = tiny_model(**TINY)
+    built = build_model(cfg)
+    cfg.num_classes = 9  # the caller's config changing afterwards does not change what the model says it is
+    assert built.config == tiny_model(**TINY) and built.pretrained_meta == {}

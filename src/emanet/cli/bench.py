@@ -18,6 +18,7 @@ from emanet.bench.onnx import run_onnx_benchmark
 from emanet.bench.report import format_report
 from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.deploy.export import require_onnx
+from emanet.errors import install_hint
 from emanet.experiments.demo import demo_config
 
 
@@ -36,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gpu.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check the script end to end")
     gpu.add_argument("--budget-s", type=float, default=330.0, help="seconds of measuring before skipping")
     gpu.set_defaults(func=run_gpu)
-    onnx = suites.add_parser("onnx", help="eager PyTorch vs onnxruntime on the CPU (pip install emanet[onnx])")
+    onnx = suites.add_parser("onnx", help=f"eager PyTorch vs onnxruntime on the CPU ({install_hint('onnx')})")
     onnx.add_argument("--out", default="benchmarks", help="folder for the results (default: benchmarks)")
     onnx.add_argument("--quick", action="store_true", help="the demo model only, few repeats (a smoke run)")
     onnx.add_argument("--threads", type=int, help="threads for both runtimes (default: torch's)")

@@ -20,6 +20,7 @@ from emanet.cli.common import (
 from emanet.deploy.hub import resolve_source
 from emanet.deploy.model_card import refresh_model_card
 from emanet.deploy.onnx_model import is_onnx_file, load_onnx
+from emanet.errors import install_hint
 from emanet.evaluation import evaluate, results_to_json
 from emanet.experiments.plots import plot_class_iou, plot_confusion, require_matplotlib
 from emanet.metrics import format_table
@@ -51,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="JSON file for the results (default: eval.json in a model folder, else eval_<checkpoint>.json beside "
         "the checkpoint, rewritten by each eval)",
     )
-    plot_help = "also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; emanet[report]"
+    plot_help = (
+        f"also OUT_confusion.png (row-normalised) and OUT_iou.png (per-class IoU) beside it; {install_hint('report')}"
+    )
     p.add_argument("--plot", action="store_true", help=plot_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and its plots)")
     add_no_progress(p, help=None)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from emanet.deploy.hub import push_to_hub
+from emanet.errors import install_hint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "push-to-hub",
         help="upload a model folder, run or checkpoint to the Hugging Face Hub "
-        "with a generated model card (pip install emanet[hub]; log in with `hf auth login`)",
+        f"with a generated model card ({install_hint('hub')}; log in with `hf auth login`)",
     )
     p.add_argument("source", help="a model folder, a checkpoint file or a run folder")
     p.add_argument("repo_id", help="user/name on the Hub (created if missing)")

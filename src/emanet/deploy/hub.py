@@ -2,22 +2,30 @@
 ``resolve_source``, which turns a Hub repo into its local folder before ``pretrained.load_model`` reads it.
 
 A Hub repo is a model folder (model.safetensors, config.json, the README.md model card that push_to_hub
-generates, eval.json when evaluated). huggingface_hub is the optional extra ``pip install emanet[hub]``; it
-caches downloads, so with ``HF_HUB_OFFLINE=1`` a repo fetched once loads without a network. Local paths
+generates, eval.json when evaluated). huggingface_hub is the optional extra ``hub`` (``errors.install_hint``);
+it caches downloads, so with ``HF_HUB_OFFLINE=1`` a repo fetched once loads without a network. Local paths
 never need it.
+
+``push_model`` is what ``model.push_to_hub`` calls, and ``entry_points`` are hubconf.py's torch.hub builders,
+which take ``weights=`` (a model source) besides the builders' keywords.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from emanet.deploy.model_card import write_model_card
-from emanet.errors import ConfigError, ModelSourceError
+from emanet.errors import ConfigError, ModelSourceError, install_hint
+from emanet.models.emanet import MODELS, check_keywords
 from emanet.pretrained import (
     CARD,
     CONFIG,
@@ -47,7 +55,7 @@ def _hf():
     try:
         import huggingface_hub
     except ImportError:
-        raise HubNotInstalled("Hugging Face Hub repos need huggingface_hub: pip install emanet[hub]") from None
+        raise HubNotInstalled(f"Hugging Face Hub repos need huggingface_hub: {install_hint('hub')}") from None
     return huggingface_hub
 
 
@@ -154,3 +162,60 @@ def push_to_hub(
         except Exception as e:  # huggingface_hub's HTTP / auth / connection errors
             raise HubError(f"pushing to the Hugging Face Hub repo {repo_id!r} failed: {e}") from e
     return str(getattr(info, "commit_url", info))
+
+
+def push_model(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    class_names: list[str] | None = None,
+    palette: list | None = None,
+    **options: Any,
+) -> str:
+    """``model.push_to_hub(repo_id)``: the model written as a model folder (the config it carries,
+    ``pretrained.save_pretrained``), then uploaded by ``push_to_hub`` with its card; returns the commit URL."""
+    _hf()  # a missing extra is reported before anything is written
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, None, Path(tmp) / "model", class_names=class_names, palette=palette)
+        return push_to_hub(folder, repo_id, **options)
+
+
+# ----------------------------------------------------------------------------- torch.hub entry points
+
+
+def _entry_point(name: str, builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    arch, backbone = name.split("_", 1)
+
+    @functools.wraps(builder)
+    def entry(*, weights: str | Path | None = None, pretrained: bool = False, **overrides: Any) -> nn.Module:
+        check_keywords(name, overrides)  # a typo gets the closest keyword
+        if pretrained:
+            raise ConfigError(
+                f"{name}(pretrained=True): emanet publishes no weights to download; pass weights= a model folder, "
+                "a checkpoint file, a run folder or a Hugging Face Hub repo (hf://user/name), or build it untrained "
+                "without pretrained (ImageNet backbone weights: pretrained_backbone='resnet.pth')"
+            )
+        if weights is None:
+            return builder(**overrides)
+        # the keywords apply on top of the saved config (e.g. eval_stages=5); JSON values are valid YAML
+        loaded = load(weights, overrides=[f"model.{key}={json.dumps(value)}" for key, value in overrides.items()])
+        got = loaded.config.model
+        if (got.arch, got.backbone) != (arch, backbone):
+            raise ConfigError(
+                f"{weights}: holds {got.arch}_{got.backbone}, not {name}; load it with "
+                f"torch.hub.load(..., '{got.arch}_{got.backbone}', weights=...) or 'from_pretrained'"
+            )
+        return loaded.model
+
+    entry.__doc__ = (
+        f"{builder.__doc__} torch.hub: ``weights=`` a model folder, checkpoint file, run folder or Hub repo "
+        "(hf://user/name) loads that model (eval mode), the keywords applied on top of its config."
+    )
+    return entry
+
+
+def entry_points() -> dict[str, Callable[..., nn.Module]]:
+    """hubconf.py's builders: the MODELS table's, each also taking ``weights=`` (and refusing
+    ``pretrained=True`` with what to pass instead), plus ``from_pretrained``."""
+    points = {name: _entry_point(name, builder) for name, builder in MODELS.items()}
+    return {**points, "from_pretrained": from_pretrained}

@@ -172,8 +172,8 @@ class Predictor:
         cls, source: str | Path, *, device: str = "auto", overrides: Sequence[str] = (), **options
     ) -> Predictor:
         """Load a model folder, a checkpoint file, a run folder, ``hf://user/repo`` (a Hugging Face Hub repo,
-        ``pip install emanet[hub]``) or an exported ``.onnx`` file (run by onnxruntime on the CPU, ``pip
-        install emanet[onnx]``; deploy/onnx_model.py); ``options`` are the constructor's keywords."""
+        the hub extra) or an exported ``.onnx`` file (run by onnxruntime on the CPU, the onnx extra;
+        deploy/onnx_model.py); ``options`` are the constructor's keywords."""
         if is_onnx_file(source):
             loaded = load_onnx(source, overrides=overrides)
         else:

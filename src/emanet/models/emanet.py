@@ -7,11 +7,14 @@ Models return logits (B, classes, H, W). With an auxiliary head, a model in trai
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple, TypedDict
 
 from torch import Tensor, nn
 
@@ -109,17 +112,50 @@ def layer4_dilations(output_stride: int, blocks: int = 3) -> tuple[int, ...]:
     return (max(1, d // 2), 2 * d, 4 * d)[:blocks]
 
 
+# ----------------------------------------------------------------------------- saving and loading
+# A model carries the ModelConfig it was built from (``model.config``) and has save_pretrained / from_pretrained
+# / push_to_hub, as in transformers and SMP. Their code lives floors above this one: the model-folder format in
+# pretrained.py, the Hub in deploy/hub.py, and models/ (the lowest floor) imports neither. So the methods call
+# the functions that emanet/__init__.py puts into SegmentationModel.pretrained_io; every `import emanet...`
+# runs emanet/__init__.py first, so no model exists before they are there. (Patching the methods onto the
+# class from above, or a mixin applied there, would hide them from IDEs and type checkers; huggingface_hub's
+# ModelHubMixin would make the optional extra a core dependency and write its own folder format.)
+
+
+class PretrainedIO(NamedTuple):
+    """The functions behind SegmentationModel's save_pretrained / from_pretrained / push_to_hub."""
+
+    save: Callable[..., Path]  # emanet.pretrained.save_pretrained(model, folder, **options)
+    load: Callable[..., nn.Module]  # emanet.deploy.hub.from_pretrained(source, **options)
+    push: Callable[..., str]  # emanet.deploy.hub.push_model(model, repo_id, **options)
+
+
 class SegmentationModel(nn.Module):
-    """backbone -> head on C5 (+ auxiliary head on C4) -> bilinear upsample to the input size."""
+    """backbone -> head on C5 (+ auxiliary head on C4) -> bilinear upsample to the input size.
+
+    ``config``: the ModelConfig it was built from (build_model records it), so ``model.save_pretrained(folder)``
+    needs no config. ``pretrained_meta``: what a loader read beside the weights (config.json's run config,
+    class names and palette; ``pretrained.load_model`` fills it), written again by save_pretrained.
+    """
+
+    pretrained_io: ClassVar[PretrainedIO | None] = None  # set by emanet/__init__.py (see above)
 
     def __init__(
-        self, backbone: nn.Module, head: nn.Module, aux_head: nn.Module | None = None, *, align_corners: bool = True
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        aux_head: nn.Module | None = None,
+        *,
+        align_corners: bool = True,
+        config: ModelConfig | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.aux_head = aux_head
         self.align_corners = align_corners
+        self.config = config
+        self.pretrained_meta: dict[str, Any] = {}
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         size = x.shape[-2:]
@@ -129,6 +165,32 @@ class SegmentationModel(nn.Module):
             aux = upsample_like(self.aux_head(feats[-2]), size, self.align_corners)
             return {"out": out, "aux": aux}
         return out
+
+    @classmethod
+    def _io(cls) -> PretrainedIO:
+        if cls.pretrained_io is None:  # only if emanet/__init__.py failed half-way
+            raise RuntimeError("emanet was not fully imported: `import emanet` connects save_pretrained and co.")
+        return cls.pretrained_io
+
+    def save_pretrained(self, folder: str | Path, **options: Any) -> Path:
+        """Write the model folder ``folder`` (model.safetensors + config.json; the ``emanet.save_pretrained``
+        keywords: class_names, palette, config). Returns the folder."""
+        return self._io().save(self, folder, **options)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **options: Any) -> SegmentationModel:
+        """The model (eval mode) of a model folder, checkpoint file, run folder or Hub repo (``user/repo``,
+        ``hf://user/repo``); ``emanet.from_pretrained``'s keywords (device, revision)."""
+        model = cls._io().load(source, **options)
+        if not isinstance(model, cls):
+            raise TypeError(f"{source} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> str:
+        """Upload the model as a model folder with a generated card to the Hugging Face Hub repo ``repo_id``
+        (needs the hub extra); keywords: private, token, revision, commit_message, class_names, palette.
+        Returns the commit URL."""
+        return self._io().push(self, repo_id, **options)
 
 
 def build_model(cfg: ModelConfig) -> SegmentationModel:
@@ -172,7 +234,8 @@ def build_model(cfg: ModelConfig) -> SegmentationModel:
     aux = None
     if cfg.aux:
         aux = FCNAuxHead(c4, cfg.num_classes, channels=cfg.aux_channels, dropout=cfg.dropout, norm_layer=norm_layer)
-    return SegmentationModel(backbone, head, aux, align_corners=cfg.align_corners)
+    # a copy: changing the caller's config afterwards does not change what the model says it is
+    return SegmentationModel(backbone, head, aux, align_corners=cfg.align_corners, config=dataclasses.replace(cfg))
 
 
 # ----------------------------------------------------------------------------- builders
@@ -209,8 +272,24 @@ class ModelOverrides(TypedDict, total=False):
     residual: Residual
 
 
+def check_keywords(builder: str, keywords: typing.Iterable[str]) -> None:
+    """A TypeError for a keyword no builder takes, with the closest one: ``emanet_resnet50(num_clases=21)``."""
+    valid = list(ModelOverrides.__annotations__)
+    for key in keywords:
+        if key in valid:
+            continue
+        if key in ("arch", "backbone"):
+            hint = f"; {builder} fixes it (build_model(ModelConfig(...)) takes any)"
+        elif key in ("weights", "pretrained"):
+            hint = "; load a saved model with emanet.from_pretrained(folder, checkpoint or hf://user/repo)"
+        else:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the keywords are ModelConfig's: {', '.join(valid)}"
+        raise TypeError(f"{builder}() got an unexpected keyword argument {key!r}{hint}")
+
+
 def _build(arch: Arch, backbone: str, overrides: ModelOverrides) -> SegmentationModel:
-    # ModelConfig is the one check of the keywords: an unknown one is its TypeError naming it
+    check_keywords(f"{arch}_{backbone}", overrides)
     return build_model(ModelConfig(arch=arch, backbone=backbone, **overrides))
 
 
