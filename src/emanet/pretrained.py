@@ -88,8 +88,10 @@ def save_pretrained(
     *,
     class_names: list[str] | None = None,
     palette: Palette | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder. ``origin`` (where the
+    model came from: a converted file or a training run) goes into config.json for the model card.
 
     Both are written to temporaries beside them first and renamed only when both are complete
     (``checkpoint.atomic_path``): a full disk leaves a folder's earlier files as they were, and an OSError
@@ -112,6 +114,8 @@ def save_pretrained(
         "class_names": names,
         "palette": [list(c) for c in colours],
     }
+    if origin is not None:
+        meta["origin"] = origin
     # the weights' temporary is complete before config.json is written and both are renamed: a failed write
     # leaves the old pair, never new weights beside an old config
     try:

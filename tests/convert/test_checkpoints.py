@@ -3,9 +3,15 @@ and shapes (emanet.md sections 3 and 5), not from our own state dict, and the co
 with independent functional re-implementations of the source networks."""
 
 import argparse
+import json
+import os
+import pickle
 import re
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,7 @@ from emanet.errors import ModelSourceError
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import load_model
+from tests.conftest import run_cli
 
 W, CH, MID, K, CLS = 8, 16, 8, 4, 5  # backbone width (64 in real files), EMA width, fuse width, bases, classes
 R50 = (3, 4, 6, 3)
@@ -541,11 +548,102 @@ def test_mmseg_1x_meta_and_unsupported_backbone_layouts():
         parse_mmseg_meta({"cfg": cfg.replace("dilations=(1, 1, 2, 4)", "dilations=(1, 1, 1, 4)")})
 
 
-def test_pickled_objects_need_allow_pickle(tmp_path):
-    torch.save({"net": reference_state(), "args": argparse.Namespace(lr=0.009)}, tmp_path / "ckpt.pth")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        convert_checkpoint(tmp_path / "ckpt.pth", "reference")
-    assert convert_checkpoint(tmp_path / "ckpt.pth", "reference", allow_pickle=True).model_config.num_bases == K
+def test_pickled_objects_outside_the_state_dict_are_read_as_stubs_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    ckpt = {"net": reference_state(), "args": argparse.Namespace(lr=0.009), "evil": _RunsCode(marker)}
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    res = convert_checkpoint(tmp_path / "ckpt.pth", "reference")
+    assert res.model_config.num_bases == K and not marker.exists()
+    assert "argparse.Namespace" in res.summary() and "posix.system" in res.summary()
+    assert torch.equal(res.state_dict["head.context.bases"], ckpt["net"]["emau.mu"])
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _fake_module(name, **classes):
+    module = types.ModuleType(name)
+    for cls_name, cls in classes.items():
+        cls.__module__, cls.__qualname__ = name, cls_name
+        setattr(module, cls_name, cls)
+    return module
+
+
+def _runner_checkpoint(path, state_dict, meta):
+    """A checkpoint as mmengine's Runner saves it (meta, state_dict, message_hub, optimizer, param_schedulers),
+    with objects of mmengine classes pickled inside; the classes live in fake modules that exist only while
+    saving (mmengine is not installed here)."""
+
+    class MessageHub:
+        def __init__(self):
+            self.log_scalars = {"train/loss": HistoryBuffer([0.5, 0.4])}
+            self.runtime_info = {"iter": 80000, "lr": np.float64(0.01), "arr": np.arange(3)}
+
+    class HistoryBuffer:
+        def __init__(self, values):
+            self._log_history = np.array(values)
+
+    modules = {
+        "mmengine": types.ModuleType("mmengine"),
+        "mmengine.logging": types.ModuleType("mmengine.logging"),
+        "mmengine.logging.message_hub": _fake_module("mmengine.logging.message_hub", MessageHub=MessageHub),
+        "mmengine.logging.history_buffer": _fake_module("mmengine.logging.history_buffer", HistoryBuffer=HistoryBuffer),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in modules.items():
+            patch.setitem(sys.modules, name, module)
+        torch.save(
+            {
+                "meta": meta,
+                "state_dict": state_dict,
+                "message_hub": MessageHub(),
+                "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.01}]},
+                "param_schedulers": [{"eta_min": 1e-4, "power": 0.9, "last_step": 80000}],
+            },
+            path,
+        )
+    assert "mmengine" not in sys.modules
+
+
+def test_an_mmengine_runner_checkpoint_converts_without_mmengine(tmp_path):
+    sd = mmseg_state()
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
+    meta = {"cfg": text, "experiment_name": "emanet_r50-d8_4xb2-80k_cityscapes-769x769_20230101_120000"}
+    _runner_checkpoint(tmp_path / "iter_80000.pth", sd, meta)
+    with pytest.raises(pickle.UnpicklingError):  # what torch.load(weights_only=True) says of such a file
+        torch.load(tmp_path / "iter_80000.pth", weights_only=True)
+    expected = convert_checkpoint({"state_dict": sd, "meta": meta}, "mmseg")
+    for allow_pickle in (False, True):  # --allow-pickle does not make it need mmengine either
+        res = convert_checkpoint(tmp_path / "iter_80000.pth", "mmseg", allow_pickle=allow_pickle)
+        assert res.state_dict.keys() == expected.state_dict.keys()
+        assert all(torch.equal(res.state_dict[k], v) for k, v in expected.state_dict.items())
+        assert res.config == expected.config and res.model_config.align_corners is True
+        assert "mmengine.logging.message_hub.MessageHub" in res.summary()
+    proc = run_cli("convert", "--from", "mmseg", str(tmp_path / "iter_80000.pth"), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    origin = json.loads((tmp_path / "out" / "config.json").read_text())["origin"]
+    assert origin["config"] == "emanet_r50-d8_4xb2-80k_cityscapes-769x769" and origin["toolkit"] == "mmsegmentation"
+
+
+def test_a_state_dict_of_pickled_objects_names_their_module(tmp_path):
+    class Weird:
+        pass
+
+    sd = mmseg_state()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "mmfake", _fake_module("mmfake", Weird=Weird))
+        torch.save({"state_dict": {**sd, "decode_head.extra": Weird()}, "meta": {}}, tmp_path / "w.pth")
+    with pytest.raises(ModelSourceError, match=r"holds objects of mmfake\.Weird .*allow_pickle=True"):
+        convert_checkpoint(tmp_path / "w.pth", "mmseg")
+    with pytest.raises(ModelSourceError, match="needs the Python module 'mmfake', which is not installed"):
+        convert_checkpoint(tmp_path / "w.pth", "mmseg", allow_pickle=True)
 
 
 # ----------------------------------------------------------------------------- mmseg config texts in a conversion

@@ -17,6 +17,7 @@ per-source table, the key-mapping rules and the known numerical differences.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,13 +41,15 @@ from emanet.convert.keys import (
     rename,
     rename_all,
 )
-from emanet.convert.mmseg_config import parse_mmseg_meta
+from emanet.convert.mmseg_config import config_name, implied_by_name, override_text, parse_mmseg_meta
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.backbone import BACKBONES, resnet_for_blocks
 from emanet.models.backbone_weights import blocks_per_stage
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import save_pretrained
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- inference from shapes
 
@@ -145,6 +148,23 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
     ),
 }
 DATASETS_BY_CLASSES = {21: "voc", 19: "cityscapes", 150: "ade20k"}
+TOOLKITS = {"reference": "the authors' code (XiaLiPKU/EMANet)", "mmseg": "mmsegmentation"}
+
+# Settings an mmseg config text gives and the weights do not (config key, in words): without the text, each
+# keeps our mmseg default (MODEL_SETTINGS, DATA_SETTINGS, EvalConfig), which the conversion says it assumed.
+MMSEG_UNREAD = (
+    ("model.align_corners", "align_corners"),
+    ("eval.mode", "test mode (whole / slide)"),
+    ("data.eval_resize", "test Resize"),
+    ("model.output_stride", "output stride"),
+    ("model.num_stages", "EM stages"),
+    ("model.momentum", "bases momentum"),
+    ("model.dropout", "dropout"),
+    ("data.mean", "mean"),
+    ("data.std", "std"),
+)
+# the reference's settings.py values that no checkpoint records
+REFERENCE_UNREAD = (("model.output_stride", "settings.STRIDE"), ("model.num_stages", "settings.STAGE_NUM"))
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -164,6 +184,7 @@ class ConversionResult:
     palette: list[tuple[int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)  # the converted model or backbone, eval mode
+    origin: dict[str, Any] | None = None  # full models: where it came from, config.json's "origin" (model card)
 
     def summary(self) -> str:
         lines = []
@@ -227,22 +248,25 @@ def convert_checkpoint(
     *,
     overrides: Sequence[str] = (),
     allow_pickle: bool = False,
+    assume_defaults: bool = False,
 ) -> ConversionResult:
     """Convert a checkpoint (file or dict) from ``source`` into our key layout, checking every key.
 
     ``overrides`` (``section.key=value``, full models only) go on top of the inferred config, e.g.
     ``model.output_stride=16`` for a reference model trained at OS16 (dilations are not in the weights).
+    An mmseg checkpoint without config text converts with our mmseg defaults, said in a logged warning; one whose
+    name shows a published config with another test pipeline (769x769) is refused unless ``overrides`` give
+    its settings or ``assume_defaults`` accepts the defaults.
     """
     if source not in SOURCES:
         raise ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    state, extra, name = read_source(src, allow_pickle=allow_pickle)
+    state, extra, name, notes = read_source(src, allow_pickle=allow_pickle)
     mapped, pairs, dropped = rename_all(state, source, name)
-    notes = []
     if isinstance(extra.get("step"), int):
         notes.append(f"the source checkpoint was saved at step {extra['step']}")
     renamed = _Renamed(source, name, mapped, pairs, dropped, notes)
     if source in FULL_MODEL_SOURCES:
-        return _convert_model(renamed, extra, overrides)
+        return _convert_model(renamed, extra, overrides, assume_defaults)
     if overrides:
         raise ConfigError("overrides apply to full-model conversions (reference, mmseg) only")
     return _convert_backbone(renamed)
@@ -263,13 +287,16 @@ def _convert_backbone(r: _Renamed) -> ConversionResult:
     return ConversionResult(r.source, sd, kept, r.dropped, filled, backbone=arch, notes=r.notes, model=backbone.eval())
 
 
-def _convert_model(r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[str]) -> ConversionResult:
+def _convert_model(
+    r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[str], assume_defaults: bool
+) -> ConversionResult:
     """A full segmentation model -> our model, built from the config the tensors, the source's settings, its
     metadata (mmseg) and the overrides say."""
     settings = _source_settings(r)
-    if r.source == "mmseg":
-        _apply_mmseg_meta(settings, r, extra.get("meta") or {})
+    meta = extra.get("meta") if isinstance(extra.get("meta"), Mapping) else {}
+    found = _apply_mmseg_meta(settings, r, meta) if r.source == "mmseg" else {"read": [], "config_text": False}
     cfg = _model_config(settings, r, overrides)
+    origin = _origin(cfg, r, meta, found, overrides, assume_defaults)
     m = cfg.model
     class_names, palette = _names_for(settings, m.num_classes, r.notes)
     model = build_model(m)
@@ -296,6 +323,95 @@ def _convert_model(r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[st
         palette=palette,
         notes=r.notes,
         model=model.eval(),
+        origin=origin,
+    )
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _origin(
+    cfg: Config,
+    r: _Renamed,
+    meta: Mapping[str, Any],
+    found: Mapping[str, Any],
+    overrides: Sequence[str],
+    assume_defaults: bool,
+) -> dict[str, Any]:
+    """Where the model came from (config.json's "origin", shown by the model card): the file, the toolkit, the
+    config name, the settings read from its config text, those assumed, the overrides. An mmseg checkpoint
+    without config text is refused when its name implies settings our defaults do not give (``_refuse_guess``),
+    and otherwise converts with a warning naming every setting assumed."""
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    name = config_name(meta, Path(r.name).name) if r.source == "mmseg" else None
+    unread = MMSEG_UNREAD if r.source == "mmseg" and not found["config_text"] else ()
+    if r.source == "reference":
+        unread = REFERENCE_UNREAD
+    keys = [k for k, _ in unread if k not in given]
+    if cfg.eval.mode == "slide" and unread is MMSEG_UNREAD:
+        keys += [k for k in ("eval.crop_size", "eval.stride") if k not in given]
+    assumed = [override_text(k, _value(cfg, k)) for k in keys]
+    n = cfg.model.num_classes
+    dataset = cfg.data.dataset if "data.dataset" in given else DATASETS_BY_CLASSES.get(n)
+    if dataset is None:
+        assumed.append(f"data.dataset={cfg.data.dataset} (the config default: {n} classes match no known dataset)")
+    if unread is MMSEG_UNREAD:
+        implied, open_keys, evidence = implied_by_name(name or "")
+        _refuse_guess(cfg, r, name, implied, open_keys, evidence, given, assume_defaults)
+        words = ", ".join(w for _, w in MMSEG_UNREAD)
+        said = f"; its name ({name}) says {evidence}, and --assume-defaults kept the defaults" if evidence else ""
+        logger.warning(
+            f"{r.name} carries no mmseg config text (meta 'config' / 'cfg'): could not read its {words}; "
+            f"assumed {', '.join(assumed)}{said}"
+            + (f"; from your overrides: {', '.join(overrides)}" if overrides else "")
+        )
+    return {
+        "kind": "converted",
+        "file": Path(r.name).name,
+        "toolkit": TOOLKITS[r.source],
+        "config": name,
+        "config_text": bool(found["config_text"]),
+        "read": list(found["read"]),
+        "assumed": assumed,
+        "overrides": list(overrides),
+        "dataset": dataset,
+    }
+
+
+def _refuse_guess(
+    cfg: Config,
+    r: _Renamed,
+    name: str | None,
+    implied: Mapping[str, Any],
+    open_keys: Sequence[str],
+    evidence: str,
+    given: set[str],
+    assume_defaults: bool,
+) -> None:
+    """Refuse (ModelSourceError) to guess the test pipeline of an mmseg model without config text whose name
+    implies settings other than our defaults, unless the overrides give them or ``assume_defaults``."""
+    missing = [k for k, v in implied.items() if k not in given and _value(cfg, k) != v]
+    missing += [k for k in open_keys if k not in given]
+    if not missing or assume_defaults:
+        return
+    if open_keys:
+        what = (
+            f"the test pipeline of an mmseg model trained on these crops is not one of the published EMANet "
+            f"configs'; pass {', '.join(missing)} (eval.mode=slide also needs eval.crop_size and eval.stride; "
+            "data.eval_resize=null for none)"
+        )
+    else:
+        wanted = " ".join(override_text(k, v) for k, v in implied.items())
+        what = (
+            f"mmseg's config for it tests with {', '.join(override_text(k, implied[k]) for k in missing)}, which "
+            f"our mmseg defaults do not give; pass the settings as overrides: {wanted}"
+        )
+    raise ModelSourceError(
+        f"{r.name} carries no mmseg config text and its name ({name}) says {evidence}: {what} (docs/convert.md "
+        "lists them per published config), or --assume-defaults (assume_defaults=True) to convert with our mmseg "
+        "defaults anyway"
     )
 
 
@@ -311,9 +427,9 @@ def _bgr_to_rgb(mapped: dict[str, Tensor], key: str) -> None:
     mapped[key] = mapped[key].flip(1)
 
 
-def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any]) -> None:
+def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Add what an mmseg checkpoint's meta says (its config text, class names, palette); a BGR model's first
-    conv and mean/std are reordered to RGB."""
+    conv and mean/std are reordered to RGB. Returns parse_mmseg_meta's findings."""
     found = parse_mmseg_meta(meta)
     settings.model.update(found["model"])
     settings.data.update(found["data"])
@@ -325,6 +441,7 @@ def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any])
         data = settings.data
         data["mean"], data["std"] = data["mean"][::-1], data["std"][::-1]
         r.notes.append("BGR model: the first conv's input channels and mean/std were reordered to RGB")
+    return found
 
 
 def _model_config(settings: _Settings, r: _Renamed, overrides: Sequence[str]) -> Config:
@@ -368,6 +485,7 @@ def convert(
     *,
     overrides: Sequence[str] = (),
     allow_pickle: bool = False,
+    assume_defaults: bool = False,
     overwrite: bool = False,
 ) -> ConversionResult:
     """Convert and write: a model folder (full models, via save_pretrained; no model card: push_to_hub writes
@@ -380,10 +498,19 @@ def convert(
         raise ConfigError(f"{dst}: a backbone conversion writes one .safetensors file; name it *.safetensors")
     if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
         raise ConfigError(f"{dst} already exists; choose a new path or pass overwrite=True (CLI: --overwrite)")
-    result = convert_checkpoint(src, source, overrides=overrides, allow_pickle=allow_pickle)
+    result = convert_checkpoint(
+        src, source, overrides=overrides, allow_pickle=allow_pickle, assume_defaults=assume_defaults
+    )
     if full:
         assert result.config is not None and result.model is not None
-        save_pretrained(result.model, result.config, dst, class_names=result.class_names, palette=result.palette)
+        save_pretrained(
+            result.model,
+            result.config,
+            dst,
+            class_names=result.class_names,
+            palette=result.palette,
+            origin=result.origin,
+        )
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst) as tmp:  # a failed write keeps an earlier file (with --overwrite) as it was
