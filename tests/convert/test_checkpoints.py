@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from emanet.cli.main import main
 from emanet.convert.checkpoints import convert, convert_checkpoint
-from emanet.convert.mmseg_config import parse_mmseg_meta
+from emanet.convert.mmseg_config import PUBLISHED_PIPELINES, override_text, parse_mmseg_meta
 from emanet.errors import ModelSourceError
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
@@ -649,6 +649,81 @@ def test_a_state_dict_of_pickled_objects_names_their_module(tmp_path):
 # ----------------------------------------------------------------------------- mmseg config texts in a conversion
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
+
+
+PUBLISHED_769 = "emanet_r50-d8_769x769_80k_cityscapes_20200901_100301-16f8de52.pth"  # mmseg's model zoo name
+OVERRIDES_769 = [
+    "model.align_corners=true",
+    "eval.mode=slide",
+    "eval.crop_size=[769,769]",
+    "eval.stride=[513,513]",
+    "data.eval_resize=[2049,1025]",
+]
+
+
+def test_mmseg_without_config_text_says_what_it_assumed(tmp_path):
+    torch.save({"state_dict": mmseg_state(), "meta": {}}, tmp_path / "iter_80000.pth")
+    proc = run_cli("convert", "--from", "mmseg", str(tmp_path / "iter_80000.pth"), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    warning = proc.stderr
+    assert "iter_80000.pth carries no mmseg config text" in warning and "could not read its align_corners" in warning
+    for assumed in ("model.align_corners=false", "eval.mode=whole", "data.eval_resize=null", "model.output_stride=8"):
+        assert assumed in warning
+    assert "data.dataset=voc (the config default: 5 classes match no known dataset)" in warning
+    origin = json.loads((tmp_path / "out" / "config.json").read_text())["origin"]
+    assert origin["config_text"] is False and "model.align_corners=false" in origin["assumed"]
+    assert origin["dataset"] is None and origin["file"] == "iter_80000.pth"
+
+
+def test_a_769_checkpoint_without_config_text_is_refused_unless_its_settings_are_given(tmp_path):
+    torch.save({"state_dict": mmseg_state(), "meta": {}}, tmp_path / PUBLISHED_769)
+    src, dst = str(tmp_path / PUBLISHED_769), tmp_path / "out"
+    proc = run_cli("convert", "--from", "mmseg", src, str(dst))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "carries no mmseg config text and its name (emanet_r50-d8_769x769_80k_cityscapes) says 769x769" in proc.stderr
+    )
+    assert " ".join(OVERRIDES_769) in proc.stderr and "--assume-defaults" in proc.stderr
+    assert not dst.exists()
+    # some of the settings are not enough
+    with pytest.raises(ModelSourceError, match="tests with eval.mode=slide"):
+        convert_checkpoint(tmp_path / PUBLISHED_769, "mmseg", overrides=["model.align_corners=true"])
+    res = convert_checkpoint(tmp_path / PUBLISHED_769, "mmseg", overrides=OVERRIDES_769)
+    c = res.config
+    assert (c.model.align_corners, c.eval.mode, c.eval.crop_size, c.eval.stride) == (
+        True,
+        "slide",
+        [769, 769],
+        [513, 513],
+    )
+    assert c.data.eval_resize == [2049, 1025] and res.origin["overrides"] == OVERRIDES_769
+    assert res.origin["config"] == "emanet_r50-d8_769x769_80k_cityscapes"
+    proc = run_cli("convert", "--from", "mmseg", src, str(dst), "--assume-defaults")
+    assert proc.returncode == 0, proc.stderr
+    assert "assumed model.align_corners=false, eval.mode=whole, data.eval_resize=null" in proc.stderr
+    assert "says 769x769 training crops, and --assume-defaults kept the defaults" in proc.stderr
+
+
+def test_names_imply_the_published_pipelines():
+    sd = {"state_dict": mmseg_state(), "meta": {"exp_name": "emanet_r101-d8_512x1024_80k_cityscapes.py"}}
+    with pytest.raises(ModelSourceError, match=r"tests with data.eval_resize=\[2048,1024\]"):
+        convert_checkpoint(sd, "mmseg")  # align_corners=False and whole inference are our defaults already
+    assert convert_checkpoint(sd, "mmseg", overrides=["data.eval_resize=[2048,1024]"]).config.data.eval_resize
+    with pytest.raises(ModelSourceError, match="pass model.align_corners, eval.mode, data.eval_resize"):
+        convert_checkpoint({**sd, "meta": {"exp_name": "emanet_r50-d8_512x512_80k_ade20k.py"}}, "mmseg")
+    with pytest.raises(ModelSourceError, match=r"output stride 16 \(-d16\).*model.output_stride=16"):
+        convert_checkpoint({**sd, "meta": {"experiment_name": "emanet_r50-d16_20230101_120000"}}, "mmseg")
+    res = convert_checkpoint({**sd, "meta": {}}, "mmseg")  # a name that says nothing: converted, said
+    assert "model.align_corners=false" in res.origin["assumed"]
+
+
+def test_docs_show_the_overrides_of_each_published_config():
+    text = (Path(__file__).parents[2] / "docs" / "convert.md").read_text()
+    for crop, settings in PUBLISHED_PIPELINES.items():
+        for depth in ("r50", "r101"):
+            row = f"| `emanet_{depth}-d8_4xb2-80k_cityscapes-{crop[0]}x{crop[1]}` |"
+            line = text.split(row, 1)[1].splitlines()[0]
+            assert all(f"'{override_text(k, v)}'" in line for k, v in settings.items()), line
 
 
 def test_reference_eval_padding_follows_the_output_stride():

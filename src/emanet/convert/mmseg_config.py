@@ -218,7 +218,9 @@ def implied_by_name(name: str) -> tuple[dict[str, Any], list[str], str]:
 
 def override_text(key: str, value: Any) -> str:
     """``section.key=value`` as the command line takes it (lists without spaces, booleans lower case)."""
-    if isinstance(value, bool):
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
         text = str(value).lower()
     elif isinstance(value, list):
         text = "[" + ",".join(str(v) for v in value) + "]"
