@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from emanet.cli.main import main
 from emanet.convert.checkpoints import convert, convert_checkpoint
 from emanet.convert.mmseg_config import PUBLISHED_PIPELINES, override_text, parse_mmseg_meta
+from emanet.deploy.model_card import write_model_card
 from emanet.errors import ModelSourceError
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
@@ -724,6 +725,34 @@ def test_docs_show_the_overrides_of_each_published_config():
             row = f"| `emanet_{depth}-d8_4xb2-80k_cityscapes-{crop[0]}x{crop[1]}` |"
             line = text.split(row, 1)[1].splitlines()[0]
             assert all(f"'{override_text(k, v)}'" in line for k, v in settings.items()), line
+
+
+def test_the_model_card_says_where_a_converted_model_came_from(tmp_path):
+    torch.save({"net": reference_state()}, tmp_path / "final.pth")
+    convert(tmp_path / "final.pth", tmp_path / "ref", "reference", overrides=["model.output_stride=16"])
+    card = write_model_card(tmp_path / "ref").read_text()
+    assert "# EMANet resnet50, 5 classes\n" in card  # no dataset named: 5 classes are none we know
+    assert "from `final.pth`, a checkpoint of the authors' code (XiaLiPKU/EMANet); it was trained there" in card
+    assert "Settings assumed (not recorded in the file): `model.num_stages=3`" in card
+    assert "Settings given at conversion: `model.output_stride=16`" in card
+    assert "Training recipe" not in card and "SGD lr" not in card  # our defaults: not how it was trained
+
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
+    torch.save({"state_dict": mmseg_state(), "meta": {"cfg": text}}, tmp_path / PUBLISHED_769)
+    convert(tmp_path / PUBLISHED_769, tmp_path / "mm", "mmseg", overrides=["data.dataset=cityscapes"])
+    card = write_model_card(tmp_path / "mm").read_text()
+    assert "# EMANet resnet50, 5 classes (cityscapes)" in card
+    assert (
+        f"from `{PUBLISHED_769}`, a checkpoint of mmsegmentation, config `emanet_r50-d8_769x769_80k_cityscapes`" in card
+    )
+    assert "Settings read from its config text: " in card and "`align_corners=True`" in card
+    assert "`slide inference 769x769 stride 513x513`" in card and "Settings assumed" not in card
+
+    torch.save({"state_dict": mmseg_state(), "meta": {}}, tmp_path / "iter_80000.pth")
+    convert(tmp_path / "iter_80000.pth", tmp_path / "bare", "mmseg")
+    card = write_model_card(tmp_path / "bare").read_text()
+    assert "It carried no config text." in card and "`model.align_corners=false`" in card
+    assert "(voc)" not in card
 
 
 def test_reference_eval_padding_follows_the_output_stride():
