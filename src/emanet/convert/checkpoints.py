@@ -10,14 +10,14 @@ the settings the source architecture needs so that our model computes what it co
 dilations, align_corners, BN momentum, the bases' moving average, input normalisation).
 
 This module infers the model from the renamed tensors, builds it and writes the result (``convert``);
-convert_keys.py holds the per-source key rules, the reading of the source file and the key-by-key check
-against the model; mmseg_config.py reads an mmseg checkpoint's config text. docs/convert.md has the
-per-source table, the key-mapping rules and the known numerical differences.
+keys.py holds the per-source key rules, the reading of the source file (unpickle.py: pickled objects as inert
+stubs) and the key-by-key check against the model; mmseg_config.py reads an mmseg checkpoint's config text;
+origin.py records where the model came from and what the file did not say (config.json's "origin").
+docs/convert.md has the per-source table, the key-mapping rules and the known numerical differences.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,15 +41,14 @@ from emanet.convert.keys import (
     rename,
     rename_all,
 )
-from emanet.convert.mmseg_config import config_name, implied_by_name, override_text, parse_mmseg_meta
+from emanet.convert.mmseg_config import parse_mmseg_meta
+from emanet.convert.origin import DATASETS_BY_CLASSES, conversion_origin
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.backbone import BACKBONES, resnet_for_blocks
 from emanet.models.backbone_weights import blocks_per_stage
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import save_pretrained
-
-logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- inference from shapes
 
@@ -147,25 +146,6 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
         eval_pad_offset=0,
     ),
 }
-DATASETS_BY_CLASSES = {21: "voc", 19: "cityscapes", 150: "ade20k"}
-TOOLKITS = {"reference": "the authors' code (XiaLiPKU/EMANet)", "mmseg": "mmsegmentation"}
-
-# Settings an mmseg config text gives and the weights do not (config key, in words): without the text, each
-# keeps our mmseg default (MODEL_SETTINGS, DATA_SETTINGS, EvalConfig), which the conversion says it assumed.
-MMSEG_UNREAD = (
-    ("model.align_corners", "align_corners"),
-    ("eval.mode", "test mode (whole / slide)"),
-    ("data.eval_resize", "test Resize"),
-    ("model.output_stride", "output stride"),
-    ("model.num_stages", "EM stages"),
-    ("model.momentum", "bases momentum"),
-    ("model.dropout", "dropout"),
-    ("data.mean", "mean"),
-    ("data.std", "std"),
-)
-# the reference's settings.py values that no checkpoint records
-REFERENCE_UNREAD = (("model.output_stride", "settings.STRIDE"), ("model.num_stages", "settings.STAGE_NUM"))
-
 
 # ----------------------------------------------------------------------------- conversion
 
@@ -296,7 +276,7 @@ def _convert_model(
     meta = extra.get("meta") if isinstance(extra.get("meta"), Mapping) else {}
     found = _apply_mmseg_meta(settings, r, meta) if r.source == "mmseg" else {"read": [], "config_text": False}
     cfg = _model_config(settings, r, overrides)
-    origin = _origin(cfg, r, meta, found, overrides, assume_defaults)
+    origin = conversion_origin(cfg, r.source, r.name, meta, found, overrides, assume_defaults)
     m = cfg.model
     class_names, palette = _names_for(settings, m.num_classes, r.notes)
     model = build_model(m)
@@ -324,94 +304,6 @@ def _convert_model(
         notes=r.notes,
         model=model.eval(),
         origin=origin,
-    )
-
-
-def _value(cfg: Config, key: str) -> Any:
-    section, name = key.split(".", 1)
-    return getattr(getattr(cfg, section), name)
-
-
-def _origin(
-    cfg: Config,
-    r: _Renamed,
-    meta: Mapping[str, Any],
-    found: Mapping[str, Any],
-    overrides: Sequence[str],
-    assume_defaults: bool,
-) -> dict[str, Any]:
-    """Where the model came from (config.json's "origin", shown by the model card): the file, the toolkit, the
-    config name, the settings read from its config text, those assumed, the overrides. An mmseg checkpoint
-    without config text is refused when its name implies settings our defaults do not give (``_refuse_guess``),
-    and otherwise converts with a warning naming every setting assumed."""
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    name = config_name(meta, Path(r.name).name) if r.source == "mmseg" else None
-    unread = MMSEG_UNREAD if r.source == "mmseg" and not found["config_text"] else ()
-    if r.source == "reference":
-        unread = REFERENCE_UNREAD
-    keys = [k for k, _ in unread if k not in given]
-    if cfg.eval.mode == "slide" and unread is MMSEG_UNREAD:
-        keys += [k for k in ("eval.crop_size", "eval.stride") if k not in given]
-    assumed = [override_text(k, _value(cfg, k)) for k in keys]
-    n = cfg.model.num_classes
-    dataset = cfg.data.dataset if "data.dataset" in given else DATASETS_BY_CLASSES.get(n)
-    if dataset is None:
-        assumed.append(f"data.dataset={cfg.data.dataset} (the config default: {n} classes match no known dataset)")
-    if unread is MMSEG_UNREAD:
-        implied, open_keys, evidence = implied_by_name(name or "")
-        _refuse_guess(cfg, r, name, implied, open_keys, evidence, given, assume_defaults)
-        words = ", ".join(w for _, w in MMSEG_UNREAD)
-        said = f"; its name ({name}) says {evidence}, and --assume-defaults kept the defaults" if evidence else ""
-        logger.warning(
-            f"{r.name} carries no mmseg config text (meta 'config' / 'cfg'): could not read its {words}; "
-            f"assumed {', '.join(assumed)}{said}"
-            + (f"; from your overrides: {', '.join(overrides)}" if overrides else "")
-        )
-    return {
-        "kind": "converted",
-        "file": Path(r.name).name,
-        "toolkit": TOOLKITS[r.source],
-        "config": name,
-        "config_text": bool(found["config_text"]),
-        "read": list(found["read"]),
-        "assumed": assumed,
-        "overrides": list(overrides),
-        "dataset": dataset,
-    }
-
-
-def _refuse_guess(
-    cfg: Config,
-    r: _Renamed,
-    name: str | None,
-    implied: Mapping[str, Any],
-    open_keys: Sequence[str],
-    evidence: str,
-    given: set[str],
-    assume_defaults: bool,
-) -> None:
-    """Refuse (ModelSourceError) to guess the test pipeline of an mmseg model without config text whose name
-    implies settings other than our defaults, unless the overrides give them or ``assume_defaults``."""
-    missing = [k for k, v in implied.items() if k not in given and _value(cfg, k) != v]
-    missing += [k for k in open_keys if k not in given]
-    if not missing or assume_defaults:
-        return
-    if open_keys:
-        what = (
-            f"the test pipeline of an mmseg model trained on these crops is not one of the published EMANet "
-            f"configs'; pass {', '.join(missing)} (eval.mode=slide also needs eval.crop_size and eval.stride; "
-            "data.eval_resize=null for none)"
-        )
-    else:
-        wanted = " ".join(override_text(k, v) for k, v in implied.items())
-        what = (
-            f"mmseg's config for it tests with {', '.join(override_text(k, implied[k]) for k in missing)}, which "
-            f"our mmseg defaults do not give; pass the settings as overrides: {wanted}"
-        )
-    raise ModelSourceError(
-        f"{r.name} carries no mmseg config text and its name ({name}) says {evidence}: {what} (docs/convert.md "
-        "lists them per published config), or --assume-defaults (assume_defaults=True) to convert with our mmseg "
-        "defaults anyway"
     )
 
 
