@@ -70,6 +70,8 @@ def conversion_origin(
     dataset = cfg.data.dataset if "data.dataset" in given else DATASETS_BY_CLASSES.get(n)
     if dataset is None:
         assumed.append(f"data.dataset={cfg.data.dataset} (the config default: {n} classes match no known dataset)")
+    elif unread is MMSEG_UNREAD and "data.dataset" not in given:
+        assumed.append(f"data.dataset={dataset} (from {n} classes)")
     if unread is MMSEG_UNREAD:
         implied, open_keys, evidence = implied_by_name(config or "")
         _refuse_guess(cfg, file, config, implied, open_keys, evidence, given, assume_defaults)
