@@ -687,7 +687,7 @@ def test_a_769_checkpoint_without_config_text_is_refused_unless_its_settings_are
     assert " ".join(OVERRIDES_769) in proc.stderr and "--assume-defaults" in proc.stderr
     assert not dst.exists()
     # some of the settings are not enough
-    with pytest.raises(ModelSourceError, match="tests with eval.mode=slide"):
+    with pytest.raises(ModelSourceError, match="yours lack eval.mode, eval.crop_size"):
         convert_checkpoint(tmp_path / PUBLISHED_769, "mmseg", overrides=["model.align_corners=true"])
     res = convert_checkpoint(tmp_path / PUBLISHED_769, "mmseg", overrides=OVERRIDES_769)
     c = res.config
@@ -707,7 +707,10 @@ def test_a_769_checkpoint_without_config_text_is_refused_unless_its_settings_are
 
 def test_names_imply_the_published_pipelines():
     sd = {"state_dict": mmseg_state(), "meta": {"exp_name": "emanet_r101-d8_512x1024_80k_cityscapes.py"}}
-    with pytest.raises(ModelSourceError, match=r"tests with data.eval_resize=\[2048,1024\]"):
+    with pytest.raises(
+        ModelSourceError,
+        match=r"overrides: model.align_corners=false eval.mode=whole data.eval_resize=\[2048,1024\] \(docs",
+    ):
         convert_checkpoint(sd, "mmseg")  # align_corners=False and whole inference are our defaults already
     assert convert_checkpoint(sd, "mmseg", overrides=["data.eval_resize=[2048,1024]"]).config.data.eval_resize
     with pytest.raises(ModelSourceError, match="pass model.align_corners, eval.mode, data.eval_resize"):

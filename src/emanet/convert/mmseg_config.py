@@ -222,8 +222,8 @@ def override_text(key: str, value: Any) -> str:
         text = "null"
     elif isinstance(value, bool):
         text = str(value).lower()
-    elif isinstance(value, list):
-        text = "[" + ",".join(str(v) for v in value) + "]"
+    elif isinstance(value, list):  # floats to 6 digits: 0.224, not 0.22399999999999998
+        text = "[" + ",".join(format(v, ".6g") if isinstance(v, float) else str(v) for v in value) + "]"
     else:
         text = str(value)
     return f"{key}={text}"

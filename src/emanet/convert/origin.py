@@ -119,9 +119,10 @@ def _refuse_guess(
         )
     else:
         wanted = " ".join(override_text(k, v) for k, v in implied.items())
+        lacking = f" (yours lack {', '.join(missing)})" if given & set(implied) else ""
         what = (
-            f"mmseg's config for it tests with {', '.join(override_text(k, implied[k]) for k in missing)}, which "
-            f"our mmseg defaults do not give; pass the settings as overrides: {wanted}"
+            f"mmseg's config for it tests with settings our mmseg defaults do not give; pass them as overrides: "
+            f"{wanted}{lacking}"
         )
     raise ModelSourceError(
         f"{file} carries no mmseg config text and its name ({config}) says {evidence}: {what} (docs/convert.md "
