@@ -118,8 +118,8 @@ def _carry_run_eval(run_eval: Path, iteration: int | None, dst: Path) -> None:
         return
     try:
         evaluated = (json.loads(run_eval.read_text()).get("train") or {}).get("iterations")
-    except (json.JSONDecodeError, AttributeError):
-        logger.warning("%s is not readable JSON: the model card says the model is not evaluated", run_eval)
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8 or not JSON, not a JSON object
+        logger.warning("%s is not a readable eval.json: the model card says the model is not evaluated", run_eval)
         return
     if evaluated is not None and iteration is not None and evaluated != iteration:
         logger.warning(
