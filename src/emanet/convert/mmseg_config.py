@@ -180,6 +180,7 @@ PIPELINE_KEYS = ("model.align_corners", "eval.mode", "data.eval_resize")
 
 _CROP = re.compile(r"(?<![0-9])([0-9]{3,4})x([0-9]{3,4})(?![0-9])")
 _DEPTH_STRIDE = re.compile(r"r(?:18|34|50|101|152)(?:b|v1c)?-d(8|16|32)(?![0-9])")
+_EXTENSION = re.compile(r"\.(py|pth|pt|ckpt|bin|safetensors)$")
 _RUN_STAMP = re.compile(r"[_-]20[0-9]{6}_[0-9]{6}.*$")  # mmengine's experiment_name / published files' suffix
 
 
@@ -188,8 +189,7 @@ def config_name(meta: Mapping[str, Any], file_name: str) -> str | None:
     mmengine's ``meta['experiment_name']`` (config name + time stamp), or a published file's name."""
     for candidate in (meta.get("exp_name"), meta.get("experiment_name"), file_name):
         if isinstance(candidate, str) and (_CROP.search(candidate) or _DEPTH_STRIDE.search(candidate)):
-            stem = candidate.rsplit("/", 1)[-1]
-            stem = stem[: -len(".py")] if stem.endswith(".py") else stem.rsplit(".", 1)[0] if "." in stem else stem
+            stem = _EXTENSION.sub("", candidate.rsplit("/", 1)[-1])
             return _RUN_STAMP.sub("", stem)
     return None
 
