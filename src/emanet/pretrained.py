@@ -108,8 +108,10 @@ def save_pretrained(
     *,
     class_names: list[str] | None = None,
     palette: Palette | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder.
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder. ``origin`` (where the
+    model came from: a converted file or a training run) goes into config.json for the model card.
 
     ``save_pretrained(model, folder)`` (or ``config=None``): the config the model carries (``model.config``, on
     top of the run config a loaded model came with) and its class names and palette, when it has them.
@@ -147,6 +149,8 @@ def save_pretrained(
         "class_names": names,
         "palette": [list(c) for c in colours],
     }
+    if origin is not None:
+        meta["origin"] = origin
     # the weights' temporary is complete before config.json is written and both are renamed: a failed write
     # leaves the old pair, never new weights beside an old config
     try:

@@ -3,20 +3,28 @@ and shapes (emanet.md sections 3 and 5), not from our own state dict, and the co
 with independent functional re-implementations of the source networks."""
 
 import argparse
+import json
+import os
+import pickle
 import re
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from emanet.cli.main import main
 from emanet.convert.checkpoints import convert, convert_checkpoint
-from emanet.convert.mmseg_config import parse_mmseg_meta
+from emanet.convert.mmseg_config import PUBLISHED_PIPELINES, override_text, parse_mmseg_meta
+from emanet.deploy.model_card import write_model_card
 from emanet.errors import ModelSourceError
 from emanet.models.backbone import BACKBONES
 from emanet.models.emanet import ModelConfig, build_model
 from emanet.pretrained import load_model
+from tests.conftest import run_cli
 
 W, CH, MID, K, CLS = 8, 16, 8, 4, 5  # backbone width (64 in real files), EMA width, fuse width, bases, classes
 R50 = (3, 4, 6, 3)
@@ -541,16 +549,213 @@ def test_mmseg_1x_meta_and_unsupported_backbone_layouts():
         parse_mmseg_meta({"cfg": cfg.replace("dilations=(1, 1, 2, 4)", "dilations=(1, 1, 1, 4)")})
 
 
-def test_pickled_objects_need_allow_pickle(tmp_path):
-    torch.save({"net": reference_state(), "args": argparse.Namespace(lr=0.009)}, tmp_path / "ckpt.pth")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
-        convert_checkpoint(tmp_path / "ckpt.pth", "reference")
-    assert convert_checkpoint(tmp_path / "ckpt.pth", "reference", allow_pickle=True).model_config.num_bases == K
+def test_pickled_objects_outside_the_state_dict_are_read_as_stubs_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    ckpt = {"net": reference_state(), "args": argparse.Namespace(lr=0.009), "evil": _RunsCode(marker)}
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    res = convert_checkpoint(tmp_path / "ckpt.pth", "reference")
+    assert res.model_config.num_bases == K and not marker.exists()
+    assert "argparse.Namespace" in res.summary() and "posix.system" in res.summary()
+    assert torch.equal(res.state_dict["head.context.bases"], ckpt["net"]["emau.mu"])
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _fake_module(name, **classes):
+    module = types.ModuleType(name)
+    for cls_name, cls in classes.items():
+        cls.__module__, cls.__qualname__ = name, cls_name
+        setattr(module, cls_name, cls)
+    return module
+
+
+def _runner_checkpoint(path, state_dict, meta):
+    """A checkpoint as mmengine's Runner saves it (meta, state_dict, message_hub, optimizer, param_schedulers),
+    with objects of mmengine classes pickled inside; the classes live in fake modules that exist only while
+    saving (mmengine is not installed here)."""
+
+    class MessageHub:
+        def __init__(self):
+            self.log_scalars = {"train/loss": HistoryBuffer([0.5, 0.4])}
+            self.runtime_info = {"iter": 80000, "lr": np.float64(0.01), "arr": np.arange(3)}
+
+    class HistoryBuffer:
+        def __init__(self, values):
+            self._log_history = np.array(values)
+
+    modules = {
+        "mmengine": types.ModuleType("mmengine"),
+        "mmengine.logging": types.ModuleType("mmengine.logging"),
+        "mmengine.logging.message_hub": _fake_module("mmengine.logging.message_hub", MessageHub=MessageHub),
+        "mmengine.logging.history_buffer": _fake_module("mmengine.logging.history_buffer", HistoryBuffer=HistoryBuffer),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, module in modules.items():
+            patch.setitem(sys.modules, name, module)
+        torch.save(
+            {
+                "meta": meta,
+                "state_dict": state_dict,
+                "message_hub": MessageHub(),
+                "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.01}]},
+                "param_schedulers": [{"eta_min": 1e-4, "power": 0.9, "last_step": 80000}],
+            },
+            path,
+        )
+    assert "mmengine" not in sys.modules
+
+
+def test_an_mmengine_runner_checkpoint_converts_without_mmengine(tmp_path):
+    sd = mmseg_state()
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
+    meta = {"cfg": text, "experiment_name": "emanet_r50-d8_4xb2-80k_cityscapes-769x769_20230101_120000"}
+    _runner_checkpoint(tmp_path / "iter_80000.pth", sd, meta)
+    with pytest.raises(pickle.UnpicklingError):  # what torch.load(weights_only=True) says of such a file
+        torch.load(tmp_path / "iter_80000.pth", weights_only=True)
+    expected = convert_checkpoint({"state_dict": sd, "meta": meta}, "mmseg")
+    for allow_pickle in (False, True):  # --allow-pickle does not make it need mmengine either
+        res = convert_checkpoint(tmp_path / "iter_80000.pth", "mmseg", allow_pickle=allow_pickle)
+        assert res.state_dict.keys() == expected.state_dict.keys()
+        assert all(torch.equal(res.state_dict[k], v) for k, v in expected.state_dict.items())
+        assert res.config == expected.config and res.model_config.align_corners is True
+        assert "mmengine.logging.message_hub.MessageHub" in res.summary()
+    proc = run_cli("convert", "--from", "mmseg", str(tmp_path / "iter_80000.pth"), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    origin = json.loads((tmp_path / "out" / "config.json").read_text())["origin"]
+    assert origin["config"] == "emanet_r50-d8_4xb2-80k_cityscapes-769x769" and origin["toolkit"] == "mmsegmentation"
+
+
+def test_a_state_dict_of_pickled_objects_names_their_module(tmp_path):
+    class Weird:
+        pass
+
+    sd = mmseg_state()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "mmfake", _fake_module("mmfake", Weird=Weird))
+        torch.save({"state_dict": {**sd, "decode_head.extra": Weird()}, "meta": {}}, tmp_path / "w.pth")
+    with pytest.raises(ModelSourceError, match=r"holds objects of mmfake\.Weird .*allow_pickle=True"):
+        convert_checkpoint(tmp_path / "w.pth", "mmseg")
+    with pytest.raises(ModelSourceError, match="needs the Python module 'mmfake', which is not installed"):
+        convert_checkpoint(tmp_path / "w.pth", "mmseg", allow_pickle=True)
 
 
 # ----------------------------------------------------------------------------- mmseg config texts in a conversion
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
+
+
+PUBLISHED_769 = "emanet_r50-d8_769x769_80k_cityscapes_20200901_100301-16f8de52.pth"  # mmseg's model zoo name
+OVERRIDES_769 = [
+    "model.align_corners=true",
+    "eval.mode=slide",
+    "eval.crop_size=[769,769]",
+    "eval.stride=[513,513]",
+    "data.eval_resize=[2049,1025]",
+]
+
+
+def test_mmseg_without_config_text_says_what_it_assumed(tmp_path):
+    torch.save({"state_dict": mmseg_state(), "meta": {}}, tmp_path / "iter_80000.pth")
+    proc = run_cli("convert", "--from", "mmseg", str(tmp_path / "iter_80000.pth"), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    warning = proc.stderr
+    assert "iter_80000.pth carries no mmseg config text" in warning and "could not read its align_corners" in warning
+    for assumed in ("model.align_corners=false", "eval.mode=whole", "data.eval_resize=null", "model.output_stride=8"):
+        assert assumed in warning
+    assert "data.dataset=voc (the config default: 5 classes match no known dataset)" in warning
+    origin = json.loads((tmp_path / "out" / "config.json").read_text())["origin"]
+    assert origin["config_text"] is False and "model.align_corners=false" in origin["assumed"]
+    assert origin["dataset"] is None and origin["file"] == "iter_80000.pth"
+
+
+def test_a_769_checkpoint_without_config_text_is_refused_unless_its_settings_are_given(tmp_path):
+    torch.save({"state_dict": mmseg_state(), "meta": {}}, tmp_path / PUBLISHED_769)
+    src, dst = str(tmp_path / PUBLISHED_769), tmp_path / "out"
+    proc = run_cli("convert", "--from", "mmseg", src, str(dst))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "carries no mmseg config text and its name (emanet_r50-d8_769x769_80k_cityscapes) says 769x769" in proc.stderr
+    )
+    assert " ".join(OVERRIDES_769) in proc.stderr and "--assume-defaults" in proc.stderr
+    assert not dst.exists()
+    # some of the settings are not enough
+    with pytest.raises(ModelSourceError, match="yours lack eval.mode, eval.crop_size"):
+        convert_checkpoint(tmp_path / PUBLISHED_769, "mmseg", overrides=["model.align_corners=true"])
+    res = convert_checkpoint(tmp_path / PUBLISHED_769, "mmseg", overrides=OVERRIDES_769)
+    c = res.config
+    assert (c.model.align_corners, c.eval.mode, c.eval.crop_size, c.eval.stride) == (
+        True,
+        "slide",
+        [769, 769],
+        [513, 513],
+    )
+    assert c.data.eval_resize == [2049, 1025] and res.origin["overrides"] == OVERRIDES_769
+    assert res.origin["config"] == "emanet_r50-d8_769x769_80k_cityscapes"
+    proc = run_cli("convert", "--from", "mmseg", src, str(dst), "--assume-defaults")
+    assert proc.returncode == 0, proc.stderr
+    assert "assumed model.align_corners=false, eval.mode=whole, data.eval_resize=null" in proc.stderr
+    assert "says 769x769 training crops, and --assume-defaults kept the defaults" in proc.stderr
+
+
+def test_names_imply_the_published_pipelines():
+    sd = {"state_dict": mmseg_state(), "meta": {"exp_name": "emanet_r101-d8_512x1024_80k_cityscapes.py"}}
+    with pytest.raises(
+        ModelSourceError,
+        match=r"overrides: model.align_corners=false eval.mode=whole data.eval_resize=\[2048,1024\] \(docs",
+    ):
+        convert_checkpoint(sd, "mmseg")  # align_corners=False and whole inference are our defaults already
+    assert convert_checkpoint(sd, "mmseg", overrides=["data.eval_resize=[2048,1024]"]).config.data.eval_resize
+    with pytest.raises(ModelSourceError, match="pass model.align_corners, eval.mode, data.eval_resize"):
+        convert_checkpoint({**sd, "meta": {"exp_name": "emanet_r50-d8_512x512_80k_ade20k.py"}}, "mmseg")
+    with pytest.raises(ModelSourceError, match=r"output stride 16 \(-d16\).*model.output_stride=16"):
+        convert_checkpoint({**sd, "meta": {"experiment_name": "emanet_r50-d16_20230101_120000"}}, "mmseg")
+    res = convert_checkpoint({**sd, "meta": {}}, "mmseg")  # a name that says nothing: converted, said
+    assert "model.align_corners=false" in res.origin["assumed"]
+
+
+def test_docs_show_the_overrides_of_each_published_config():
+    text = (Path(__file__).parents[2] / "docs" / "convert.md").read_text()
+    for crop, settings in PUBLISHED_PIPELINES.items():
+        for depth in ("r50", "r101"):
+            row = f"| `emanet_{depth}-d8_4xb2-80k_cityscapes-{crop[0]}x{crop[1]}` |"
+            line = text.split(row, 1)[1].splitlines()[0]
+            assert all(f"'{override_text(k, v)}'" in line for k, v in settings.items()), line
+
+
+def test_the_model_card_says_where_a_converted_model_came_from(tmp_path):
+    torch.save({"net": reference_state()}, tmp_path / "final.pth")
+    convert(tmp_path / "final.pth", tmp_path / "ref", "reference", overrides=["model.output_stride=16"])
+    card = write_model_card(tmp_path / "ref").read_text()
+    assert "# EMANet resnet50, 5 classes\n" in card  # no dataset named: 5 classes are none we know
+    assert "from `final.pth`, a checkpoint of the authors' code (XiaLiPKU/EMANet); it was trained there" in card
+    assert "Settings assumed (not recorded in the file): `model.num_stages=3`" in card
+    assert "Settings given at conversion: `model.output_stride=16`" in card
+    assert "Training recipe" not in card and "SGD lr" not in card  # our defaults: not how it was trained
+
+    text = (FIXTURES / "mmengine_emanet_r50-d8_4xb2-80k_cityscapes-769x769.txt").read_text()
+    torch.save({"state_dict": mmseg_state(), "meta": {"cfg": text}}, tmp_path / PUBLISHED_769)
+    convert(tmp_path / PUBLISHED_769, tmp_path / "mm", "mmseg", overrides=["data.dataset=cityscapes"])
+    card = write_model_card(tmp_path / "mm").read_text()
+    assert "# EMANet resnet50, 5 classes (cityscapes)" in card
+    assert (
+        f"from `{PUBLISHED_769}`, a checkpoint of mmsegmentation, config `emanet_r50-d8_769x769_80k_cityscapes`" in card
+    )
+    assert "Settings read from its config text: " in card and "`align_corners=True`" in card
+    assert "`slide inference 769x769 stride 513x513`" in card and "Settings assumed" not in card
+
+    torch.save({"state_dict": mmseg_state(), "meta": {}}, tmp_path / "iter_80000.pth")
+    convert(tmp_path / "iter_80000.pth", tmp_path / "bare", "mmseg")
+    card = write_model_card(tmp_path / "bare").read_text()
+    assert "It carried no config text." in card and "`model.align_corners=false`" in card
+    assert "(voc)" not in card
 
 
 def test_reference_eval_padding_follows_the_output_stride():

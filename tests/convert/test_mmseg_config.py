@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from emanet.convert.mmseg_config import Unresolved, parse_mmseg_meta, read_config_text
+from emanet.convert.mmseg_config import (
+    PUBLISHED_PIPELINES,
+    Unresolved,
+    config_name,
+    implied_by_name,
+    override_text,
+    parse_mmseg_meta,
+    read_config_text,
+)
 from emanet.errors import ModelSourceError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "mmseg_configs"
@@ -77,3 +85,43 @@ def test_a_resize_that_does_not_keep_the_ratio_is_said_not_reproduced():
     out = parse_mmseg_meta({"cfg": text.replace("dict(keep_ratio=True, scale=(", "dict(keep_ratio=False, scale=(")})
     assert "eval_resize" not in out["data"]
     assert any("not reproduced" in n and "keep_ratio=False" in n for n in out["notes"])
+
+
+@pytest.mark.parametrize(
+    "meta, file, name",
+    [
+        (
+            {},
+            "emanet_r50-d8_769x769_80k_cityscapes_20200901_100301-16f8de52.pth",
+            "emanet_r50-d8_769x769_80k_cityscapes",
+        ),
+        (
+            {"exp_name": "emanet_r101-d8_512x1024_80k_cityscapes.py"},
+            "latest.pth",
+            "emanet_r101-d8_512x1024_80k_cityscapes",
+        ),
+        (
+            {"experiment_name": "emanet_r50-d8_4xb2-80k_cityscapes-769x769_20230101_120000"},
+            "iter_80000.pth",
+            "emanet_r50-d8_4xb2-80k_cityscapes-769x769",
+        ),
+        ({}, "iter_80000.pth", None),
+    ],
+)
+def test_the_config_name_comes_from_the_meta_or_the_published_file_name(meta, file, name):
+    assert config_name(meta, file) == name
+
+
+def test_a_config_name_implies_the_published_test_pipeline():
+    implied, open_keys, words = implied_by_name("emanet_r101-d8_4xb2-80k_cityscapes-769x769")
+    assert implied == PUBLISHED_PIPELINES[(769, 769)] and implied["eval.stride"] == [513, 513] and not open_keys
+    assert words == "769x769 training crops"
+    implied, open_keys, words = implied_by_name("emanet_r50-d16_512x512_80k_ade20k")
+    assert implied == {"model.output_stride": 16} and open_keys == [
+        "model.align_corners",
+        "eval.mode",
+        "data.eval_resize",
+    ]
+    assert implied_by_name("iter_80000") == ({}, [], "")
+    assert override_text("data.eval_resize", None) == "data.eval_resize=null"
+    assert override_text("data.std", [0.229, 58.395 / 255]) == "data.std=[0.229,0.229]"

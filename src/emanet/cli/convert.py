@@ -30,7 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="load with weights_only=False (runs pickled code: only for files you trust)",
+        help="a state dict that itself holds pickled objects other than tensors: load it with weights_only=False "
+        "(runs pickled code: only for files you trust); other pickled objects (an mmengine message hub) are read "
+        "without it, as inert stubs",
+    )
+    p.add_argument(
+        "--assume-defaults",
+        action="store_true",
+        help="an mmseg checkpoint without config text whose name implies another test pipeline (769x769): "
+        "convert with our mmseg defaults anyway (the warning says which were assumed)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.set_defaults(func=run)
@@ -55,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.source,
         overrides=args.overrides,
         allow_pickle=args.allow_pickle,
+        assume_defaults=args.assume_defaults,
         overwrite=args.overwrite,
     )
     print(result.summary())

@@ -10,9 +10,10 @@ the settings the source architecture needs so that our model computes what it co
 dilations, align_corners, BN momentum, the bases' moving average, input normalisation).
 
 This module infers the model from the renamed tensors, builds it and writes the result (``convert``);
-convert_keys.py holds the per-source key rules, the reading of the source file and the key-by-key check
-against the model; mmseg_config.py reads an mmseg checkpoint's config text. docs/convert.md has the
-per-source table, the key-mapping rules and the known numerical differences.
+keys.py holds the per-source key rules, the reading of the source file (unpickle.py: pickled objects as inert
+stubs) and the key-by-key check against the model; mmseg_config.py reads an mmseg checkpoint's config text;
+origin.py records where the model came from and what the file did not say (config.json's "origin").
+docs/convert.md has the per-source table, the key-mapping rules and the known numerical differences.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from emanet.convert.keys import (
     rename_all,
 )
 from emanet.convert.mmseg_config import parse_mmseg_meta
+from emanet.convert.origin import DATASETS_BY_CLASSES, conversion_origin
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.backbone import BACKBONES, resnet_for_blocks
@@ -144,8 +146,6 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
         eval_pad_offset=0,
     ),
 }
-DATASETS_BY_CLASSES = {21: "voc", 19: "cityscapes", 150: "ade20k"}
-
 
 # ----------------------------------------------------------------------------- conversion
 
@@ -164,6 +164,7 @@ class ConversionResult:
     palette: list[tuple[int, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     model: nn.Module | None = field(default=None, repr=False)  # the converted model or backbone, eval mode
+    origin: dict[str, Any] | None = None  # full models: where it came from, config.json's "origin" (model card)
 
     def summary(self) -> str:
         lines = []
@@ -227,22 +228,25 @@ def convert_checkpoint(
     *,
     overrides: Sequence[str] = (),
     allow_pickle: bool = False,
+    assume_defaults: bool = False,
 ) -> ConversionResult:
     """Convert a checkpoint (file or dict) from ``source`` into our key layout, checking every key.
 
     ``overrides`` (``section.key=value``, full models only) go on top of the inferred config, e.g.
     ``model.output_stride=16`` for a reference model trained at OS16 (dilations are not in the weights).
+    An mmseg checkpoint without config text converts with our mmseg defaults, said in a logged warning; one whose
+    name shows a published config with another test pipeline (769x769) is refused unless ``overrides`` give
+    its settings or ``assume_defaults`` accepts the defaults.
     """
     if source not in SOURCES:
         raise ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    state, extra, name = read_source(src, allow_pickle=allow_pickle)
+    state, extra, name, notes = read_source(src, allow_pickle=allow_pickle)
     mapped, pairs, dropped = rename_all(state, source, name)
-    notes = []
     if isinstance(extra.get("step"), int):
         notes.append(f"the source checkpoint was saved at step {extra['step']}")
     renamed = _Renamed(source, name, mapped, pairs, dropped, notes)
     if source in FULL_MODEL_SOURCES:
-        return _convert_model(renamed, extra, overrides)
+        return _convert_model(renamed, extra, overrides, assume_defaults)
     if overrides:
         raise ConfigError("overrides apply to full-model conversions (reference, mmseg) only")
     return _convert_backbone(renamed)
@@ -263,13 +267,16 @@ def _convert_backbone(r: _Renamed) -> ConversionResult:
     return ConversionResult(r.source, sd, kept, r.dropped, filled, backbone=arch, notes=r.notes, model=backbone.eval())
 
 
-def _convert_model(r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[str]) -> ConversionResult:
+def _convert_model(
+    r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[str], assume_defaults: bool
+) -> ConversionResult:
     """A full segmentation model -> our model, built from the config the tensors, the source's settings, its
     metadata (mmseg) and the overrides say."""
     settings = _source_settings(r)
-    if r.source == "mmseg":
-        _apply_mmseg_meta(settings, r, extra.get("meta") or {})
+    meta = extra.get("meta") if isinstance(extra.get("meta"), Mapping) else {}
+    found = _apply_mmseg_meta(settings, r, meta) if r.source == "mmseg" else {"read": [], "config_text": False}
     cfg = _model_config(settings, r, overrides)
+    origin = conversion_origin(cfg, r.source, r.name, meta, found, overrides, assume_defaults)
     m = cfg.model
     class_names, palette = _names_for(settings, m.num_classes, r.notes)
     model = build_model(m)
@@ -296,6 +303,7 @@ def _convert_model(r: _Renamed, extra: Mapping[str, Any], overrides: Sequence[st
         palette=palette,
         notes=r.notes,
         model=model.eval(),
+        origin=origin,
     )
 
 
@@ -311,9 +319,9 @@ def _bgr_to_rgb(mapped: dict[str, Tensor], key: str) -> None:
     mapped[key] = mapped[key].flip(1)
 
 
-def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any]) -> None:
+def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Add what an mmseg checkpoint's meta says (its config text, class names, palette); a BGR model's first
-    conv and mean/std are reordered to RGB."""
+    conv and mean/std are reordered to RGB. Returns parse_mmseg_meta's findings."""
     found = parse_mmseg_meta(meta)
     settings.model.update(found["model"])
     settings.data.update(found["data"])
@@ -325,6 +333,7 @@ def _apply_mmseg_meta(settings: _Settings, r: _Renamed, meta: Mapping[str, Any])
         data = settings.data
         data["mean"], data["std"] = data["mean"][::-1], data["std"][::-1]
         r.notes.append("BGR model: the first conv's input channels and mean/std were reordered to RGB")
+    return found
 
 
 def _model_config(settings: _Settings, r: _Renamed, overrides: Sequence[str]) -> Config:
@@ -368,6 +377,7 @@ def convert(
     *,
     overrides: Sequence[str] = (),
     allow_pickle: bool = False,
+    assume_defaults: bool = False,
     overwrite: bool = False,
 ) -> ConversionResult:
     """Convert and write: a model folder (full models, via save_pretrained; no model card: push_to_hub writes
@@ -380,10 +390,19 @@ def convert(
         raise ConfigError(f"{dst}: a backbone conversion writes one .safetensors file; name it *.safetensors")
     if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
         raise ConfigError(f"{dst} already exists; choose a new path or pass overwrite=True (CLI: --overwrite)")
-    result = convert_checkpoint(src, source, overrides=overrides, allow_pickle=allow_pickle)
+    result = convert_checkpoint(
+        src, source, overrides=overrides, allow_pickle=allow_pickle, assume_defaults=assume_defaults
+    )
     if full:
         assert result.config is not None and result.model is not None
-        save_pretrained(result.model, result.config, dst, class_names=result.class_names, palette=result.palette)
+        save_pretrained(
+            result.model,
+            result.config,
+            dst,
+            class_names=result.class_names,
+            palette=result.palette,
+            origin=result.origin,
+        )
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst) as tmp:  # a failed write keeps an earlier file (with --overwrite) as it was

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from emanet.checkpoint import CHECKPOINTS, LATEST
+from emanet.convert.unpickle import PickledStub, read_checkpoint_file, read_unrestricted
 from emanet.errors import ModelSourceError
-from emanet.models.backbone_weights import read_weights_file
 from emanet.pretrained import FORMAT, WEIGHTS, is_model_folder
 
 SOURCES = ("reference", "mmseg", "torchvision", "reference-backbone", "mmseg-backbone")
@@ -119,23 +119,34 @@ def detect_format(keys: Sequence[str]) -> str | None:
 # ----------------------------------------------------------------------------- reading and renaming
 
 
+def _unwrap(obj: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state dict, the other entries): {'net': ...} (reference), {'state_dict': ..., 'meta': ...} (mmseg),
+    {'model': ...}, and a (Distributed)DataParallel 'module.' prefix on every key stripped."""
+    extra: dict[str, Any] = {}
+    for wrapper in ("state_dict", "net", "model"):
+        if isinstance(obj.get(wrapper), Mapping):
+            extra = {k: v for k, v in obj.items() if k != wrapper}
+            obj = obj[wrapper]
+            break
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state, extra
+
+
 def read_source(
     src: str | os.PathLike | Mapping[str, Any], *, allow_pickle: bool = False
-) -> tuple[dict[str, Tensor], dict[str, Any], str]:
-    """A checkpoint file or dict -> (state dict, the file's other entries, a name for messages).
-
-    Unwraps {'net': ...} (reference), {'state_dict': ..., 'meta': ...} (mmseg) and {'model': ...}, and strips a
-    'module.' prefix that (Distributed)DataParallel leaves on every key.
-    """
+) -> tuple[dict[str, Tensor], dict[str, Any], str, list[str]]:
+    """A checkpoint file or dict -> (state dict, the file's other entries, a name for messages, notes on
+    reading it). Unwraps the reference's, mmseg's and (Distributed)DataParallel's containers (``_unwrap``);
+    pickled objects other than tensors are read as stubs, never run (unpickle.py)."""
+    notes: list[str] = []
     if isinstance(src, Mapping):
         obj, name = dict(src), "<state dict>"
     else:
         name = str(src)
         _refuse_foreign(Path(src))
-        try:
-            obj = read_weights_file(src, allow_pickle=allow_pickle, what="checkpoint to convert")
-        except ValueError as e:  # a damaged file, or pickled objects weights_only refuses: the message says which
-            raise ModelSourceError(str(e)) from None
+        obj, notes = read_checkpoint_file(Path(src), allow_pickle)
     if not isinstance(obj, Mapping):
         raise ModelSourceError(f"{name} holds a {type(obj).__name__}, not a checkpoint dict")
     if "format_version" in obj and isinstance(obj.get("model"), Mapping) and "config" in obj:
@@ -143,21 +154,30 @@ def read_source(
             f"{name} is already an emanet checkpoint (iteration {obj.get('iteration', '?')}): "
             "use it directly with emanet eval/predict/export, or emanet.pretrained.load_model"
         )
-    extra: dict[str, Any] = {}
-    for wrapper in ("state_dict", "net", "model"):
-        if isinstance(obj.get(wrapper), Mapping):
-            extra = {k: v for k, v in obj.items() if k != wrapper}
-            obj = dict(obj[wrapper])
-            break
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    state, extra = _unwrap(obj)
+    stubs = sorted(
+        {
+            v.pickled_as
+            for v in [*state.values(), *(obj.get(w) for w in ("state_dict", "net", "model"))]
+            if isinstance(v, PickledStub)
+        }
+    )
+    if stubs and not allow_pickle:
+        raise ModelSourceError(
+            f"{name}: its state dict holds objects of {', '.join(stubs)} (not tensors), which are read only by "
+            "running the file's pickled code: if you trust the file and have the module that defines them, pass "
+            "allow_pickle=True (CLI: --allow-pickle)"
+        )
+    if stubs:
+        obj = read_unrestricted(Path(src), stubs)  # src is a file: a dict holds no stubs
+        state, extra = _unwrap(obj)
+        notes = ["read with allow_pickle (the file's pickled code ran)"]
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors or not state:
         raise ModelSourceError(
             f"{name}: no state dict found (top-level keys {sorted(obj)[:8]}; non-tensor entries {not_tensors[:5]})"
         )
-    return state, extra, name
+    return state, extra, name, notes
 
 
 _LOAD_DIRECTLY = "emanet predict/eval/export take it directly, and so does emanet.pretrained.load_model"

@@ -7,13 +7,22 @@ dropout, dilations, normalisation, test padding, resize and sliding window). Use
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from emanet.errors import ModelSourceError
 from emanet.models.backbone import OUTPUT_STRIDES
 
-__all__ = ["Unresolved", "parse_mmseg_meta", "read_config_text"]
+__all__ = [
+    "PUBLISHED_PIPELINES",
+    "Unresolved",
+    "config_name",
+    "implied_by_name",
+    "override_text",
+    "parse_mmseg_meta",
+    "read_config_text",
+]
 
 
 class Unresolved:
@@ -122,14 +131,16 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     mmseg 0.x stores CLASSES, PALETTE and the config text (``config``, mmcv's pretty text); 1.x stores
     ``dataset_meta`` and the config text as ``cfg`` (mmengine's: sorted keys, sequences over several lines).
     The text is parsed as Python source with ``ast``, literals and ``dict(...)`` calls only (never executed).
-    Returns {'model': ..., 'data': ..., 'eval': ...} config fields, 'notes' for the user and, when found,
-    'class_names', 'palette' and 'bgr'.
+    Returns {'model': ..., 'data': ..., 'eval': ...} config fields, 'notes' for the user, 'config_text' (whether
+    the meta has one), 'read' (what was read from it, in words) and, when found, 'class_names', 'palette' and
+    'bgr'.
     """
-    out: dict[str, Any] = {"model": {}, "data": {}, "eval": {}, "notes": []}
+    out: dict[str, Any] = {"model": {}, "data": {}, "eval": {}, "notes": [], "read": [], "config_text": False}
     _dataset_meta(meta, out)
     text = meta.get("config", meta.get("cfg"))
     if not isinstance(text, str):
         return out
+    out["config_text"] = True
     cfg = read_config_text(text)
     model = _section(cfg, "model")
     found: list[str] = []  # what was read, reported in one note
@@ -142,7 +153,80 @@ def parse_mmseg_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     _test_resize(cfg, out, found)
     if found:
         out["notes"].append("from the checkpoint's mmseg config: " + ", ".join(found))
+    out["read"] = found
     return out
+
+
+# ----------------------------------------------------------------------------- without config text
+
+# The test pipelines of mmseg's published EMANet configs (configs/emanet: emanet_r{50,101}-d8_512x1024_80k_cityscapes
+# / emanet_r{50,101}-d8_4xb2-80k_cityscapes-512x1024, and the same for 769x769; only the 80k weights are published),
+# by the training crop in their names, as the overrides that reproduce them. A checkpoint without config text
+# whose name shows one of these crops converts only with these settings (or --assume-defaults): 769x769 models
+# test with align_corners=True and 769/513 sliding windows, which our mmseg defaults are not. docs/convert.md
+# shows this table.
+PUBLISHED_PIPELINES: dict[tuple[int, int], dict[str, Any]] = {
+    (512, 1024): {"model.align_corners": False, "eval.mode": "whole", "data.eval_resize": [2048, 1024]},
+    (769, 769): {
+        "model.align_corners": True,
+        "eval.mode": "slide",
+        "eval.crop_size": [769, 769],
+        "eval.stride": [513, 513],
+        "data.eval_resize": [2049, 1025],
+    },
+}
+# what an unknown crop leaves open: the settings a user must give (mode slide also needs crop_size and stride)
+PIPELINE_KEYS = ("model.align_corners", "eval.mode", "data.eval_resize")
+
+_CROP = re.compile(r"(?<![0-9])([0-9]{3,4})x([0-9]{3,4})(?![0-9])")
+_DEPTH_STRIDE = re.compile(r"r(?:18|34|50|101|152)(?:b|v1c)?-d(8|16|32)(?![0-9])")
+_EXTENSION = re.compile(r"\.(py|pth|pt|ckpt|bin|safetensors)$")
+_RUN_STAMP = re.compile(r"[_-]20[0-9]{6}_[0-9]{6}.*$")  # mmengine's experiment_name / published files' suffix
+
+
+def config_name(meta: Mapping[str, Any], file_name: str) -> str | None:
+    """The mmseg config a checkpoint was trained with, by name: 0.x ``meta['exp_name']`` (the config file),
+    mmengine's ``meta['experiment_name']`` (config name + time stamp), or a published file's name."""
+    for candidate in (meta.get("exp_name"), meta.get("experiment_name"), file_name):
+        if isinstance(candidate, str) and (_CROP.search(candidate) or _DEPTH_STRIDE.search(candidate)):
+            stem = _EXTENSION.sub("", candidate.rsplit("/", 1)[-1])
+            return _RUN_STAMP.sub("", stem)
+    return None
+
+
+def implied_by_name(name: str) -> tuple[dict[str, Any], list[str], str]:
+    """What an mmseg config name says about the settings a checkpoint needs: (overrides it implies, keys it
+    leaves open, the words of the evidence). The crop picks a PUBLISHED_PIPELINES entry (an unknown crop
+    leaves PIPELINE_KEYS open); ``-d16`` / ``-d32`` imply the output stride."""
+    implied: dict[str, Any] = {}
+    open_keys: list[str] = []
+    words = []
+    stride = _DEPTH_STRIDE.search(name)
+    if stride and int(stride.group(1)) != 8:
+        implied["model.output_stride"] = int(stride.group(1))
+        words.append(f"output stride {stride.group(1)} (-d{stride.group(1)})")
+    crop = _CROP.search(name)
+    if crop:
+        size = (int(crop.group(1)), int(crop.group(2)))
+        words.append(f"{size[0]}x{size[1]} training crops")
+        if size in PUBLISHED_PIPELINES:
+            implied.update(PUBLISHED_PIPELINES[size])
+        else:
+            open_keys = list(PIPELINE_KEYS)
+    return implied, open_keys, " and ".join(words)
+
+
+def override_text(key: str, value: Any) -> str:
+    """``section.key=value`` as the command line takes it (lists without spaces, booleans lower case)."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, list):  # floats to 6 digits: 0.224, not 0.22399999999999998
+        text = "[" + ",".join(format(v, ".6g") if isinstance(v, float) else str(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return f"{key}={text}"
 
 
 def _dataset_meta(meta: Mapping[str, Any], out: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ from emanet.pretrained import (
 
 HF_PREFIX = "hf://"  # model sources on the command line: hf://user/repo (a plain path is always local)
 REPO_FILES = [WEIGHTS, CONFIG, CARD, EVAL]
+logger = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -116,6 +118,27 @@ def from_pretrained(source: str | Path, *, device: str = "cpu", revision: str | 
     return load(source, device=device, revision=revision).model
 
 
+def _carry_run_eval(run_eval: Path, iteration: int | None, dst: Path) -> None:
+    """Copy a run's eval.json (its final evaluation, so the card shows its figures) into the model folder,
+    unless it evaluated another iteration than the checkpoint published (``train.iterations``) or is unreadable."""
+    if not run_eval.is_file():
+        return
+    try:
+        evaluated = (json.loads(run_eval.read_text()).get("train") or {}).get("iterations")
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8 or not JSON, not a JSON object
+        logger.warning("%s is not a readable eval.json: the model card says the model is not evaluated", run_eval)
+        return
+    if evaluated is not None and iteration is not None and evaluated != iteration:
+        logger.warning(
+            "%s evaluates iteration %s, not the published checkpoint's %s: not carried to the model card",
+            run_eval,
+            evaluated,
+            iteration,
+        )
+        return
+    shutil.copy(run_eval, dst)
+
+
 def push_to_hub(
     source: str | Path,
     repo_id: str,
@@ -141,12 +164,19 @@ def push_to_hub(
             origin = None
         else:  # a run folder or checkpoint: its model, config, names and palette as a model folder
             loaded = load_model(source)
+            checkpoint = Path(loaded.source)  # the file read: a run folder's newest checkpoint
+            found = re.fullmatch(r"iter_0*([0-9]+)\.pt", checkpoint.name)
+            iteration = int(found.group(1)) if found else None
+            run = {"kind": "trained", "run": checkpoint.parent.name, "checkpoint": checkpoint.name}
             folder = save_pretrained(
-                loaded.model, loaded.config, Path(tmp) / "model", class_names=loaded.class_names, palette=loaded.palette
+                loaded.model,
+                loaded.config,
+                Path(tmp) / "model",
+                class_names=loaded.class_names,
+                palette=loaded.palette,
+                origin={**run, "iteration": iteration},
             )
-            run_eval = (source if source.is_dir() else source.parent) / EVAL
-            if run_eval.is_file():
-                shutil.copy(run_eval, folder / EVAL)
+            _carry_run_eval(checkpoint.parent / EVAL, iteration, folder / EVAL)
             origin = str(loaded.source)
         write_model_card(folder, repo_id=repo_id, source=origin)
         api = hf.HfApi(token=token)

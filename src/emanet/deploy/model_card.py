@@ -48,19 +48,22 @@ def render_model_card(
     where = repo_id or "path/to/this/folder"
     sections = [  # separated by one blank line
         FRONT_MATTER,
-        [_title(m, d)],
+        [_title(m, d, meta.get("origin"))],
         _architecture(m, d),
         _classes(names, meta.get("palette") or []),
-        _origin(cfg, source or meta.get("source")),
+        _origin(cfg, meta.get("origin"), source or meta.get("source")),
         _evaluation(d, eval_results, where),
         _how_to_load(m, repo_id, where),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
-def _title(m: dict[str, Any], d: dict[str, Any]) -> str:
+def _title(m: dict[str, Any], d: dict[str, Any], origin: dict[str, Any] | None) -> str:
+    """The dataset in brackets only when known: a trained model's, or the one a conversion read or implied
+    (a converted model's data.dataset may be the config default, not what it was trained on)."""
     title = f"EMANet {m['backbone']}" if m["arch"] == "emanet" else f"{m['arch']} baseline {m['backbone']}"
-    return f"# {title}, {m['num_classes']} classes ({d['dataset']})"
+    dataset = origin.get("dataset") if origin and origin.get("kind") == "converted" else d["dataset"]
+    return f"# {title}, {m['num_classes']} classes" + (f" ({dataset})" if dataset else "")
 
 
 def _architecture(m: dict[str, Any], d: dict[str, Any]) -> list[str]:
@@ -97,11 +100,44 @@ def _classes(names: list[str], palette: list[list[int]]) -> list[str]:
     return lines
 
 
-def _origin(cfg: dict[str, Any], source: str | None) -> list[str]:
-    d, t = cfg["data"], cfg["train"]
+def _code(items: list[Any]) -> str:
+    return ", ".join(f"`{table_cell(i)}`" for i in items)
+
+
+def _origin(cfg: dict[str, Any], origin: dict[str, Any] | None, source: str | None) -> list[str]:
+    """Where the model came from, as config.json's "origin" records it (written by ``emanet convert`` and by
+    push_to_hub from a run): a converted file's toolkit, config and settings, or a trained model's recipe.
+    A converted model's training settings in config.json are emanet's defaults, never used: not shown."""
     lines = ["## Origin", ""]
-    if source:
-        lines.append(f"Converted or exported from `{source}`.")
+    if origin and origin.get("kind") == "converted":
+        config = f", config `{table_cell(origin['config'])}`" if origin.get("config") else ""
+        lines.append(
+            f"Converted by `emanet convert` from `{table_cell(origin.get('file'))}`, a checkpoint of "
+            f"{origin.get('toolkit')}{config}; it was trained there, not by emanet."
+        )
+        if origin.get("read"):
+            lines.append(f"Settings read from its config text: {_code(origin['read'])}.")
+        elif origin.get("toolkit") == "mmsegmentation":
+            lines.append("It carried no config text.")
+        if origin.get("assumed"):
+            lines.append(f"Settings assumed (not recorded in the file): {_code(origin['assumed'])}.")
+        if origin.get("overrides"):
+            lines.append(f"Settings given at conversion: {_code(origin['overrides'])}.")
+        return lines
+    d, t = cfg["data"], cfg["train"]
+    if origin and origin.get("kind") == "trained":
+        at = f" at iteration {origin['iteration']}" if origin.get("iteration") is not None else ""
+        lines.append(
+            f"Trained with emanet: run `{table_cell(origin.get('run'))}`, checkpoint "
+            f"`{table_cell(origin.get('checkpoint'))}`{at}."
+        )
+    else:
+        if source:
+            lines.append(f"Written from `{source}`.")
+        lines.append(
+            "config.json does not record where this model came from: the recipe below is what it holds, and "
+            "describes the model only if emanet trained it."
+        )
     lines.append(
         f"Training recipe (config.json holds all of it): {d['dataset']} split `{d['train_split']}`, crop "
         f"{d['crop_size']}, {t['iterations']} iterations of batch {t['batch_size']} x {t['accum_steps']} "
