@@ -1,3 +1,4 @@
+import pickle
 import re
 import sys
 
@@ -285,3 +286,11 @@ def test_eval_transform_with_a_keep_ratio_resize_leaves_the_label_alone(backend)
     x, y = eval_transform(keep_ratio_resize=(97, 65), resize_backend=backend)(image, label)
     assert tuple(x.shape) == (3, 65, 93)  # factor min(97 / 53, 65 / 37) = 1.757: 37 -> 65, 53 -> 93
     assert torch.equal(y, torch.from_numpy(label.astype(np.int64)))  # same size, same values
+
+
+def test_cv2_eval_transform_pickles_for_spawned_workers():
+    pytest.importorskip("cv2", reason=NO_CV2)
+    tf = eval_transform(keep_ratio_resize=(97, 65), resize_backend="cv2")
+    image, label = coded_pair(37, 53)
+    x, _ = pickle.loads(pickle.dumps(tf))(image, label)
+    assert torch.equal(x, tf(image, label)[0])
