@@ -219,8 +219,9 @@ class ToTensorNormalize:
 
 def keep_ratio_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's keep-ratio rescale (mmseg's test ``Resize(scale, keep_ratio=True)``): the image's aspect ratio,
-    long side at most ``max(scale)``, short side at most ``min(scale)``, each side ``int(side * f + 0.5)``.
-    -> (height, width)"""
+    long side at most ``max(scale)``, short side at most ``min(scale)``, each side ``int(side * f + 0.5)``, as
+    mmcv's ``rescale_size`` / ``_scale_size`` compute it; only a side that would round to 0 (where OpenCV would
+    refuse the size) is kept at 1. -> (height, width)"""
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
