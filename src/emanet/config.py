@@ -19,7 +19,7 @@ import yaml
 from emanet.checkpoint import write_text_atomic
 from emanet.data import DATASETS
 from emanet.data.synthetic import SceneConfig
-from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
+from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES, ResizeBackend
 from emanet.errors import ConfigError
 from emanet.fields import from_dict, literal_errors, read_utf8
 from emanet.inference import Mode
@@ -45,6 +45,7 @@ class DataConfig:
     eval_pad_multiple: int = 8  # the reference pads eval images (normalised, with 0) so H, W = 1 mod 8
     eval_pad_offset: int = 1
     eval_resize: list[int] | None = None  # [long, short]: mmseg's keep-ratio test Resize; predictions resized back
+    resize_backend: ResizeBackend = "torch"  # eval_resize's bilinear: torch (8-bit rounded); cv2 = mmseg's OpenCV
     num_workers: int = 2
     options: dict[str, Any] = field(default_factory=dict)  # extra dataset arguments (e.g. synthetic scenes)
     on_bad_sample: Literal["raise", "skip"] = "raise"  # raise: stop naming the file; skip: another sample, counted

@@ -65,29 +65,24 @@ def reference_pipeline(sd: dict, image: np.ndarray, *, divide_by_mean: bool = Fa
 # ----------------------------------------------------------------------------- mmsegmentation 1.x
 
 
-def mmcv_rescale(image: np.ndarray, scale, *, rounded: bool = True) -> np.ndarray:
-    """mmcv.imrescale(keep_ratio): factor min(long / max(h, w), short / min(h, w)), sides int(x * f + 0.5), then
-    cv2 INTER_LINEAR (half-pixel bilinear, no antialiasing) on uint8; here bilinear with align_corners=False,
-    rounded to uint8 as OpenCV's output is (``rounded=False`` keeps the float values)."""
+def mmcv_rescale(image: np.ndarray, scale) -> np.ndarray:
+    """mmcv.imrescale as mmseg's test ``Resize(scale, keep_ratio=True)`` calls it (backend cv2, bilinear): factor
+    min(long / max(h, w), short / min(h, w)), sides int(x * f + 0.5) (``rescale_size``), then OpenCV itself."""
+    cv2 = pytest.importorskip("cv2", reason="mmseg resizes with OpenCV: pip install -e '.[mmseg]'")
     h, w = image.shape[:2]
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    size = (int(h * factor + 0.5), int(w * factor + 0.5))
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-    return x.round().clamp(0, 255).to(torch.uint8).numpy() if rounded else x.numpy()
+    return cv2.resize(image, (int(w * factor + 0.5), int(h * factor + 0.5)), interpolation=cv2.INTER_LINEAR)
 
 
-def mmseg_pipeline(
-    sd: dict, image: np.ndarray, *, mode: str, align_corners: bool, crop=None, stride=None, resize=None, rounded=True
-):
-    """LoadImageFromFile (BGR) -> test Resize (keep_ratio) -> SegDataPreProcessor (bgr_to_rgb, (x - mean) / std,
-    no test padding: it has no test_cfg) -> slide/whole inference -> postprocess (logits resized back to the
-    image's size with align_corners) -> softmax. (C, H, W)."""
+def mmseg_pipeline(sd: dict, image: np.ndarray, *, mode: str, align_corners: bool, crop=None, stride=None, resize=None):
+    """LoadImageFromFile (BGR) -> test Resize (keep_ratio, on the BGR image) -> SegDataPreProcessor (bgr_to_rgb,
+    (x - mean) / std, no test padding: it has no test_cfg) -> slide/whole inference -> postprocess (logits resized
+    back to the image's size with align_corners) -> softmax. (C, H, W)."""
     h0, w0 = image.shape[:2]
+    bgr = np.ascontiguousarray(image[..., ::-1])  # what cv2.imread gives
     if resize is not None:
-        image = mmcv_rescale(image, resize, rounded=rounded)
-    bgr = torch.from_numpy(image[..., ::-1].copy()).permute(2, 0, 1)  # what cv2.imread gives, as (3, H, W)
-    x = bgr[[2, 1, 0], ...].float()
+        bgr = mmcv_rescale(bgr, resize)
+    x = torch.from_numpy(bgr.copy()).permute(2, 0, 1)[[2, 1, 0], ...].float()  # bgr_to_rgb, (3, H, W)
     mean = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
     x = ((x - mean) / std)[None]
@@ -174,6 +169,7 @@ def test_mmseg_769_converts_with_its_test_settings(mmseg_769, tmp_path_factory):
     assert cfg.model.align_corners is True
     assert (cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride) == ("slide", [769, 769], [513, 513])
     assert cfg.data.eval_pad_multiple == 0 and cfg.data.eval_resize == [2049, 1025]  # the test Resize
+    assert cfg.data.resize_backend == "cv2"  # mmcv's default: OpenCV INTER_LINEAR
     # the mmcv (mmseg 0.x) text of the same config says the same
     old = _mmseg_model(tmp_path_factory, MMCV_769, "mmcv769")[2].config
     assert (old.model.align_corners, old.eval.mode, old.eval.crop_size, old.eval.stride) == (
@@ -182,6 +178,7 @@ def test_mmseg_769_converts_with_its_test_settings(mmseg_769, tmp_path_factory):
         [769, 769],
         [513, 513],
     )
+    assert (old.data.eval_resize, old.data.resize_backend) == ([2049, 1025], "cv2")
 
 
 @pytest.mark.parametrize(
@@ -212,7 +209,7 @@ def test_mmseg_769_model_through_predictor_is_mmsegs_pipeline(mmseg_769, size, c
 def test_mmseg_512x1024_model_runs_whole_without_align_corners(tmp_path_factory):
     sd, folder, result = _mmseg_model(tmp_path_factory, MMSEG_512, "mm512")
     assert result.config.model.align_corners is False and result.config.eval.mode == "whole"
-    assert result.config.data.eval_resize == [2048, 1024]
+    assert (result.config.data.eval_resize, result.config.data.resize_backend) == ([2048, 1024], "cv2")
     image = _image(38, 53, seed=7)
     got = Predictor.from_source(folder, device="cpu")(image, probs=True)
     labels, probs = _agree(got, mmseg_pipeline(sd, image, mode="whole", align_corners=False, resize=(2048, 1024)))

@@ -1,3 +1,7 @@
+import pickle
+import re
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +29,8 @@ from emanet.data import (
     train_transform,
     worker_init_fn,
 )
-from emanet.data.transforms import MEAN_FILL
+from emanet.data.transforms import MEAN_FILL, KeepRatioResize, keep_ratio_size
+from emanet.errors import MissingExtra
 
 BLOCK = 8  # label blocks of 8x8 px; the image colour encodes the block's (row, col)
 CODE_B = 200  # blue channel of every block; the padding colour has B = 104
@@ -195,3 +200,97 @@ def test_train_transform_small_image_is_padded_with_ignore():
     assert (
         (y[10:] == 255).all() and (y[:, 12:] == 255).all() and torch.equal(y[:10, :12], torch.from_numpy(label).long())
     )
+
+
+# ----------------------------------------------------------------------------- mmseg's keep-ratio test Resize
+
+NO_CV2 = "OpenCV is the mmseg extra (pip install -e '.[mmseg]'); the dev extra installs it"
+# (height, width, (long, short)): Cityscapes in the 769x769 and 512x1024 configs, odd sizes, up and down, portrait,
+# one pixel either way, exact factors 2 and 1/2
+RESCALES = [
+    (1024, 2048, (2049, 1025)),
+    (1024, 2048, (2048, 1024)),
+    (1024, 2048, (1024, 512)),
+    (1024, 2048, (683, 341)),
+    (37, 53, (97, 65)),
+    (53, 37, (97, 65)),
+    (37, 53, (20, 10)),
+    (500, 375, (2048, 512)),
+    (375, 500, (2048, 1024)),
+    (769, 769, (2049, 1025)),
+    (769, 769, (512, 256)),
+    (480, 640, (2048, 1024)),
+    (333, 777, (1000, 500)),
+    (1080, 1920, (2048, 1024)),
+    (129, 65, (64, 32)),
+    (64, 64, (65, 65)),
+    (65, 65, (64, 64)),
+    (100, 300, (299, 99)),
+    (257, 513, (1025, 513)),
+    (17, 23, (69, 51)),
+    (200, 400, (800, 400)),
+    (3, 5, (11, 7)),
+]
+
+
+def mmcv_rescale_size(h: int, w: int, scale) -> tuple[int, int]:
+    """mmcv.image.geometric.rescale_size((w, h), (long, short)) then _scale_size, as (height, width)."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    new_w, new_h = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
+    return new_h, new_w
+
+
+@pytest.mark.parametrize("h, w, scale", RESCALES)
+def test_cv2_keep_ratio_resize_is_opencvs_resize_at_mmcvs_size(h, w, scale):
+    cv2 = pytest.importorskip("cv2", reason=NO_CV2)
+    image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = np.zeros((h, w), dtype=np.uint8)
+    got, got_label = KeepRatioResize(scale, backend="cv2")(Image.fromarray(image), label)
+    size = mmcv_rescale_size(h, w, scale)
+    assert keep_ratio_size(h, w, scale) == size and (got.height, got.width) == size
+    want = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)  # cv2 takes (width, height)
+    assert np.array_equal(np.asarray(got), want)
+    # mmseg hands cv2 the BGR image: bilinear works per channel, so the order does not matter
+    bgr = cv2.resize(np.ascontiguousarray(image[..., ::-1]), size[::-1], interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(bgr[..., ::-1], want)
+    assert got_label is label  # the label is never resized (predictions are resized back to it)
+
+
+def test_torch_resize_is_a_grey_level_off_opencvs():
+    """Why mmseg models need the cv2 backend: the float resize rounds differently on many pixels."""
+    cv2 = pytest.importorskip("cv2", reason=NO_CV2)
+    image = np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    got = np.asarray(KeepRatioResize((513, 257), backend="torch")(Image.fromarray(image), None)[0])
+    want = cv2.resize(image, (513, 257), interpolation=cv2.INTER_LINEAR)
+    diff = np.abs(got.astype(int) - want)
+    assert diff.max() == 1 and (diff > 0).mean() > 0.05
+
+
+def test_cv2_backend_without_opencv_names_the_extra_when_built(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError
+    with pytest.raises(MissingExtra, match=re.escape("pip install 'emanet[mmseg]'")):
+        KeepRatioResize((97, 65), backend="cv2")
+    with pytest.raises(MissingExtra, match="data.resize_backend='cv2'"):
+        eval_transform(keep_ratio_resize=(97, 65), resize_backend="cv2")
+    eval_transform(resize_backend="cv2")  # no resize, no OpenCV needed
+    KeepRatioResize((97, 65), backend="torch")
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'cv2', got 'pil'"):
+        KeepRatioResize((97, 65), backend="pil")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cv2"])
+def test_eval_transform_with_a_keep_ratio_resize_leaves_the_label_alone(backend):
+    if backend == "cv2":
+        pytest.importorskip("cv2", reason=NO_CV2)
+    image, label = coded_pair(37, 53)
+    x, y = eval_transform(keep_ratio_resize=(97, 65), resize_backend=backend)(image, label)
+    assert tuple(x.shape) == (3, 65, 93)  # factor min(97 / 53, 65 / 37) = 1.757: 37 -> 65, 53 -> 93
+    assert torch.equal(y, torch.from_numpy(label.astype(np.int64)))  # same size, same values
+
+
+def test_cv2_eval_transform_pickles_for_spawned_workers():
+    pytest.importorskip("cv2", reason=NO_CV2)
+    tf = eval_transform(keep_ratio_resize=(97, 65), resize_backend="cv2")
+    image, label = coded_pair(37, 53)
+    x, _ = pickle.loads(pickle.dumps(tf))(image, label)
+    assert torch.equal(x, tf(image, label)[0])

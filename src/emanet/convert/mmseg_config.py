@@ -336,8 +336,11 @@ def _test_resize(cfg: Mapping[str, Any], out: dict[str, Any], found: list[str]) 
                 "(only a keep-ratio resize to one (long, short) scale converts, as data.eval_resize)"
             )
             return
-        out["data"]["eval_resize"] = [max(pair), min(pair)]
-        found.append(f"test Resize keep_ratio to {tuple(scale)} (data.eval_resize)")
+        out["data"].update(eval_resize=[max(pair), min(pair)], resize_backend="cv2")  # mmcv's default backend
+        found.append(f"test Resize keep_ratio to {tuple(scale)} (data.eval_resize, OpenCV bilinear)")
+        resize = step if step.get("type") == "Resize" else inner[0]
+        if (resize.get("backend", "cv2"), resize.get("interpolation", "bilinear")) != ("cv2", "bilinear"):
+            out["notes"].append(f"not reproduced: the test Resize's {resize!r} (only OpenCV bilinear converts)")
         return
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from emanet.errors import MissingExtra, install_hint
 from emanet.fields import one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,6 +24,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_FILL = (124, 116, 104)  # ImageNet mean * 255, rounded: normalises to ~0
 REFERENCE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # EMANet's VOC recipe
 ScaleMode = Literal["auto", "range", "choice"]  # RandomScale: by the list's length, a (min, max) range, choices
+# KeepRatioResize's 8-bit bilinear resize (data.resize_backend): "torch" rounds half-pixel bilinear to 8 bits (emanet's
+# own models); "cv2" is OpenCV's INTER_LINEAR itself (11-bit fixed-point weights), as mmcv resizes mmseg's test images
+ResizeBackend = Literal["torch", "cv2"]
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
@@ -215,31 +219,61 @@ class ToTensorNormalize:
 
 def keep_ratio_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's keep-ratio rescale (mmseg's test ``Resize(scale, keep_ratio=True)``): the image's aspect ratio,
-    long side at most ``max(scale)``, short side at most ``min(scale)``, each side ``int(side * f + 0.5)``.
-    -> (height, width)"""
+    long side at most ``max(scale)``, short side at most ``min(scale)``, each side ``int(side * f + 0.5)``, as
+    mmcv's ``rescale_size`` / ``_scale_size`` compute it; only a side that would round to 0 (where OpenCV would
+    refuse the size) is kept at 1. -> (height, width)"""
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
+def _cv2():
+    """OpenCV, imported late: only the "cv2" resize backend needs it (the ``mmseg`` extra)."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise MissingExtra(
+            "data.resize_backend='cv2' (OpenCV's bilinear resize, as mmsegmentation resizes its test images) needs "
+            f"OpenCV: {install_hint('mmseg')}"
+        ) from e
+    return cv2
+
+
 class KeepRatioResize:
     """Resize the image only (the label keeps its size: predictions are resized back to it) to
-    ``keep_ratio_size``: bilinear with half-pixel centres and no antialiasing, rounded to 8 bits, as
-    OpenCV's INTER_LINEAR resizes mmseg's test images (OpenCV's fixed-point weights may differ by one grey
-    level here and there)."""
+    ``keep_ratio_size``, bilinear with half-pixel centres and no antialiasing.
 
-    def __init__(self, scale: Sequence[int]):
+    ``backend="cv2"``: ``cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)``, exactly what mmcv's
+    ``imrescale`` does to mmseg's test images (bilinear works per channel, so mmseg's BGR order and our RGB
+    give the same pixels). ``backend="torch"``: the same interpolation in float32, rounded to 8 bits; it
+    differs from OpenCV's fixed-point weights by one grey level on about a third of the pixels. OpenCV is
+    imported when the transform is built, so a missing ``mmseg`` extra is an error then, not at the first image.
+    """
+
+    def __init__(self, scale: Sequence[int], *, backend: ResizeBackend = "torch"):
         if len(scale) != 2 or min(scale) < 1:
             raise ValueError(f"scale must be (long, short) positive ints, got {scale!r}")
+        if backend not in typing.get_args(ResizeBackend):
+            raise ValueError(f"backend must be {one_of(typing.get_args(ResizeBackend))}, got {backend!r}")
         self.scale = (int(max(scale)), int(min(scale)))
+        self.backend = backend
+        if backend == "cv2":
+            _cv2()  # not kept: a module does not pickle (DataLoader workers under spawn)
 
     def __call__(self, image: Image.Image, label, rng=None):
         size = keep_ratio_size(image.height, image.width, self.scale)
         if size == (image.height, image.width):
-            return image, label
+            return image, label  # OpenCV copies an image resized to its own size
+        if self.backend == "cv2":
+            cv2 = _cv2()
+            out = cv2.resize(np.asarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)  # (h, w, 3)
+            return Image.fromarray(out), label
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
         x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         out = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # (h, w, 3)
         return Image.fromarray(np.ascontiguousarray(out)), label
+
+    def __repr__(self) -> str:
+        return f"KeepRatioResize({self.scale}, backend={self.backend!r})"
 
 
 class PadNormalizedToMultiple:
@@ -302,16 +336,18 @@ def eval_transform(
     size: int | Sequence[int] | None = None,
     ignore_index: int = 255,
     keep_ratio_resize: Sequence[int] | None = None,
+    resize_backend: ResizeBackend = "torch",
 ) -> Compose:
     """Optional resize, normalise, optional pad to ``H % pad_multiple == pad_offset`` (reference: 8 and 1).
 
     The padding is 0 on the normalised tensor (exactly the mean), as both source pipelines pad: EM
     attention is global, so padded pixels move the bases and with them every pixel's prediction.
-    ``keep_ratio_resize`` (long, short): mmseg's test ``Resize``, on the image only (``KeepRatioResize``).
+    ``keep_ratio_resize`` (long, short): mmseg's test ``Resize``, on the image only (``KeepRatioResize`` with
+    ``resize_backend``).
     """
     steps: list = []
     if keep_ratio_resize is not None:
-        steps.append(KeepRatioResize(keep_ratio_resize))
+        steps.append(KeepRatioResize(keep_ratio_resize, backend=resize_backend))
     if size is not None:
         steps.append(Resize(size))
     steps.append(ToTensorNormalize(mean, std))

@@ -165,6 +165,7 @@ class Predictor:
             pad_multiple=d.eval_pad_multiple or None,
             pad_offset=d.eval_pad_offset,
             keep_ratio_resize=d.eval_resize,
+            resize_backend=d.resize_backend,
         )
 
     @classmethod

@@ -39,6 +39,7 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
         pad_offset=d.eval_pad_offset,
         ignore_index=cfg.loss.ignore_index,
         keep_ratio_resize=d.eval_resize,
+        resize_backend=d.resize_backend,
     )
     options = dict(d.options)
     val_options = dict(options)
