@@ -152,6 +152,8 @@ DATASETS_BY_CLASSES = {21: "voc", 19: "cityscapes", 150: "ade20k"}
 
 @dataclass
 class ConversionResult:
+    """A converted checkpoint: our state dict, what each source key became, and the config it implies."""
+
     source: str
     state_dict: dict[str, Tensor]  # our key names; loads strictly into the model (or backbone)
     mapped: list[tuple[str, str]]  # (source key, our key)
@@ -166,6 +168,7 @@ class ConversionResult:
     model: nn.Module | None = field(default=None, repr=False)  # the converted model or backbone, eval mode
 
     def summary(self) -> str:
+        """The conversion in words: the model or backbone, the input normalisation, key counts and reasons, notes."""
         lines = []
         if self.model_config is not None:
             m = self.model_config

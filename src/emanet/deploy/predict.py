@@ -41,6 +41,8 @@ ImageInput = str | Path | Image.Image | np.ndarray
 
 @dataclass
 class Prediction:
+    """One image's result: labels at the image's size, with probabilities and attention when asked for."""
+
     labels: np.ndarray  # (H, W) class indices at the image's size; uint8 (int64 beyond 256 classes)
     image: Image.Image  # the RGB input, EXIF orientation applied
     palette: Palette
@@ -50,6 +52,7 @@ class Prediction:
 
     @property
     def size(self) -> tuple[int, int]:
+        """(H, W) of the image and its labels."""
         return self.labels.shape[0], self.labels.shape[1]
 
     def index_image(self) -> Image.Image:
@@ -63,6 +66,7 @@ class Prediction:
         return np.asarray(self.palette, dtype=np.uint8)[self.labels]
 
     def color_image(self) -> Image.Image:
+        """The label colours as an RGB image."""
         return Image.fromarray(self.color())
 
     def overlay(self, alpha: float = 0.5) -> Image.Image:
