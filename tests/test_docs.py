@@ -115,6 +115,19 @@ def test_the_reference_covers_the_public_surface():
     assert listed == {f"api/{p.name}" for p in API.glob("*.md")}, "every docs/api page in the nav, and only those"
 
 
+def test_every_guide_is_in_the_nav():
+    def pages(entries) -> set[str]:
+        found = set()
+        for entry in entries:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            found |= pages(value) if isinstance(value, list) else {value}
+        return found
+
+    nav = pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    guides = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").glob("*.md")} | {"study/README.md"}
+    assert guides - {"index.md"} <= nav, f"docs pages missing from the mkdocs.yml nav: {sorted(guides - nav)}"
+
+
 def test_every_public_name_in_the_reference_has_a_docstring(package):
     missing = []
     for page in sorted(API.glob("*.md")):
