@@ -32,6 +32,8 @@ RECIPES_DIR = Path(__file__).parent / "configs"  # the packaged YAML recipes (pa
 
 @dataclass
 class DataConfig:
+    """The ``data`` section: which dataset, where, and its training and evaluation transforms."""
+
     dataset: str = "voc"  # voc, cityscapes, ade20k, folder, synthetic
     root: str | None = None  # dataset folder (not used by "synthetic")
     train_split: str = "train_aug"  # VOC + SBD, as the reference trains
@@ -53,6 +55,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """The ``optim`` section: SGD with momentum and the poly learning-rate schedule."""
+
     lr: float = 0.009  # reference, batch 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -63,6 +67,8 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    """The ``loss`` section: cross-entropy reduction, auxiliary weight, ignored label."""
+
     reduction: Reduction = "all"  # "all": the reference's mean over all pixels; "valid": over labelled pixels
     aux_weight: float = 0.4  # used only with model.aux
     ignore_index: int = 255
@@ -70,6 +76,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """The ``train`` section: iterations, batch, precision, device, logging and checkpoints."""
+
     iterations: int = 30000  # optimizer steps (reference: 30k)
     batch_size: int = 16  # per process per micro-batch
     accum_steps: int = 1  # micro-batches per step: global batch = batch_size x processes x accum_steps
@@ -92,6 +100,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The ``eval`` section: test-time mode (whole / sliding window), scales, flip and T_eval."""
+
     mode: Mode = "whole"  # whole or slide
     scales: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     flip: bool = False
@@ -102,6 +112,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A whole run's settings, one dataclass per YAML section; saved in every run folder and checkpoint."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -110,6 +122,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts, as written to config.yaml."""
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
@@ -419,4 +432,5 @@ def load_config(
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML to ``path`` (atomically: a failed write leaves no half file)."""
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -110,6 +110,7 @@ def infer_slide(
 
 
 def check_inference_args(mode: str, scales: Sequence[float], crop_size: Any, stride: Any) -> None:
+    """Raise ConfigError for an unknown mode, non-positive scales, or slide without crop_size and stride."""
     if mode not in MODES:
         raise ConfigError(f"inference mode must be one of {MODES}, got {mode!r}")
     if len(scales) == 0 or any(not s > 0 for s in scales):

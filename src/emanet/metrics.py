@@ -78,6 +78,7 @@ class ConfusionMatrix:
 
     @property
     def matrix(self) -> torch.Tensor:
+        """(C, C) int64 counts, ``m[t, p]`` = pixels of true class t predicted as p (zeros before any update)."""
         if self._matrix is None:
             return torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         return self._matrix
@@ -88,6 +89,7 @@ class ConfusionMatrix:
         self._matrix = m if self._matrix is None else self._matrix + m.to(self._matrix.device)
 
     def reset(self) -> None:
+        """Forget every update."""
         self._matrix = None
 
     def all_reduce(self, device: torch.device | str | None = None) -> ConfusionMatrix:
@@ -101,6 +103,7 @@ class ConfusionMatrix:
         return self
 
     def compute(self) -> dict:
+        """The scores of the matrix so far (``scores``)."""
         return scores(self.matrix)
 
 

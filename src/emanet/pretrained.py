@@ -51,6 +51,8 @@ EVAL = "eval.json"  # written by `emanet eval FOLDER` (a run folder holds one to
 
 @dataclass
 class LoadedModel:
+    """What ``load_model`` returns: the model in eval mode and what predicting with it needs."""
+
     model: nn.Module  # in eval mode, on the requested device
     config: Config
     class_names: list[str]
@@ -59,6 +61,7 @@ class LoadedModel:
 
 
 def default_class_names(cfg: Config) -> list[str]:
+    """The dataset's class names when ``cfg`` has its class count, else ``class_0``, ``class_1`` ..."""
     n = cfg.model.num_classes
     known = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "ade20k": ADE20K_CLASSES}
     names = known.get(cfg.data.dataset)
@@ -68,6 +71,7 @@ def default_class_names(cfg: Config) -> list[str]:
 
 
 def default_palette(cfg: Config) -> Palette:
+    """The dataset's palette when it has one for ``cfg``'s classes, else distinct colours."""
     n = cfg.model.num_classes
     if cfg.data.dataset == "cityscapes" and n == len(CITYSCAPES_PALETTE):
         return list(CITYSCAPES_PALETTE)
@@ -166,6 +170,7 @@ def save_pretrained(
 
 
 def is_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a model folder: model.safetensors and config.json in a directory."""
     path = Path(path)
     return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 

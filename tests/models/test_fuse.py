@@ -260,7 +260,10 @@ def test_fused_model_equals_the_folded_one_and_runs_conv_relu_add_as_one_op(back
     with torch.inference_mode():
         want, plain_ops = dispatched_ops(lambda: plain(x))
         got, fused_ops = dispatched_ops(lambda: fused(x))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # relative to the largest logit: random BatchNorm statistics blow these logits up to ~5e3, and with one
+    # thread oneDNN's fused kernel rounds differently from aten's conv (2e-6 relative, measured)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < 1e-5, f"fused differs from folded by {rel:.2e} relative"
     assert torch.equal(got.argmax(1), want.argmax(1))
     n_fused = count(fused_ops, FUSED_OP)
     # every ReLU in a block (2 per BasicBlock, 3 per Bottleneck) and every residual add went into a conv
@@ -284,7 +287,8 @@ def test_fusion_leaves_autograd_tracing_and_unfolded_models_to_the_plain_ops():
     got.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+        got, want = fused(x), plain(x)  # the fused ops: relative to the largest logit, as above
+        assert (got - want).abs().max() / want.abs().max() < 1e-5
         graph = str(torch.jit.trace(fused, x.detach(), check_trace=False).inlined_graph)
     assert "_convolution_pointwise" not in graph and "aten::relu" in graph  # traced (ONNX too): the plain ops
 
@@ -323,3 +327,59 @@ def test_fused_dtype_support_follows_onednn():
     assert fuse.fused_dtype_supported(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert fuse.fused_dtype_supported(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
     assert not fuse.fused_dtype_supported(torch.float64)
+
+
+# ----------------------------------------------------------------------------- precision against float64
+
+
+def calibrated(arch: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A ResNet-50-depth model whose BatchNorm statistics come from two training-mode batches (cumulative
+    averages), as a trained model's do, and a test batch: (model in eval mode, images)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(arch=arch, backbone="resnet50", backbone_width=16, stem="deep", **{**TINY, "channels": 32})
+    model = build_model(cfg)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(2, 3, 49, 49, generator=g))
+    return model.eval(), torch.randn(2, 3, 49, 55, generator=g)
+
+
+def errors_vs_float64(model: nn.Module, x: torch.Tensor, variants: dict) -> dict[str, tuple[float, float]]:
+    """(mean absolute logit difference, largest probability difference) of each variant against float64."""
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        out = {}
+        for name, make in variants.items():
+            got = make(copy.deepcopy(model))(x).double()
+            out[name] = ((got - ref).abs().mean().item(), (got.softmax(1) - ref.softmax(1)).abs().max().item())
+    return out
+
+
+STAGES = {
+    "eager": lambda m: m,
+    "fold": lambda m: prepare_for_inference(m, channels_last=False, fuse=False),
+    "fold+fuse": lambda m: prepare_for_inference(m, channels_last=False),
+    "prepared": prepare_for_inference,  # fold + fuse + channels_last, what Predictor runs
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_preparation_stage_is_as_close_to_float64_as_the_eager_model(seed):
+    # Folding (in float64) and the fused ReLU/add add no error of their own; channels_last convolutions
+    # (oneDNN's brgemm kernels) measured 1.3-1.7x the eager error on EMANet-R50: the bound is 2x.
+    errs = errors_vs_float64(*calibrated("fcn", seed), STAGES)
+    mean0, max0 = errs["eager"]
+    for name, (mean, largest) in errs.items():
+        assert mean <= 2 * mean0, f"{name}: mean logit error {mean:.2e} vs eager {mean0:.2e}"
+        assert largest <= 2 * max0, f"{name}: largest probability error {largest:.2e} vs eager {max0:.2e}"
+
+
+def test_prepared_emanet_is_as_close_to_float64_as_the_eager_one_on_average():
+    # EM attention amplifies float32 rounding (nearly one-hot E-step): the largest probability difference is
+    # chaotic, the mean logit difference is the stable measure
+    errs = errors_vs_float64(*calibrated("emanet"), {"eager": STAGES["eager"], "prepared": STAGES["prepared"]})
+    assert errs["prepared"][0] <= 2 * errs["eager"][0], errs

@@ -152,6 +152,8 @@ DATA_SETTINGS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ConversionResult:
+    """A converted checkpoint: our state dict, what each source key became, and the config it implies."""
+
     source: str
     state_dict: dict[str, Tensor]  # our key names; loads strictly into the model (or backbone)
     mapped: list[tuple[str, str]]  # (source key, our key)
@@ -167,6 +169,7 @@ class ConversionResult:
     origin: dict[str, Any] | None = None  # full models: where it came from, config.json's "origin" (model card)
 
     def summary(self) -> str:
+        """The conversion in words: the model or backbone, the input normalisation, key counts and reasons, notes."""
         lines = []
         if self.model_config is not None:
             m = self.model_config

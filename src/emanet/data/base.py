@@ -169,6 +169,7 @@ class SegmentationDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (``len(classes)``)."""
         return len(self.classes)
 
     def __len__(self) -> int:
@@ -198,6 +199,7 @@ class SegmentationDataset(Dataset):
         return image, self.map_label(label, label_path)
 
     def check_size(self, image: Image.Image, label: np.ndarray, image_path, label_path) -> None:
+        """Raise DataError (kind ``size_mismatch``) unless label and image have the same size."""
         if label.shape != (image.height, image.width):
             raise DataError(
                 label_path,
@@ -314,6 +316,7 @@ class SkipBadSamples(Dataset):
         return getattr(self.dataset, name)
 
     def log(self, error: DataError) -> None:
+        """Count a skipped sample and append ``path<TAB>reason`` to ``log_path``."""
         self.skipped += 1
         if self.log_path is not None:
             reason = " ".join(error.reason.split())  # one line per sample, tabs and newlines flattened

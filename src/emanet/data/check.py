@@ -109,6 +109,8 @@ def describe_label_mode(path: str | Path, palette: Palette) -> str:
 
 @dataclass
 class Problem:
+    """One problem found in a dataset: its kind (a key of KINDS), the file and what is wrong."""
+
     kind: str  # a key of KINDS
     path: str
     message: str  # what is wrong, without the path
@@ -117,6 +119,7 @@ class Problem:
 
     @classmethod
     def from_error(cls, error: DataError, sample: str | None = None) -> Problem:
+        """The problem a DataError describes."""
         return cls(error.kind, error.path, error.reason, sample, dict(error.details))
 
     def __str__(self) -> str:
@@ -138,6 +141,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found."""
         return not self.problems
 
     def counts(self) -> dict[str, int]:
@@ -145,9 +149,11 @@ class Report:
         return dict(Counter(p.kind for p in self.problems).most_common())
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data, with ``ok`` and the counts per kind."""
         return {**asdict(self), "ok": self.ok, "counts": self.counts()}
 
     def summary(self) -> str:
+        """One line: what was scanned and the problems per kind."""
         where = f" ({self.root})" if self.root else ""
         head = (
             f"{self.dataset} {self.split}{where}: {self.samples_scanned} of {self.num_samples} samples scanned, "

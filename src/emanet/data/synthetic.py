@@ -32,6 +32,8 @@ from .palettes import Palette, index_image
 
 @dataclasses.dataclass(frozen=True)
 class SceneConfig:
+    """How synthetic scenes are drawn: image size, classes, blobs and the colour cues."""
+
     image_size: int = 96  # square images, pixels
     num_classes: int = 5  # background + 4 object hues
     min_objects: int = 6  # blobs per image, drawn uniformly in [min_objects, max_objects]
@@ -73,6 +75,7 @@ class SceneConfig:
         return self.image_size // (self.max_size + self.min_gap)
 
     def hue(self, cls: int) -> float:
+        """The hue angle of class ``cls`` (1 .. num_classes - 1)."""
         return self.tint_phase + 2 * math.pi * (cls - 1) / (self.num_classes - 1)
 
     @staticmethod
@@ -133,12 +136,14 @@ class SceneConfig:
         return image, label, cls
 
     def palette(self) -> Palette:
+        """Display colours: black background, then each class's tint."""
         colours = [(0, 0, 0)]
         for t in self.tints()[1:]:
             colours.append(tuple(int(round(255 * min(1.0, max(0.0, 0.5 + 0.55 * x)))) for x in t))
         return colours
 
     def class_names(self) -> list[str]:
+        """``background``, then ``tint_1`` ...: one name per class."""
         return ["background"] + [f"tint_{c}" for c in range(1, self.num_classes)]
 
 

@@ -67,6 +67,8 @@ def pad_pair(image: Image.Image, label: np.ndarray, size: tuple[int, int], fill_
 
 
 class Compose:
+    """Apply paired transforms in order: ``(image, label, rng) -> (image, label)``."""
+
     def __init__(self, transforms: Sequence):
         self.transforms = list(transforms)
 
@@ -98,6 +100,7 @@ class RandomScale:
         self.is_range = len(scales) == 2 and mode != "choice"
 
     def sample(self, rng: np.random.Generator) -> float:
+        """One scale factor drawn with ``rng``."""
         if self.is_range:
             return float(rng.uniform(min(self.scales), max(self.scales)))
         return self.scales[int(rng.integers(len(self.scales)))]
@@ -135,6 +138,7 @@ class PadToMultiple:
         self.fill_label = fill_label
 
     def target(self, n: int) -> int:
+        """The padded size of a side of length ``n``."""
         return n + (self.offset - n) % self.multiple
 
     def __call__(self, image, label, rng=None):
@@ -159,6 +163,8 @@ class RandomCrop:
 
 
 class RandomHorizontalFlip:
+    """Flip image and label left-right with probability ``p``."""
+
     def __init__(self, p: float = 0.5):
         self.p = p
 

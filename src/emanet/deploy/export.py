@@ -58,6 +58,7 @@ class OnnxNotInstalled(UserError, ImportError):
 
 
 def require_onnx(*modules: str) -> None:
+    """Raise OnnxNotInstalled, naming the missing packages and the extra, unless ``modules`` import."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -278,6 +279,8 @@ def onnx_session(path: str | Path, *, threads: int = 0):
 
 @dataclass
 class Parity:
+    """How close onnxruntime's logits are to PyTorch's on one input."""
+
     max_abs_diff: float  # largest |onnxruntime - pytorch| over all logits
     max_abs_logit: float  # the scale the difference is relative to
     label_agreement: float  # fraction of pixels whose argmax class is the same

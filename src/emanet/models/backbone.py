@@ -54,11 +54,13 @@ STEMS: tuple[str, ...] = typing.get_args(Stem)
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """A 3x3 conv without bias whose padding keeps the size at stride 1 for any dilation."""
     # padding = dilation keeps the size at stride 1 for any dilation; no bias since a norm layer follows.
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 def conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    """A 1x1 conv without bias."""
     return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
 

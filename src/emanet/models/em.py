@@ -322,6 +322,7 @@ class EMAUnit(nn.Module):
 
 
 def ema_units(model: nn.Module) -> list[EMAUnit]:
+    """Every EMAUnit in ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, EMAUnit)]
 
 

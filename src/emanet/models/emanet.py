@@ -98,9 +98,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """A ModelConfig from a dict (e.g. config.json's ``model``), each key checked by name and type."""
         return from_dict(cls, d, "model.")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
         return dataclasses.asdict(self)
 
 
@@ -194,6 +196,7 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> SegmentationModel:
+    """The model ``cfg`` describes, with fresh weights (``cfg.pretrained_backbone``: the backbone's loaded)."""
     norm_layer = functools.partial(nn.BatchNorm2d, momentum=cfg.bn_momentum)
     backbone = BACKBONES[cfg.backbone](
         stem=cfg.stem,

@@ -23,6 +23,24 @@ _convolution_pointwise``, the op Inductor's CPU backend emits) applies them as p
 conv-BN-ReLU sequences get a subclass whose forward takes that path when it may: a CPU float32 (or CPU
 autocast) inference forward, not traced, compiled or exported, so ONNX, torch.compile and autograd see the
 plain modules. The subclass keeps every child, so state-dict keys are unchanged.
+
+Precision (float32 on CPU, against the same model in float64; EMANet-ResNet-50 OS8, random weights, BatchNorm
+statistics from three training-mode batches): the fold (computed in float64, then cast) and the fused ReLU/add
+add no error of their own, 0.9-1.3x the eager model's mean |logit| error. channels_last is the one stage that
+adds some: oneDNN runs channels_last float32 convolutions with its brgemm kernels, measured at 1.7-3.7x the
+error of the blocked direct kernels an NCHW input gets on 3x3 convolutions (equal on 1x1). The prepared model,
+mean |logit| and largest probability error as multiples of the eager model's (medians over images): 1.7x
+and 1.6x at 129x137, 1.4x and 1.3x at 257x265, 1.5x and 1.8x at 505x377 (one image) with the random model's
+soft E-step; 1.4x and 1.2x, 1.3x and 1.2x, 1.2-1.5x and 1.0-1.6x with a nearly one-hot E-step (conv_in
+scaled 4x). tests/models/test_fuse.py holds the bound: 2x.
+The largest probability difference on ONE image does not measure a path's precision for EMANet: a trained
+model's E-step is nearly one-hot, so a pixel close to a tie between two bases changes its reconstruction with
+any rounding change. With such an E-step, per image, the prepared model's figure was 0.6-5.5x the eager
+model's, and the eager model's own moved 4.6x when its input changed by 1e-7 relative: one image at 10x (a
+trained model's E-step is sharper still) is that noise, not a loss in the fused path. For the eager model's
+error exactly, prepare without channels_last
+(``prepare_for_inference(channels_last=False)``, or ``Predictor(prepare=False)``): that gives up the
+channels_last speed (benchmarks/results.md: prepared 0.72x the eager forward, EMANet-R50 at 513x513).
 """
 
 from __future__ import annotations
@@ -290,7 +308,8 @@ def prepare_for_inference(
     inputs than with NCHW ones into the same converted model). With ``channels_last`` a forward pre-hook
     converts 4-D inputs too, so every caller (whole image, sliding windows, evaluation) gets the fast path.
     ``fuse`` (needs ``fold_bn``): ``fuse_activations``, CPU inference only. Outputs equal the eager model's
-    within float32 rounding; EM attention still runs in float32 under autocast.
+    within float32 rounding (channels_last convolutions: 1.3-1.7x the eager error against float64, see the
+    module's "Precision"); EM attention still runs in float32 under autocast.
     """
     model.eval()
     if fold_bn:

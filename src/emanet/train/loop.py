@@ -73,11 +73,15 @@ EXIT_NONFINITE = 4  # non-finite loss (or too many skipped steps); choose a chec
 
 
 class TrainingInterrupted(TrainingStopped):
+    """A stop signal (or ``stop_at``) ended the run after a checkpoint at the current step."""
+
     exit_code = EXIT_INTERRUPTED
     signum = 0  # the signal that stopped it (the lowest rank's that got one); 0 for train(stop_at=...)
 
 
 class NonFiniteLoss(TrainingStopped):
+    """A non-finite loss (or too many skipped steps) ended the run."""
+
     exit_code = EXIT_NONFINITE
 
 
