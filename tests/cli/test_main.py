@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 
@@ -218,6 +219,23 @@ def test_log_lines_go_to_stderr_through_the_progress_writer_at_the_chosen_level(
     assert logging.getLogger("emanet").handlers == handlers  # removed again: a second main() logs once
     assert main(["configs", *flags]) == 0  # the flags also after the command
     assert capsys.readouterr().err.splitlines() == shown
+
+
+def test_a_warning_raised_twice_is_shown_once(monkeypatch, capsys):
+    def twice(args):  # as torch's DataLoader does: the same text from two call sites
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("too many workers", UserWarning, stacklevel=1)
+            warnings.warn("too many workers", UserWarning, stacklevel=1)
+            warnings.warn("another one", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(emanet.cli.configs, "run", twice)
+    assert main(["configs"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "emanet configs: warning: too many workers",
+        "emanet configs: warning: another one",
+    ]
 
 
 class Exited(Exception):

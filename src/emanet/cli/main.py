@@ -118,8 +118,13 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     logger.addHandler(handler)
 
+    shown: set[str] = set()
+
     def show_warning(message, category, filename, lineno, file=None, line=None):  # no source line
-        write(f"emanet {args.command}: warning: {message}", stream=sys.stderr)
+        text = f"emanet {args.command}: warning: {message}"
+        if text not in shown:  # once per command: torch's DataLoader warns from two call sites, for example
+            shown.add(text)
+            write(text, stream=sys.stderr)
 
     shown_before, warnings.showwarning = warnings.showwarning, show_warning
     try:

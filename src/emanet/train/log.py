@@ -37,9 +37,9 @@ class TrainingLog:
 
     def step(self, step: int, loss: float, lr: float, bad: bool, counters: Counters) -> None:
         train_cfg = self.run.cfg.train
-        if self.bar is not None:
+        if self.bar is not None:  # this step's figures first: the line that update() prints shows them
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", skipped=counters.skipped, refresh=False)
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", skipped=counters.skipped)
         if step % train_cfg.log_interval == 0 or step == train_cfg.iterations or bad:
             elapsed = max(time.perf_counter() - self.started, 1e-9)
             images_per_s = counters.seen * self.run.env.world_size / elapsed
