@@ -154,6 +154,32 @@ def test_all_problems_are_listed_at_once():
         load_config(None, ["optim.lr=0", "train.batch_size=0", "eval.eval_stages=0"])
 
 
+MISTAKES = {  # two misspelled keys and a value out of range, a wrong type and a model value that its check refuses
+    "train.iteratons": "5",
+    "data.crop_sise": "33",
+    "optim.momentum": "1.5",
+    "train.batch_size": "two",
+    "model.num_bases": "0",
+}
+
+
+def test_every_unknown_key_and_every_bad_value_are_listed_in_one_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {v}\n" for k, v in list(MISTAKES.items())[:3]))
+    overrides = [f"{k}={v}" for k, v in list(MISTAKES.items())[3:]]
+    with pytest.raises(ConfigError) as e:
+        load_config(f, overrides)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "5 config problems:"
+    assert sorted(line.strip() for line in lines[1:]) == [
+        "model.num_bases must be >= 1, got 0",
+        "optim.momentum must be in [0, 1), got 1.5",
+        "train.batch_size: expected int, got 'two'",
+        "unknown config key 'data.crop_sise'; did you mean 'data.crop_size'?",
+        "unknown config key 'train.iteratons'; did you mean 'train.iterations'?",
+    ]
+
+
 def test_validate_catches_values_assigned_after_loading():
     cfg = load_config()
     cfg.model.num_bases = 0  # bypasses ModelConfig.__post_init__

@@ -21,7 +21,7 @@ from emanet.data import DATASETS
 from emanet.data.synthetic import SceneConfig
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES
 from emanet.errors import ConfigError
-from emanet.fields import from_dict, literal_errors, read_utf8
+from emanet.fields import build, literal_errors, problems_message, read_utf8
 from emanet.inference import Mode
 from emanet.losses import Reduction
 from emanet.models.emanet import ModelConfig
@@ -115,10 +115,8 @@ class Config:
         """Refuse impossible values before anything runs: every problem found, each naming its key and what
         is expected (one problem: its message; several: one per line)."""
         errors = validation_errors(self)
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
         if errors:
-            raise ConfigError(f"{len(errors)} config problems:\n  " + "\n  ".join(errors))
+            raise ConfigError(problems_message(errors))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -412,8 +410,12 @@ def load_config(
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.iterations=100)")
         key, raw = item.split("=", 1)
         _set_path(patch, key.strip(), _override_value(item, raw))
-    cfg = from_dict(Config, _merge(data, patch))
-    cfg.validate()
+    # every problem at once: unknown keys and values of the wrong type (those keep their defaults), then the
+    # checks of the values (ranges, combinations)
+    cfg, errors = build(Config, _merge(data, patch))
+    errors += validation_errors(cfg)
+    if errors:
+        raise ConfigError(problems_message(errors))
     return cfg
 
 

@@ -60,22 +60,48 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` built from ``data``; every unknown key and every value of the wrong type in one ConfigError."""
+    obj, errors = build(cls, data, prefix)
+    if errors:
+        raise ConfigError(problems_message(errors))
+    return obj
+
+
+def build(cls: type, data: Any, prefix: str = "") -> tuple[Any, list[str]]:
+    """``cls`` built from ``data``, and every problem found on the way: each unknown key (with the closest valid
+    one), each value of the wrong type, each problem the class's own check raises. A field with a problem keeps its
+    default, so the later checks of the other fields still run and one message can list everything."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        return cls(), [f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}"]
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs, errors = {}, []
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            errors.append(f"unknown config key '{prefix}{key}'{hint}")
+            continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
-        else:
+            kwargs[key], inner = build(tp, value, f"{prefix}{key}.")
+            errors += inner
+            continue
+        try:
             kwargs[key] = _check_type(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)  # ModelConfig's __post_init__ raises its own ConfigError
+        except ConfigError as e:
+            errors.append(str(e))
+    try:
+        return cls(**kwargs), errors
+    except ConfigError as e:  # the class's own check (ModelConfig.__post_init__): its message, then the defaults
+        return cls(), [*errors, str(e)]
+
+
+def problems_message(errors: list[str]) -> str:
+    """One message for the problems of a config: the problem itself, or a count and one per line."""
+    if len(errors) == 1:
+        return errors[0]
+    return f"{len(errors)} config problems:\n  " + "\n  ".join(errors)
 
 
 def one_of(values: typing.Sequence[Any]) -> str:

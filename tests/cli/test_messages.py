@@ -122,6 +122,32 @@ def test_an_empty_config_is_refused_saying_what_it_would_mean(tmp_path, text):
     assert not run.exists()
 
 
+# ----------------------------------------------------------------------------- every config problem at once
+
+THREE_MISTAKES = {"train.iteratons": "5", "optim.momentun": "0.9", "optim.lr": "-1"}  # two misspelled, one bad
+
+
+@pytest.mark.parametrize("given", ["yaml", "overrides"])
+def test_two_misspelled_keys_and_a_bad_value_are_all_named_in_one_message(tmp_path, given):
+    run = tmp_path / "run"
+    if given == "yaml":
+        config = tmp_path / "three.yaml"
+        config.write_text("train:\n  iteratons: 5\noptim:\n  momentun: 0.9\n  lr: -1\n")
+        args = ["--config", str(config)]
+    else:
+        args = [f"{k}={v}" for k, v in THREE_MISTAKES.items()]
+    proc = emanet("train", *args, f"train.out_dir={run}")
+    said(
+        proc,
+        2,
+        "3 config problems",
+        "unknown config key 'train.iteratons'; did you mean 'train.iterations'?",
+        "unknown config key 'optim.momentun'; did you mean 'optim.momentum'?",
+        "optim.lr must be > 0, got -1",
+    )
+    assert not run.exists()
+
+
 # ----------------------------------------------------------------------------- convert
 
 
