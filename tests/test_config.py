@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import pytest
 
-from emanet.config import Config, load_config, save_config
+from emanet.config import Config, config_keys, load_config, save_config
+from emanet.data import DATASETS
 from emanet.errors import ConfigError
 
 
@@ -229,3 +233,42 @@ def test_duplicate_keys_are_refused_in_files_and_overrides_but_merges_are_not(tm
 def test_an_override_that_is_not_valid_yaml_names_the_override():
     with pytest.raises(ConfigError, match=r"override 'train.iterations=\[1,': the value is not valid YAML"):
         load_config(None, ["train.iterations=[1,"])
+
+
+@dataclass
+class Extra:  # a section as a later change might add it
+    speed: Literal["slow", "fast"] = "fast"  # how fast to go
+    # A heading that describes nothing
+    ratio: float | None = None  # a ratio,
+    # continued here
+    size: list[int] = field(default_factory=lambda: [3, 4])
+
+
+@dataclass
+class Whole:
+    extra: Extra = field(default_factory=Extra)
+    on: bool = True  # whether
+
+
+def test_config_keys_follow_the_dataclasses_so_a_new_field_is_listed():
+    keys = {k.key: k for k in config_keys(Whole)}
+    assert list(keys) == ["extra.speed", "extra.ratio", "extra.size", "on"]
+    speed, ratio, size, on = keys.values()
+    assert (speed.type, speed.default, speed.allowed, speed.reason) == (
+        "slow | fast",
+        "fast",
+        ["slow", "fast"],
+        "how fast to go",
+    )
+    assert (ratio.type, ratio.default, ratio.reason) == ("float | null", "null", "a ratio, continued here")
+    assert (size.type, size.default, size.allowed, size.reason) == ("list[int]", "[3, 4]", [], "")
+    assert (on.type, on.default, on.reason) == ("bool", "true", "whether")
+
+
+def test_config_keys_name_the_allowed_values_of_every_closed_field():
+    keys = {k.key: k for k in config_keys()}
+    assert keys["model.differentiable"].allowed == ["false", "true", "last"]
+    assert keys["data.dataset"].allowed == sorted(keys["data.dataset"].allowed, key=list(DATASETS).index)
+    assert set(keys["data.dataset"].allowed) == set(DATASETS)
+    assert keys["model.output_stride"].allowed == ["8", "16", "32"]
+    assert keys["train.on_nonfinite"].allowed == ["stop", "skip"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
 import re
 import types
 import typing
@@ -148,6 +150,53 @@ def _other_arm(tp: Any, value: Any) -> bool:
         except ConfigError:
             pass
     return False
+
+
+# ----------------------------------------------------------------------------- describing fields (configs --keys)
+
+
+def describe_type(tp: Any) -> str:
+    """A field's type as a config file sees it: int, float, str, bool, list[float], mapping, ``X or null``,
+    and for a Literal its values (``fp32 | bf16 | fp16``)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(show_value(v) for v in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        arms = [describe_type(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(arms) + (" | null" if type(None) in typing.get_args(tp) else "")
+    if origin is list:
+        return f"list[{describe_type(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "mapping"
+    return "any" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+def show_value(value: Any) -> str:
+    """A value as YAML writes it in a config file: true, null, 0.009, [0.5, 1.0], a bare string."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of dataclass ``cls`` in its source (``name: int = 8  # why``): the reason
+    every field carries. A comment continued on the next line (a comment line starting in lower case) is joined;
+    a comment line starting in upper case heads the fields below it and is left out."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (a frozen build): no reasons
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    last = None
+    for line in lines:
+        match = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if match and match.group(1) in names:
+            last = match.group(1)
+            comments[last] = (match.group(2) or "").strip()
+        elif last and re.match(r"\s+#\s*[a-z]", line) and comments[last]:
+            comments[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return comments
 
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
