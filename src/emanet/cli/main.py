@@ -59,7 +59,8 @@ EXAMPLES = """examples:
 EXIT_STATUSES = """exit status:
   0    done
   1    some inputs failed or problems were found (predict, check-data, export --check)
-  2    a usage, config, path or run-folder error, or a failed write; the message says what to fix
+  2    a usage, config, path or run-folder error, a failed write, or out of memory; the message says
+       what to fix (out of memory: which settings to lower)
   3    stopped by SIGINT/SIGTERM after saving what a rerun continues from (train: a checkpoint,
        continue with --resume; study: run the same command again)
   4    train: non-finite loss; continue from a checkpoint you trust with --resume-from
