@@ -78,6 +78,9 @@ class LossConfig:
     ignore_index: int = 255
 
 
+Logger = Literal["tensorboard", "wandb"]  # train.loggers: emanet.train.log.LOGGERS writes each
+
+
 @dataclass
 class TrainConfig:
     iterations: int = 30000  # optimizer steps (reference: 30k)
@@ -98,6 +101,7 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row (0 = never)
     freeze_bn: bool = False  # BN layers in eval mode: running statistics used, never updated (small batches)
     compile: bool = False  # torch.compile the model for training and evaluation (opt-in: slow cold start)
+    loggers: list[Logger] = field(default_factory=list)  # besides metrics.jsonl: tensorboard (tb/), wandb
 
 
 @dataclass

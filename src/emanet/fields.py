@@ -134,6 +134,9 @@ def literal_errors(obj: Any, prefix: str = "") -> list[str]:
         value = getattr(obj, name)
         if allowed and value not in allowed and not _other_arm(tp, value):
             errors.append(f"{prefix}{name} must be {one_of(allowed)}, got {value!r}")
+        items = choices(typing.get_args(tp)[0]) if typing.get_origin(tp) is list else ()
+        if items and isinstance(value, list | tuple):  # list[Literal[...]]: each item
+            errors += [f"{prefix}{name} items must be {one_of(items)}, got {v!r}" for v in value if v not in items]
     return errors
 
 

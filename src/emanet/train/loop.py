@@ -55,7 +55,7 @@ from emanet.train.distributed import (
     init_distributed,
     replica_states,
 )
-from emanet.train.log import TrainingLog
+from emanet.train.log import TrainingLog, check_loggers
 from emanet.train.runs import (
     BAD_SAMPLES,
     EVAL,
@@ -103,6 +103,7 @@ def train(
     other workers as soon as one fails).
     """
     cfg.validate()
+    check_loggers(cfg)  # a logger asked for and not installed: said before any work
     if overwrite and (resume or resume_from is not None):
         raise ConfigError(
             "--overwrite starts afresh (moving the old run aside), --resume/--resume-from continue it: choose one"
