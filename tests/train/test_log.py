@@ -98,3 +98,10 @@ def test_wandb_offline_logs_the_scalars_of_metrics_jsonl(tmp_path):
         values = {f"{record['kind']}/{k}": v for k, v in record.items() if k not in ("kind", "iter")}
         expected.setdefault(record["iter"], {}).update(values)
     assert sorted(logged) == [2, 4] and logged == expected
+
+
+def test_a_resume_may_add_a_logger(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--no-progress", *TINY, f"train.out_dir={run}"]
+    assert main([*args, "train.iterations=2", "train.checkpoint_interval=2"]) == 0
+    assert main([*args, "--resume", "train.loggers=[tensorboard]"]) == 0, capsys.readouterr().err
