@@ -272,3 +272,12 @@ def test_config_keys_name_the_allowed_values_of_every_closed_field():
     assert set(keys["data.dataset"].allowed) == set(DATASETS)
     assert keys["model.output_stride"].allowed == ["8", "16", "32"]
     assert keys["train.on_nonfinite"].allowed == ["stop", "skip"]
+
+
+def test_a_logger_that_does_not_exist_is_refused_on_load_and_after_assignment():
+    with pytest.raises(ConfigError, match=r"train\.loggers\[1\] must be 'tensorboard' or 'wandb', got 'mlflow'"):
+        load_config(None, ["train.loggers=[wandb, mlflow]"])
+    cfg = load_config(None, ["train.loggers=[tensorboard]"])
+    cfg.train.loggers.append("comet")
+    with pytest.raises(ConfigError, match=r"train\.loggers items must be 'tensorboard' or 'wandb', got 'comet'"):
+        cfg.validate()

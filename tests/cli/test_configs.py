@@ -40,4 +40,5 @@ def test_keys_lists_every_field_of_every_section_with_its_default(capsys):
     assert defaults["train.batch_size"] == "16" and defaults["model.aux"] == "false"
     assert "train.precision              fp32  (fp32 | bf16 | fp16)" in out
     assert re.search(r"^model\.backbone +resnet101  \(resnet10 \| .*resnet101", out, flags=re.M)  # BACKBONES
+    assert re.search(r"^train\.loggers +\[\]  \(list\[tensorboard \| wandb\]\)$", out, flags=re.M)
     assert re.search(r"^model\.num_bases +64  \(int\)\n +K in the paper$", out, flags=re.M)  # the field's comment

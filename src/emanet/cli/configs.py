@@ -63,7 +63,7 @@ def print_keys() -> None:
     width = max(len(k.key) for k in keys) + 2
     print(f"{'key':<{width}}default = ..., allowed values or type; what it is")
     for k in keys:
-        kind = " | ".join(k.allowed) if k.allowed else k.type
+        kind = " | ".join(k.allowed) if k.allowed and not k.type.startswith("list[") else k.type  # list[a | b]
         print(f"{k.key:<{width}}{k.default}  ({kind})")
         if k.reason:
             print(textwrap.fill(k.reason, WIDTH, initial_indent=" " * (width + 2), subsequent_indent=" " * (width + 2)))
