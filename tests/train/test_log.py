@@ -105,3 +105,17 @@ def test_a_resume_may_add_a_logger(tmp_path, capsys):
     args = ["train", "--no-progress", *TINY, f"train.out_dir={run}"]
     assert main([*args, "train.iterations=2", "train.checkpoint_interval=2"]) == 0
     assert main([*args, "--resume", "train.loggers=[tensorboard]"]) == 0, capsys.readouterr().err
+
+
+def test_wandb_without_a_login_is_one_warning_saying_how_to_log_in_and_the_run_goes_on(tmp_path):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "cfg"))
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "emanet", "train", "--no-progress", *TINY, "train.loggers=[wandb]"]
+    proc = subprocess.run(
+        [*args, f"train.out_dir={run}"], capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("wandb could not start a run: ") == 1 and "WANDB_MODE=offline" in proc.stderr
+    assert (run / "eval.json").is_file()

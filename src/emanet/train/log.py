@@ -21,6 +21,11 @@ from emanet.train.setup import Counters, TrainRun
 logger = logging.getLogger(__name__)
 
 
+class LoggerUnavailable(Exception):
+    """A logger that is installed but cannot start (wandb not logged in): the run goes on without it, said once.
+    By then the run folder holds the run, so stopping would leave a folder that refuses a plain rerun."""
+
+
 class TensorBoard:
     """Scalars under ``<run>/tb`` (the tensorboard extra)."""
 
@@ -44,13 +49,19 @@ class WandB:
     def __init__(self, folder: Path, cfg: Config):
         import wandb  # optional: emanet[wandb]
 
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT") or "emanet",
-            name=folder.name,
-            dir=None if os.environ.get("WANDB_DIR") else str(folder),
-            config=cfg.to_dict(),
-            settings=wandb.Settings(console="off"),  # our stderr stays ours: no redirection, the bar unchanged
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or "emanet",
+                name=folder.name,
+                dir=None if os.environ.get("WANDB_DIR") else str(folder),
+                config=cfg.to_dict(),
+                settings=wandb.Settings(console="off"),  # our stderr stays ours: no redirection, the bar unchanged
+            )
+        except wandb.errors.Error as e:  # not logged in, a bad entity or project: said by _open_loggers
+            raise LoggerUnavailable(
+                f"wandb could not start a run: {e} (log in with `wandb login`, or set WANDB_MODE=offline to log "
+                "locally and `wandb sync` later)"
+            ) from None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -86,7 +97,10 @@ def _open_loggers(run: TrainRun) -> list[Any]:
                 install_hint(name),
             )
             continue
-        opened.append(LOGGERS[name](run.folder, run.cfg))
+        try:
+            opened.append(LOGGERS[name](run.folder, run.cfg))
+        except LoggerUnavailable as e:
+            logger.warning("train.loggers has %s, but %s; this run logs to %s only", name, e, METRICS)
     return opened
 
 
