@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import pytest
 
-from emanet.config import Config, load_config, save_config
+from emanet.config import Config, config_keys, load_config, save_config
+from emanet.data import DATASETS
 from emanet.errors import ConfigError
 
 
@@ -154,6 +158,32 @@ def test_all_problems_are_listed_at_once():
         load_config(None, ["optim.lr=0", "train.batch_size=0", "eval.eval_stages=0"])
 
 
+MISTAKES = {  # two misspelled keys and a value out of range, a wrong type and a model value that its check refuses
+    "train.iteratons": "5",
+    "data.crop_sise": "33",
+    "optim.momentum": "1.5",
+    "train.batch_size": "two",
+    "model.num_bases": "0",
+}
+
+
+def test_every_unknown_key_and_every_bad_value_are_listed_in_one_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {v}\n" for k, v in list(MISTAKES.items())[:3]))
+    overrides = [f"{k}={v}" for k, v in list(MISTAKES.items())[3:]]
+    with pytest.raises(ConfigError) as e:
+        load_config(f, overrides)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "5 config problems:"
+    assert sorted(line.strip() for line in lines[1:]) == [
+        "model.num_bases must be >= 1, got 0",
+        "optim.momentum must be in [0, 1), got 1.5",
+        "train.batch_size: expected int, got 'two'",
+        "unknown config key 'data.crop_sise'; did you mean 'data.crop_size'?",
+        "unknown config key 'train.iteratons'; did you mean 'train.iterations'?",
+    ]
+
+
 def test_validate_catches_values_assigned_after_loading():
     cfg = load_config()
     cfg.model.num_bases = 0  # bypasses ModelConfig.__post_init__
@@ -203,3 +233,51 @@ def test_duplicate_keys_are_refused_in_files_and_overrides_but_merges_are_not(tm
 def test_an_override_that_is_not_valid_yaml_names_the_override():
     with pytest.raises(ConfigError, match=r"override 'train.iterations=\[1,': the value is not valid YAML"):
         load_config(None, ["train.iterations=[1,"])
+
+
+@dataclass
+class Extra:  # a section as a later change might add it
+    speed: Literal["slow", "fast"] = "fast"  # how fast to go
+    # A heading that describes nothing
+    ratio: float | None = None  # a ratio,
+    # continued here
+    size: list[int] = field(default_factory=lambda: [3, 4])
+
+
+@dataclass
+class Whole:
+    extra: Extra = field(default_factory=Extra)
+    on: bool = True  # whether
+
+
+def test_config_keys_follow_the_dataclasses_so_a_new_field_is_listed():
+    keys = {k.key: k for k in config_keys(Whole)}
+    assert list(keys) == ["extra.speed", "extra.ratio", "extra.size", "on"]
+    speed, ratio, size, on = keys.values()
+    assert (speed.type, speed.default, speed.allowed, speed.reason) == (
+        "slow | fast",
+        "fast",
+        ["slow", "fast"],
+        "how fast to go",
+    )
+    assert (ratio.type, ratio.default, ratio.reason) == ("float | null", "null", "a ratio, continued here")
+    assert (size.type, size.default, size.allowed, size.reason) == ("list[int]", "[3, 4]", [], "")
+    assert (on.type, on.default, on.reason) == ("bool", "true", "whether")
+
+
+def test_config_keys_name_the_allowed_values_of_every_closed_field():
+    keys = {k.key: k for k in config_keys()}
+    assert keys["model.differentiable"].allowed == ["false", "true", "last"]
+    assert keys["data.dataset"].allowed == sorted(keys["data.dataset"].allowed, key=list(DATASETS).index)
+    assert set(keys["data.dataset"].allowed) == set(DATASETS)
+    assert keys["model.output_stride"].allowed == ["8", "16", "32"]
+    assert keys["train.on_nonfinite"].allowed == ["stop", "skip"]
+
+
+def test_a_logger_that_does_not_exist_is_refused_on_load_and_after_assignment():
+    with pytest.raises(ConfigError, match=r"train\.loggers\[1\] must be 'tensorboard' or 'wandb', got 'mlflow'"):
+        load_config(None, ["train.loggers=[wandb, mlflow]"])
+    cfg = load_config(None, ["train.loggers=[tensorboard]"])
+    cfg.train.loggers.append("comet")
+    with pytest.raises(ConfigError, match=r"train\.loggers items must be 'tensorboard' or 'wandb', got 'comet'"):
+        cfg.validate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +22,19 @@ from emanet.data import DATASETS
 from emanet.data.synthetic import SceneConfig
 from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES, ResizeBackend
 from emanet.errors import ConfigError
-from emanet.fields import from_dict, literal_errors, read_utf8
+from emanet.fields import (
+    build,
+    choices,
+    describe_type,
+    field_comments,
+    literal_errors,
+    problems_message,
+    read_utf8,
+    show_value,
+)
 from emanet.inference import Mode
 from emanet.losses import Reduction
+from emanet.models.backbone import BACKBONES, OUTPUT_STRIDES
 from emanet.models.emanet import ModelConfig
 from emanet.runtime import Precision
 
@@ -74,6 +85,9 @@ class LossConfig:
     ignore_index: int = 255
 
 
+Logger = Literal["tensorboard", "wandb"]  # train.loggers: emanet.train.log.LOGGERS writes each
+
+
 @dataclass
 class TrainConfig:
     """The ``train`` section: iterations, batch, precision, device, logging and checkpoints."""
@@ -96,6 +110,7 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row (0 = never)
     freeze_bn: bool = False  # BN layers in eval mode: running statistics used, never updated (small batches)
     compile: bool = False  # torch.compile the model for training and evaluation (opt-in: slow cold start)
+    loggers: list[Logger] = field(default_factory=list)  # besides metrics.jsonl: tensorboard (tb/), wandb
 
 
 @dataclass
@@ -129,10 +144,49 @@ class Config:
         """Refuse impossible values before anything runs: every problem found, each naming its key and what
         is expected (one problem: its message; several: one per line)."""
         errors = validation_errors(self)
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
         if errors:
-            raise ConfigError(f"{len(errors)} config problems:\n  " + "\n  ".join(errors))
+            raise ConfigError(problems_message(errors))
+
+
+# ----------------------------------------------------------------------------- every key (`emanet configs --keys`)
+
+# allowed values of fields whose type is not a Literal: the tables their checks look them up in
+TABLE_CHOICES = {"model.backbone": BACKBONES, "model.output_stride": OUTPUT_STRIDES, "data.dataset": DATASETS}
+
+
+@dataclass
+class KeyInfo:
+    """One line of `emanet configs --keys`: a config key with its type, default, allowed values and reason."""
+
+    key: str  # section.name
+    type: str  # as a config file sees it: int, list[float], fp32 | bf16 | fp16, int | null
+    default: str  # as YAML writes it
+    allowed: list[str]  # the allowed values, when there is a closed list
+    reason: str  # the comment beside the field in its dataclass
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[KeyInfo]:
+    """Every key of ``cls`` (the run configuration by default), read from the dataclasses themselves: a field
+    added to a section is listed without another word, its type and default from the field, its allowed values
+    from its Literal type (or TABLE_CHOICES), its reason from the comment beside it."""
+    hints, comments, defaults = typing.get_type_hints(cls), field_comments(cls), cls()
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp, value = hints[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{prefix}{f.name}.")
+            continue
+        key = f"{prefix}{f.name}"
+        listed = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp  # a list's items
+        allowed = choices(listed) or tuple(TABLE_CHOICES.get(key, ()))
+        if allowed and bool in typing.get_args(listed):  # bool | Literal["last"]
+            allowed = (False, True, *allowed)
+        keys.append(
+            KeyInfo(
+                key, describe_type(tp), show_value(value), [show_value(v) for v in allowed], comments.get(f.name, "")
+            )
+        )
+    return keys
 
 
 # ----------------------------------------------------------------------------- validation
@@ -426,8 +480,12 @@ def load_config(
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.iterations=100)")
         key, raw = item.split("=", 1)
         _set_path(patch, key.strip(), _override_value(item, raw))
-    cfg = from_dict(Config, _merge(data, patch))
-    cfg.validate()
+    # every problem at once: unknown keys and values of the wrong type (those keep their defaults), then the
+    # checks of the values (ranges, combinations)
+    cfg, errors = build(Config, _merge(data, patch))
+    errors += validation_errors(cfg)
+    if errors:
+        raise ConfigError(problems_message(errors))
     return cfg
 
 

@@ -4,6 +4,7 @@ one process or sharded over torchrun's ranks."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -12,12 +13,32 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from emanet.config import Config
-from emanet.errors import DataError
+from emanet.errors import DataError, UserError
 from emanet.inference import infer
 from emanet.metrics import ConfusionMatrix, scores
 from emanet.models.em import set_eval_stages
 from emanet.progress import progress_bar
 from emanet.runtime import all_gather_lists, autocast, shard
+
+# what allocators say when memory runs out: CPU (c10's DefaultCPUAllocator, Windows), CUDA, MPS
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory|cannot allocate memory", re.I)
+
+
+class OutOfMemory(UserError):
+    """Training or evaluation ran out of memory: the message says what it tried and which settings to lower."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), or a RuntimeError whose message is an allocator's (the CPU's)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(error)))
+    )
+
+
+def allocator_said(error: BaseException) -> str:
+    """The allocator's own first line, shortened (CUDA's runs on with advice about its caching allocator)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 @torch.no_grad()
@@ -55,7 +76,13 @@ def evaluate(
                 raise
             skipped.append(f"{error.path}: {' '.join(error.reason.split())}")
             continue
-        matrix.update(_predict(model, image, label.shape[-2:], cfg, device), label[None])
+        try:
+            predicted = _predict(model, image, label.shape[-2:], cfg, device)
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            raise _out_of_memory(error, cfg, device, i, image.shape[-2:]) from None
+        matrix.update(predicted, label[None])
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -90,6 +117,25 @@ def _predict(
             probabilities=False,  # labels only: argmax of the scores
         )
     return class_scores.argmax(1).cpu()
+
+
+def _out_of_memory(error: BaseException, cfg: Config, device: torch.device, index: int, size) -> OutOfMemory:
+    e = cfg.eval
+    how = f"eval.mode={e.mode}" + (f" (window {e.crop_size}, stride {e.stride})" if e.mode == "slide" else "")
+    how += f", eval.scales={list(e.scales)}" + (", eval.flip=true" if e.flip else "")
+    lower = []
+    if e.mode == "whole":
+        lower.append("eval.mode=slide with eval.crop_size and eval.stride (e.g. [513,513] and [341,341])")
+    else:
+        lower.append(f"a smaller eval.crop_size (now {e.crop_size})")
+    if len(e.scales) > 1 or max(e.scales) > 1:
+        lower.append("fewer or smaller eval.scales")
+    if cfg.train.precision == "fp32":
+        lower.append("--precision bf16 (train.precision=bf16; fp16 on CUDA)")
+    return OutOfMemory(
+        f"out of memory evaluating image {index} ({size[0]}x{size[1]}) with {how} in {cfg.train.precision} on "
+        f"{device} ({allocator_said(error)}); lower what one forward holds: {'; or '.join(lower)}"
+    )
 
 
 def results_to_json(results: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
 import re
 import types
 import typing
@@ -60,22 +62,48 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` built from ``data``; every unknown key and every value of the wrong type in one ConfigError."""
+    obj, errors = build(cls, data, prefix)
+    if errors:
+        raise ConfigError(problems_message(errors))
+    return obj
+
+
+def build(cls: type, data: Any, prefix: str = "") -> tuple[Any, list[str]]:
+    """``cls`` built from ``data``, and every problem found on the way: each unknown key (with the closest valid
+    one), each value of the wrong type, each problem the class's own check raises. A field with a problem keeps its
+    default, so the later checks of the other fields still run and one message can list everything."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        return cls(), [f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}"]
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    kwargs, errors = {}, []
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            errors.append(f"unknown config key '{prefix}{key}'{hint}")
+            continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
-        else:
+            kwargs[key], inner = build(tp, value, f"{prefix}{key}.")
+            errors += inner
+            continue
+        try:
             kwargs[key] = _check_type(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)  # ModelConfig's __post_init__ raises its own ConfigError
+        except ConfigError as e:
+            errors.append(str(e))
+    try:
+        return cls(**kwargs), errors
+    except ConfigError as e:  # the class's own check (ModelConfig.__post_init__): its message, then the defaults
+        return cls(), [*errors, str(e)]
+
+
+def problems_message(errors: list[str]) -> str:
+    """One message for the problems of a config: the problem itself, or a count and one per line."""
+    if len(errors) == 1:
+        return errors[0]
+    return f"{len(errors)} config problems:\n  " + "\n  ".join(errors)
 
 
 def one_of(values: typing.Sequence[Any]) -> str:
@@ -106,6 +134,9 @@ def literal_errors(obj: Any, prefix: str = "") -> list[str]:
         value = getattr(obj, name)
         if allowed and value not in allowed and not _other_arm(tp, value):
             errors.append(f"{prefix}{name} must be {one_of(allowed)}, got {value!r}")
+        items = choices(typing.get_args(tp)[0]) if typing.get_origin(tp) is list else ()
+        if items and isinstance(value, list | tuple):  # list[Literal[...]]: each item
+            errors += [f"{prefix}{name} items must be {one_of(items)}, got {v!r}" for v in value if v not in items]
     return errors
 
 
@@ -122,6 +153,53 @@ def _other_arm(tp: Any, value: Any) -> bool:
         except ConfigError:
             pass
     return False
+
+
+# ----------------------------------------------------------------------------- describing fields (configs --keys)
+
+
+def describe_type(tp: Any) -> str:
+    """A field's type as a config file sees it: int, float, str, bool, list[float], mapping, ``X or null``,
+    and for a Literal its values (``fp32 | bf16 | fp16``)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(show_value(v) for v in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        arms = [describe_type(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(arms) + (" | null" if type(None) in typing.get_args(tp) else "")
+    if origin is list:
+        return f"list[{describe_type(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "mapping"
+    return "any" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+def show_value(value: Any) -> str:
+    """A value as YAML writes it in a config file: true, null, 0.009, [0.5, 1.0], a bare string."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of dataclass ``cls`` in its source (``name: int = 8  # why``): the reason
+    every field carries. A comment continued on the next line (a comment line starting in lower case) is joined;
+    a comment line starting in upper case heads the fields below it and is left out."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (a frozen build): no reasons
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[str, str] = {}
+    last = None
+    for line in lines:
+        match = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if match and match.group(1) in names:
+            last = match.group(1)
+            comments[last] = (match.group(2) or "").strip()
+        elif last and re.match(r"\s+#\s*[a-z]", line) and comments[last]:
+            comments[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return comments
 
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")

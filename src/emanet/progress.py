@@ -6,6 +6,11 @@ one complete line every ``every`` steps and at the end::
 
     train: 40/200 it (20%), 12.3 s, 3.25 it/s, eta 49 s, loss=0.5312 lr=8.1e-03
 
+A line shows the postfix set before the ``update`` that prints it: callers set the step's figures, then count
+the step. Without an explicit ``every`` a bar prints at most about LINES_PER_RUN lines, and none closer than
+MIN_SECONDS apart (a job of a few seconds prints one line, its last); an explicit ``every`` (training's
+log_interval, whose lines match metrics.jsonl) is kept as asked.
+
 Both kinds have tqdm's small surface: ``update(n)``, ``set_postfix(**values)``, ``write(message)``, ``close()``.
 """
 
@@ -14,9 +19,11 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
-LINES_PER_RUN = 20  # plain mode's default: about this many lines for a whole run
+LINES_PER_RUN = 20  # plain mode's default: at most about this many lines for a whole bar
+MIN_SECONDS = 5.0  # plain mode's default: no two lines closer in time (the last line always comes)
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -46,26 +53,33 @@ class LineProgress:
         initial: int = 0,
         every: int | None = None,
         stream: TextIO | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.n = self._start = initial
-        self.every = every if every is not None and every >= 1 else max(1, math.ceil(total / LINES_PER_RUN))
+        explicit = every is not None and every >= 1
+        self.every = every if explicit else max(1, math.ceil((total - initial) / LINES_PER_RUN))
+        self.min_seconds = 0.0 if explicit else MIN_SECONDS  # an explicit interval is the caller's choice
         self.stream = stream if stream is not None else sys.stderr
         self.postfix: dict[str, Any] = {}
-        self._t0 = time.perf_counter()
+        self._clock = clock
+        self._t0 = self._last_time = clock()
         self._last_printed = initial
         self._closed = False
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:  # refresh: tqdm's, nothing to redraw
         self.postfix = values
 
     def update(self, n: int = 1) -> None:
         before, self.n = self.n, self.n + n
-        if self.n // self.every > before // self.every or (self.total and self.n >= self.total > before):
+        at_end = bool(self.total) and self.n >= self.total > before  # always said
+        due = self.n // self.every > before // self.every and self._clock() - self._last_time >= self.min_seconds
+        if at_end or due:
             self._line()
 
     def _line(self) -> None:
-        elapsed = time.perf_counter() - self._t0
+        now = self._clock()
+        elapsed = now - self._t0
         done = self.n - self._start
         rate = done / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}"]
@@ -80,7 +94,7 @@ class LineProgress:
         if self.postfix:
             line += ", " + " ".join(f"{k}={v}" for k, v in self.postfix.items())
         self.write(line, stream=self.stream)
-        self._last_printed = self.n
+        self._last_printed, self._last_time = self.n, now
 
     @staticmethod
     def write(message: str, stream: TextIO | None = None) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 
@@ -176,6 +177,36 @@ def test_help_lists_every_exit_status(capsys):
     assert "stopped by SIGINT/SIGTERM" in out
 
 
+def test_a_bare_emanet_prints_the_help_on_stdout_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "emanet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: emanet") and "train " in proc.stdout and "examples:" in proc.stdout
+
+
+def every_parser():
+    parser = cli.build_parser()
+    return [("", parser), *cli._sub_parsers(parser)]
+
+
+@pytest.mark.parametrize("name, parser", every_parser()[1:], ids=lambda x: x if isinstance(x, str) else "")
+def test_every_subcommands_help_says_what_it_does_and_shows_an_example(name, parser):
+    text = parser.format_help()
+    assert parser.description and parser.description.endswith(".")
+    examples = text.split("examples:\n", 1)[1].splitlines()
+    assert any(f"emanet {name} " in line or line.endswith(f"emanet {name}") for line in examples), examples
+
+
+def test_every_flag_and_argument_of_every_command_has_help_text():
+    missing = []
+    for name, parser in every_parser():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{name} {c.dest}" for c in action._choices_actions if not c.help]
+            elif not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"emanet {name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+
+
 @pytest.mark.parametrize(
     ("error", "code", "traceback"),
     [("emanet.errors.UserError('fix the flag')", 2, False), ("ValueError('a bug')", 1, True)],
@@ -218,6 +249,23 @@ def test_log_lines_go_to_stderr_through_the_progress_writer_at_the_chosen_level(
     assert logging.getLogger("emanet").handlers == handlers  # removed again: a second main() logs once
     assert main(["configs", *flags]) == 0  # the flags also after the command
     assert capsys.readouterr().err.splitlines() == shown
+
+
+def test_a_warning_raised_twice_is_shown_once(monkeypatch, capsys):
+    def twice(args):  # as torch's DataLoader does: the same text from two call sites
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("too many workers", UserWarning, stacklevel=1)
+            warnings.warn("too many workers", UserWarning, stacklevel=1)
+            warnings.warn("another one", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(emanet.cli.configs, "run", twice)
+    assert main(["configs"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "emanet configs: warning: too many workers",
+        "emanet configs: warning: another one",
+    ]
 
 
 class Exited(Exception):

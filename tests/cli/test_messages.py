@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,86 @@ def test_an_empty_config_is_refused_saying_what_it_would_mean(tmp_path, text):
     proc = emanet("train", "--config", str(config), f"train.out_dir={run}")
     said(proc, 2, str(config), "empty", "VOC defaults", "leave out --config")
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- every config problem at once
+
+THREE_MISTAKES = {"train.iteratons": "5", "optim.momentun": "0.9", "optim.lr": "-1"}  # two misspelled, one bad
+
+
+@pytest.mark.parametrize("given", ["yaml", "overrides"])
+def test_two_misspelled_keys_and_a_bad_value_are_all_named_in_one_message(tmp_path, given):
+    run = tmp_path / "run"
+    if given == "yaml":
+        config = tmp_path / "three.yaml"
+        config.write_text("train:\n  iteratons: 5\noptim:\n  momentun: 0.9\n  lr: -1\n")
+        args = ["--config", str(config)]
+    else:
+        args = [f"{k}={v}" for k, v in THREE_MISTAKES.items()]
+    proc = emanet("train", *args, f"train.out_dir={run}")
+    said(
+        proc,
+        2,
+        "3 config problems",
+        "unknown config key 'train.iteratons'; did you mean 'train.iterations'?",
+        "unknown config key 'optim.momentun'; did you mean 'optim.momentum'?",
+        "optim.lr must be > 0, got -1",
+    )
+    assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+CPU_OOM = (
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "3221225472 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def train_running_out_of_memory(run: Path, when: str, *extra: str) -> subprocess.CompletedProcess:
+    """`emanet train` (the program's own entry point) in a subprocess whose model forward raises the CPU
+    allocator's error in training (when="train") or in the final evaluation (when="eval")."""
+    program = (
+        "import sys\n"
+        "from emanet.models.emanet import SegmentationModel\n"
+        "forward = SegmentationModel.forward\n"
+        "def failing(self, x):\n"
+        f"    if self.training == {when == 'train'}:\n"
+        f"        raise RuntimeError({CPU_OOM!r})\n"
+        "    return forward(self, x)\n"
+        "SegmentationModel.forward = failing\n"
+        "from emanet.cli.main import run\n"
+        "run()\n"
+    )
+    args = ["train", "--no-progress", *TINY, "train.iterations=1", *extra, f"train.out_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_training_out_of_memory_says_what_it_tried_and_what_to_lower(tmp_path):
+    proc = train_running_out_of_memory(tmp_path / "run", "train", "train.batch_size=4", "train.accum_steps=2")
+    said(
+        proc,
+        2,
+        "emanet train: error: out of memory at iteration 1 on cpu: a micro-batch of 4 image(s) of 32x32 in fp32",
+        "DefaultCPUAllocator: can't allocate memory",
+        "train.batch_size with train.accum_steps raised to keep the global batch of 8 "
+        "(e.g. train.batch_size=2 train.accum_steps=4)",
+        "data.crop_size (now 32)",
+        "train.precision=bf16",
+        "meant for GPUs",
+    )
+
+
+def test_evaluation_out_of_memory_says_what_it_tried_and_what_to_lower(tmp_path):
+    proc = train_running_out_of_memory(tmp_path / "run", "eval")
+    said(
+        proc,
+        2,
+        "emanet train: error: out of memory evaluating image 0 (32x32) with eval.mode=whole",
+        "in fp32 on cpu (",
+        "eval.mode=slide with eval.crop_size and eval.stride",
+    )
 
 
 # ----------------------------------------------------------------------------- convert

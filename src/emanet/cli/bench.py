@@ -21,6 +21,12 @@ from emanet.deploy.export import require_onnx
 from emanet.errors import install_hint
 from emanet.experiments.demo import demo_config
 
+EXAMPLE = """examples:
+  emanet bench --quick                   a smoke run of the CPU suite
+  emanet bench --parts em --out bench/   one part of the CPU suite
+  emanet bench gpu                       the CUDA suite (within ~6 minutes)
+  emanet bench onnx --quick              eager PyTorch vs onnxruntime"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed benchmarks of the EM attention and the whole model")

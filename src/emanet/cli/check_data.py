@@ -10,6 +10,10 @@ from emanet.cli.common import add_no_progress, claim_output, run_config
 from emanet.data.check import check_data_config
 from emanet.errors import ConfigError
 
+EXAMPLE = """examples:
+  emanet check-data --config voc_reference data.root=/data/voc
+  emanet check-data --config cityscapes data.root=/data/cityscapes --split val --json report.json"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="scan the configured dataset for unreadable, truncated or bad files")

@@ -34,8 +34,8 @@ def add_no_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prepare", action="store_true", help=NO_PREPARE_HELP)
 
 
-def add_no_progress(p: argparse.ArgumentParser, *, help: str | None = NO_PROGRESS_HELP) -> None:
-    p.add_argument("--no-progress", action="store_true", help=help)
+def add_no_progress(p: argparse.ArgumentParser, *, help: str | None = None) -> None:
+    p.add_argument("--no-progress", action="store_true", help=help or NO_PROGRESS_HELP)
 
 
 def run_overrides(args: argparse.Namespace) -> list[str]:

@@ -10,6 +10,11 @@ from emanet.cli.common import claim_output
 from emanet.convert.checkpoints import convert
 from emanet.convert.keys import FULL_MODEL_SOURCES
 
+EXAMPLE = """examples:
+  emanet convert --from reference emanet_voc.pth model/              a full model, as a model folder
+  emanet convert --from mmseg ema_r101.pth model/ model.output_stride=8
+  emanet convert --from torchvision resnet101.pth r101.safetensors   ImageNet weights of a backbone"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

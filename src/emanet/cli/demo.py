@@ -7,6 +7,10 @@ import argparse
 from emanet.cli.common import add_no_progress
 from emanet.experiments.demo import run_demo
 
+EXAMPLE = """examples:
+  emanet demo                                  EMANet vs FCN, report in reports/demo
+  emanet demo --out reports/short train.iterations=100"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train EMANet and FCN on the synthetic context set (CPU) and write a report")

@@ -29,6 +29,11 @@ from emanet.pretrained import EVAL, load_model
 from emanet.runtime import check_precision, maybe_compile, select_device
 from emanet.train.data import build_datasets
 
+EXAMPLE = """examples:
+  emanet eval runs/toy                                     the run's newest checkpoint
+  emanet eval runs/voc data.root=/data/voc eval.scales=[0.5,0.75,1,1.25,1.5,1.75] eval.flip=true
+  emanet eval model/ --max-images 100 --out eval.json --plot"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: mIoU, aAcc, mAcc, fwIoU and a per-class table")

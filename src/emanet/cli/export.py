@@ -10,6 +10,10 @@ from emanet.deploy.hub import resolve_source
 from emanet.errors import ConfigError
 from emanet.pretrained import load_model
 
+EXAMPLE = """examples:
+  emanet export model/ --out model.onnx --check          export, then compare with PyTorch (onnxruntime)
+  emanet export runs/voc --out voc.onnx --size 513 513 --exporter dynamo"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

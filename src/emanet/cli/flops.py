@@ -25,6 +25,12 @@ MODEL_FLAGS = (
 )
 
 
+EXAMPLE = """examples:
+  emanet flops                                         the reference EMANet at 513x513, beside Table 1
+  emanet flops --backbone resnet50 --output-stride 16  another model
+  emanet flops --arch fcn --size 769 769 --json        the FCN baseline, as JSON"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="parameters and multiply-adds, beside the paper's Table 1")
     g = p.add_argument_group("model")

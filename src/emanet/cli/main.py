@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -49,10 +50,17 @@ EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM with nothing to continue from: 128 + SI
 EXIT_RESUMABLE = 3  # SIGINT/SIGTERM after saving what a rerun continues from (emanet.train.loop.EXIT_INTERRUPTED)
 # commands that keep what they finished, and how to continue after a signal (train: its own StopSignals)
 RESUMABLE = {"study": "what was finished is kept: run the same command again to continue"}
+EXAMPLES = """examples:
+  emanet configs                                   the packaged recipes; --keys: every config key
+  emanet train --config synthetic_toy train.out_dir=runs/toy
+  emanet eval runs/toy
+  emanet predict runs/toy photo.jpg --out preds/
+  emanet COMMAND --help                            a command's flags and examples"""
 EXIT_STATUSES = """exit status:
   0    done
   1    some inputs failed or problems were found (predict, check-data, export --check)
-  2    a usage, config, path or run-folder error, or a failed write; the message says what to fix
+  2    a usage, config, path or run-folder error, a failed write, or out of memory; the message says
+       what to fix (out of memory: which settings to lower)
   3    stopped by SIGINT/SIGTERM after saving what a rerun continues from (train: a checkpoint,
        continue with --resume; study: run the same command again)
   4    train: non-finite loss; continue from a checkpoint you trust with --resume-from
@@ -82,19 +90,36 @@ def build_parser(commands: Sequence[ModuleType] = COMMANDS) -> argparse.Argument
     parser = argparse.ArgumentParser(
         prog="emanet",
         description="EMANet semantic segmentation",
-        epilog=EXIT_STATUSES,
+        epilog=f"{EXAMPLES}\n\n{EXIT_STATUSES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"emanet {__version__}")
     _add_verbosity(parser, default=False)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # none given: the help (main)
     for command in commands:
+        before = set(sub.choices)
         command.register(sub)
+        for name in set(sub.choices) - before:  # the module's parser and any below it: its EXAMPLE as epilog
+            for p in (sub.choices[name], *(q for _, q in _sub_parsers(sub.choices[name]))):
+                p.epilog = p.epilog or getattr(command, "EXAMPLE", None)
     for name, p in _sub_parsers(parser):
         if p.get_default("func") is None:
             raise TypeError(f"`emanet {name}` has no handler: its register() must call set_defaults(func=...)")
         _add_verbosity(p, default=argparse.SUPPRESS)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter  # the example's lines as written
+    for action in _subparser_actions(parser):  # `emanet train --help` opens with what `emanet --help` says of it
+        for choice in action._choices_actions:
+            p = action.choices[choice.dest]
+            p.description = p.description or textwrap.fill(choice.help[:1].upper() + choice.help[1:] + ".", 100)
     return parser
+
+
+def _subparser_actions(parser: argparse.ArgumentParser) -> Iterator[argparse._SubParsersAction]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield action
+            for p in action.choices.values():
+                yield from _subparser_actions(p)
 
 
 class _LineHandler(logging.Handler):
@@ -118,8 +143,13 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     logger.addHandler(handler)
 
+    shown: set[str] = set()
+
     def show_warning(message, category, filename, lineno, file=None, line=None):  # no source line
-        write(f"emanet {args.command}: warning: {message}", stream=sys.stderr)
+        text = f"emanet {args.command}: warning: {message}"
+        if text not in shown:  # once per command: torch's DataLoader warns from two call sites, for example
+            shown.add(text)
+            write(text, stream=sys.stderr)
 
     shown_before, warnings.showwarning = warnings.showwarning, show_warning
     try:
@@ -230,7 +260,11 @@ def _interrupted(command: str, signum: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(build_parser(), argv)
+    parser = build_parser()
+    args = _parse(parser, argv)
+    if args.command is None:  # a bare `emanet` (as pip and docker do): the help on stdout, and 0
+        parser.print_help()
+        return 0
     with _logging_to_stderr(args), _Interrupts() as interrupts:
         try:
             return _run(args)

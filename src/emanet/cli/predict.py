@@ -16,6 +16,12 @@ from emanet.inference import Mode
 logger = logging.getLogger(__name__)
 
 
+EXAMPLE = """examples:
+  emanet predict runs/toy photo.jpg --out preds/           label map, colours and overlay
+  emanet predict model/ images/ --out preds/ --attention   a folder, with EM attention maps
+  emanet predict model/ "shots/*.png" --out preds/ --mode slide --crop-size 513 --stride 341"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="label maps, colour images and overlays (+ EM attention maps) for images")
     p.add_argument(

@@ -7,6 +7,10 @@ import argparse
 from emanet.deploy.hub import push_to_hub
 from emanet.errors import install_hint
 
+EXAMPLE = """examples:
+  emanet push-to-hub runs/voc me/emanet-voc              the run's newest checkpoint, with a model card
+  emanet push-to-hub model/ me/emanet-voc --private --revision v1"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

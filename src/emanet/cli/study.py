@@ -18,6 +18,12 @@ def _int_list(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {value!r}") from None
 
 
+EXAMPLE = """examples:
+  emanet study iterations --config synthetic_toy --out studies/t           T_train x T_eval grid
+  emanet study bases --config synthetic_toy --out studies/b --variants ema,none,learned
+  emanet study iterations --config voc_reference data.root=/data/voc --out studies/voc --run T3=runs/voc"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "study",

@@ -10,6 +10,12 @@ from emanet.metrics import format_table
 from emanet.train.loop import train
 from emanet.train.setup import TrainingStopped
 
+EXAMPLE = """examples:
+  emanet train --config synthetic_toy train.out_dir=runs/toy   a toy run on generated data (CPU, minutes)
+  emanet train --config voc_reference data.root=/data/voc model.pretrained_backbone=r101.safetensors
+  emanet train --config voc_reference data.root=/data/voc --resume                continue after a stop
+  torchrun --nproc_per_node=4 -m emanet train --config cityscapes data.root=/data/cityscapes"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config (+ section.key=value overrides)")

@@ -12,7 +12,8 @@
 Only rank 0 logs and writes files. Evaluation is emanet.evaluation; device and autocast are emanet.runtime.
 
 Exit statuses a caller can return (the CLI's train command does): 0 done, setup.EXIT_USAGE (2) the run
-folder, config or a write failed (RunError), EXIT_INTERRUPTED (3) stopped by SIGTERM/SIGINT after saving a
+folder, config or a write failed (RunError) or memory ran out (evaluation.OutOfMemory: the batch it tried and
+the settings to lower), EXIT_INTERRUPTED (3) stopped by SIGTERM/SIGINT after saving a
 checkpoint, EXIT_NONFINITE (4) stopped on a non-finite loss, stops.EXIT_PEER_LOST (5) another torchrun
 process is gone (PeerLost: a collective failed; the newest checkpoint is what was saved).
 """
@@ -42,7 +43,7 @@ from emanet.checkpoint import (
 )
 from emanet.config import Config
 from emanet.errors import ConfigError, RunFolderError
-from emanet.evaluation import evaluate, results_to_json
+from emanet.evaluation import OutOfMemory, allocator_said, evaluate, is_out_of_memory, results_to_json
 from emanet.runtime import autocast, check_precision
 from emanet.train.data import count_bad_samples
 from emanet.train.distributed import (
@@ -54,7 +55,7 @@ from emanet.train.distributed import (
     init_distributed,
     replica_states,
 )
-from emanet.train.log import TrainingLog
+from emanet.train.log import TrainingLog, check_loggers
 from emanet.train.runs import (
     BAD_SAMPLES,
     EVAL,
@@ -106,6 +107,7 @@ def train(
     other workers as soon as one fails).
     """
     cfg.validate()
+    check_loggers(cfg)  # a logger asked for and not installed: said before any work
     if overwrite and (resume or resume_from is not None):
         raise ConfigError(
             "--overwrite starts afresh (moving the old run aside), --resume/--resume-from continue it: choose one"
@@ -123,7 +125,12 @@ def train(
                     run, counters = setup(cfg, env, held, resume=resuming, resume_from=resume_from, overwrite=overwrite)
                     held.callback(run.stream.close)  # its workers ignore SIGTERM: they end here, whatever happens
                     log = held.enter_context(TrainingLog(run, counters.start, progress=progress))
-                    train_iterations(run, counters, StopRequest(signals, stop_at), log)
+                    try:
+                        train_iterations(run, counters, StopRequest(signals, stop_at), log)
+                    except RuntimeError as e:  # memory: what to lower, no traceback (the CLI's exit 2)
+                        if not is_out_of_memory(e):
+                            raise
+                        raise _out_of_memory(run, counters, e) from None
                     log.close()  # the bar ends before the final evaluation's
                     return _finish(run, counters, log, progress=progress and env.is_main)
             except RuntimeError as e:  # TrainingStopped (raised on every rank alike), or perhaps a lost peer
@@ -288,6 +295,29 @@ def _recovery_advice(run: TrainRun, step: int, kept: list[dict[str, Any]] | None
 
 
 # ----------------------------------------------------------------------------- beside the loop
+
+
+def _out_of_memory(run: TrainRun, counters: Counters, error: BaseException) -> OutOfMemory:
+    """What the step tried to hold and which settings lower it (the global batch kept by accumulation)."""
+    t, d, env = run.cfg.train, run.cfg.data, run.env
+    total = t.batch_size * env.world_size * t.accum_steps
+    lower = []
+    if t.batch_size > 1:
+        smaller = max(k for k in range(1, t.batch_size) if t.batch_size % k == 0)  # the same images per step
+        steps = t.accum_steps * t.batch_size // smaller
+        lower.append(
+            f"train.batch_size with train.accum_steps raised to keep the global batch of {total} "
+            f"(e.g. train.batch_size={smaller} train.accum_steps={steps})"
+        )
+    lower.append(f"data.crop_size (now {d.crop_size})")
+    if t.precision == "fp32":
+        lower.append("train.precision=bf16 (fp16 on CUDA)")
+    on_cpu = " The paper-scale recipes are meant for GPUs." if env.device.type == "cpu" else ""
+    return OutOfMemory(
+        f"out of memory at iteration {counters.step} on {env.device}: a micro-batch of {t.batch_size} image(s) of "
+        f"{d.crop_size}x{d.crop_size} in {t.precision} did not fit ({allocator_said(error)}). Lower what a step "
+        f"holds: {'; or '.join(lower)}. Newest checkpoint: {counters.last_checkpoint or 'none'}.{on_cpu}"
+    )
 
 
 def _advance(scheduler: LRScheduler, *, skipped: bool) -> None:

@@ -76,6 +76,7 @@ RESUME_MAY_CHANGE = (
     "train.max_consecutive_skips",
     "train.batch_size",  # the engine resumes at the same sample and says the run is no longer exact
     "train.accum_steps",
+    "train.loggers",  # where the scalars also go: absent from runs saved before it existed
     "optim.lr",
     "optim.warmup_iters",
     "data.root",  # the same dataset, moved
