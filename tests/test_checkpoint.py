@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import tempfile
 
 import pytest
 import torch
@@ -167,6 +169,25 @@ def test_a_failed_or_interrupted_write_keeps_the_old_bytes_and_names_the_path(tm
     assert path.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
     if isinstance(failure, OSError):
         assert raised.value.filename == str(path) and raised.value.strerror == "No space left on device"
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks on this platform")
+def test_a_ctrl_c_while_the_temporary_is_made_leaves_no_temporary(tmp_path, monkeypatch):
+    # the signal arrives the instant mkstemp has created the file, before atomic_path holds its name: it must be
+    # delivered only once the name is held, so that the KeyboardInterrupt removes the file (found flaky under load
+    # by tests/cli/test_interrupts.py, which leaves predict a .NAME.tmp.png)
+    real = tempfile.mkstemp
+
+    def mkstemp_then_ctrl_c(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    path = tmp_path / "label.png"
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:
+        tmp.write_bytes(b"never")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_folder_is_an_oserror_naming_the_target(tmp_path):

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import re
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,23 @@ def _umask() -> int:
     return mask
 
 
+_STOP_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Delay SIGINT/SIGTERM for the few instructions between creating a file and holding its name (where an
+    interrupt would leave it behind); a signal that arrives meanwhile is delivered when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file beside ``path`` for a writer to fill (PIL, matplotlib, torch.onnx, safetensors, open):
@@ -120,13 +138,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     stem = path.name if len(path.name.encode()) <= 200 else path.name[:100]  # a name near 255 bytes still fits
+    tmp: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        with _signals_held():  # a Ctrl-C or SIGTERM lands after the temporary is made and known, never between
+            fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+            tmp = Path(name)
         os.close(fd)
         os.chmod(name, 0o666 & ~_umask())  # an ordinary file's mode, not mkstemp's 0600
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    tmp = Path(name)
+    except BaseException as e:  # an interrupt or a failure before the writer starts: no temporary is left
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     try:
         yield tmp
         with open(tmp, "rb+") as f:
