@@ -178,3 +178,10 @@ def test_a_model_without_a_config_or_a_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="needs a folder"):
         save_pretrained(build_model(_config().model), None)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_onnx_file_is_named_and_pointed_to_predict_and_eval(tmp_path):
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"an exported graph")
+    with pytest.raises(ModelSourceError, match=r"model\.onnx: an ONNX file runs with `emanet predict`"):
+        load_model(graph)

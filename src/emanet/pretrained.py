@@ -224,6 +224,11 @@ def load_model(
         raise FileNotFoundError(
             f"model source not found: {source} (expected a model folder, a checkpoint file or a run folder)"
         )
+    if source.suffix.lower() == ".onnx":  # an exported graph has no PyTorch weights to rebuild a model from
+        raise ModelSourceError(
+            f"{source}: an ONNX file runs with `emanet predict` and `emanet eval` (deploy/onnx_model.py); this "
+            "command needs the model it was exported from (a model folder, a checkpoint file or a run folder)"
+        )
     class_names = palette = None
     if is_model_folder(source):
         state, meta = _read_folder(source)
