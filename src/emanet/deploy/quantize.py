@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def em_node_names(graph, model: nn.Module) -> list[str]:
     return names
 
 
-class _Images:
+class CalibrationImages:
     """onnxruntime's CalibrationDataReader protocol: one {"image": (1, 3, H, W)} feed per call, then None."""
 
     def __init__(self, images: Sequence[torch.Tensor]) -> None:
@@ -76,6 +77,40 @@ class _Images:
     def get_next(self) -> dict[str, np.ndarray] | None:
         x = next(self._images, None)
         return None if x is None else {INPUT: x[None].float().numpy()}
+
+
+def quantize_file(
+    source: Path,
+    target: Path,
+    calibration: Sequence[torch.Tensor],
+    *,
+    exclude: Callable[[typing.Any], list[str]] = lambda graph: [],
+    preprocess: bool = True,
+) -> list[str]:
+    """The quantization itself, ONNX file to ONNX file: (``quant_pre_process``,) then ``quantize_static``
+    with the settings of this module (QDQ, int8 weights per output channel, int8 activations) calibrated on
+    ``calibration`` (tensors whose [None] is an input "image"). ``exclude(graph)``: names of nodes to keep
+    float. Returns those names."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if preprocess:
+        pre = target.with_name(f"{target.stem}.pre.onnx")
+        quant_pre_process(str(source), str(pre))
+        source = pre
+    excluded = exclude(onnx.load(str(source)).graph)
+    quantize_static(
+        str(source),
+        str(target),
+        CalibrationImages(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded,
+    )
+    return excluded
 
 
 def quantize_int8(
@@ -103,8 +138,6 @@ def quantize_int8(
     """
     require_onnx("onnx", "onnxruntime")
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration:
         raise ConfigError("int8 quantization needs at least one calibration image")
@@ -116,21 +149,13 @@ def quantize_int8(
         )
         # quantize_static drops metadata_props: the int8 file gets the float file's, key for key
         metadata = {p.key: p.value for p in onnx.load(str(float_path), load_external_data=False).metadata_props}
-        source = float_path
-        if preprocess:
-            source = Path(tmp) / "pre.onnx"
-            quant_pre_process(str(float_path), str(source))
-        excluded = em_node_names(onnx.load(str(source)).graph, module)
         quantized = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(source),
-            str(quantized),
-            _Images(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
+        excluded = quantize_file(
+            float_path,
+            quantized,
+            calibration,
+            exclude=lambda graph: em_node_names(graph, module),
+            preprocess=preprocess,
         )
         with atomic_path(path) as out:
             out.write_bytes(quantized.read_bytes())
