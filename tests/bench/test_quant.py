@@ -10,8 +10,14 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from emanet.bench.quant import FLAGS, PEAK_OF, VARIANTS, cpu_flags, run_int8_benchmark  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
+import torch  # noqa: E402
+
+from emanet.bench.quant import FLAGS, PEAK_OF, VARIANTS, cpu_flags, int8_accuracy, run_int8_benchmark  # noqa: E402
+from emanet.config import Config  # noqa: E402
+from emanet.errors import ConfigError  # noqa: E402
+from emanet.models.emanet import build_model  # noqa: E402
+from emanet.pretrained import load_model, save_pretrained  # noqa: E402
+from tests.conftest import run_cli, tiny_model  # noqa: E402
 
 
 def test_dry_run_measures_every_variant_against_its_peak(tmp_path):
@@ -43,3 +49,22 @@ def test_cli_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| tiny (0 G MACs) | prepared bf16 |" in proc.stdout and "written:" in proc.stdout
     assert (tmp_path / "int8_results_dry_run.json").is_file()
+
+
+def test_accuracy_compares_int8_with_float32_on_held_out_images(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(tiny_model(num_classes=5)).train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 33, 33))
+    cfg = Config()
+    cfg.model = tiny_model(num_classes=5)  # the synthetic set's classes
+    cfg.data.dataset = "synthetic"
+    scene = {"image_size": 48, "max_objects": 4, "min_objects": 2, "min_size": 4, "max_size": 8}
+    cfg.data.options = {"length": 2, "val_length": 10, **scene}
+    loaded = load_model(save_pretrained(model.eval(), cfg, tmp_path / "model"))
+    result = int8_accuracy(loaded, calibration_images=4, threads=1)
+    assert result["calibration_images"] == 4 and result["eval_images"] == 6
+    assert 0.9 < result["label_agreement"] <= 1 and 0 <= result["mIoU_int8"] <= 1
+    assert abs(result["mIoU_int8"] - result["mIoU_fp32"]) < 0.1  # a random model: low mIoU, but the same
+    with pytest.raises(ConfigError, match="the validation split has 10 images; calibrating on 10 leaves none"):
+        int8_accuracy(loaded, calibration_images=10, threads=1)

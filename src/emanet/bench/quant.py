@@ -33,18 +33,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from emanet.bench.onnx import calibrated, interleaved_medians, lscpu, session
 from emanet.bench.timing import machine
 from emanet.checkpoint import write_text_atomic
-from emanet.deploy.export import export_onnx
-from emanet.deploy.quantize import quantize_file, quantize_int8
+from emanet.deploy.export import export_onnx, inference_copy
+from emanet.deploy.quantize import CALIBRATION_IMAGES, quantize_file, quantize_int8
+from emanet.errors import ConfigError
 from emanet.flops import count_config
+from emanet.metrics import ConfusionMatrix
 from emanet.models.emanet import ModelConfig
 from emanet.models.fuse import prepare_for_inference
+from emanet.pretrained import LoadedModel
 from emanet.runtime import autocast
+from emanet.train.data import build_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -253,3 +258,46 @@ def render(data: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- accuracy of a trained model
+
+
+def int8_accuracy(loaded: LoadedModel, *, calibration_images: int = CALIBRATION_IMAGES, threads: int) -> dict:
+    """int8 vs float32 on ``loaded``'s validation split (the config's dataset, read as `emanet eval` reads
+    it): calibrate on ``calibration_images`` of it (a fixed shuffled order, as `emanet export` draws them),
+    then on every other image the mIoU of float32 PyTorch and of the int8 graph (onnxruntime), and the share
+    of pixels whose label they agree on. Whole-image inference at scale 1, no flip."""
+    _, val = build_datasets(loaded.config)
+    if len(val) <= calibration_images:
+        raise ConfigError(
+            f"the validation split has {len(val)} images; calibrating on {calibration_images} leaves none"
+        )
+    order = [int(i) for i in np.random.default_rng(0).permutation(len(val))]
+    side = loaded.config.data.crop_size
+    net = inference_copy(loaded.model)
+    n = loaded.config.model.num_classes
+    ignore = loaded.config.loss.ignore_index
+    fp32, int8 = ConfusionMatrix(n, ignore), ConfusionMatrix(n, ignore)
+    same = pixels = 0
+    with tempfile.TemporaryDirectory(prefix="emanet-int8-acc-") as tmp:
+        calibration = [val[i][0] for i in order[:calibration_images]]
+        path = quantize_int8(loaded, Path(tmp) / "int8.onnx", calibration, height=side, width=side)
+        sess = session(path, threads)
+        for i in order[calibration_images:]:
+            x, mask = val[i]
+            with torch.inference_mode():
+                a = net(x[None]).argmax(1)
+            b = torch.from_numpy(sess.run(["logits"], {"image": x[None].numpy()})[0]).argmax(1)
+            fp32.update(a, mask[None])
+            int8.update(b, mask[None])
+            same += int((a == b).sum())
+            pixels += a.numel()
+    return {
+        "source": str(loaded.source),
+        "calibration_images": calibration_images,
+        "eval_images": len(order) - calibration_images,
+        "mIoU_fp32": fp32.compute()["mIoU"],
+        "mIoU_int8": int8.compute()["mIoU"],
+        "label_agreement": same / pixels,
+    }

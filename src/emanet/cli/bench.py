@@ -16,12 +16,15 @@ import torch
 from emanet.bench.cpu import PARTS, run_benchmarks
 from emanet.bench.gpu import run_gpu_benchmark
 from emanet.bench.onnx import run_onnx_benchmark
-from emanet.bench.quant import run_int8_benchmark
+from emanet.bench.quant import int8_accuracy, run_int8_benchmark
 from emanet.bench.report import format_report
 from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.deploy.export import require_onnx
+from emanet.deploy.hub import resolve_source
+from emanet.deploy.quantize import CALIBRATION_IMAGES
 from emanet.errors import ConfigError
 from emanet.experiments.demo import demo_config
+from emanet.pretrained import load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     int8.add_argument("--threads", type=int, help="threads for every variant (default: torch's)")
     int8.add_argument("--repeats", type=int, default=5, help="timed calls per variant after warm-up (default: 5)")
     int8.add_argument("--dry-run", action="store_true", help="the tiny test model at 65x65: check the script")
+    int8.add_argument(
+        "--accuracy",
+        metavar="SOURCE",
+        help="instead of speed: int8 vs float32 mIoU and label agreement of a trained model (folder, checkpoint or "
+        "run) on its config's validation split; writes int8_accuracy.json",
+    )
+    int8.add_argument(
+        "--calibration-images",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help=f"--accuracy: validation images to calibrate on, the rest are evaluated (default: {CALIBRATION_IMAGES})",
+    )
     int8.set_defaults(func=run_int8)
 
 
@@ -92,6 +107,18 @@ def run_int8(args: argparse.Namespace) -> int:
         raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     threads = args.threads if args.threads is not None else torch.get_num_threads()
     claim_folder(args.out)
+    if args.accuracy:
+        result = int8_accuracy(
+            load_model(resolve_source(args.accuracy)), calibration_images=args.calibration_images, threads=threads
+        )
+        out = Path(args.out) / "int8_accuracy.json"
+        write_text_atomic(out, json.dumps(result, indent=2))
+        print(
+            f"mIoU float32 {100 * result['mIoU_fp32']:.2f}, int8 {100 * result['mIoU_int8']:.2f}; same label on "
+            f"{100 * result['label_agreement']:.3f}% of pixels ({result['eval_images']} images, calibrated on "
+            f"{result['calibration_images']} others)\nwritten: {out}"
+        )
+        return 0
     stem, data = run_int8_benchmark(Path(args.out), threads=threads, repeats=args.repeats, dry_run=args.dry_run)
     print(stem.with_suffix(".md").read_text())
     print(f"written: {stem}.md/.json ({data['wall_s']:.0f} s)")
