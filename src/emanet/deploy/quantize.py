@@ -95,6 +95,9 @@ def quantize_file(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    root = logging.getLogger()
+    if not root.handlers:  # onnxruntime.quantization logs through the root logger: its first call would add
+        root.addHandler(logging.NullHandler())  # a stderr handler (basicConfig) that repeats every emanet line
     if preprocess:
         pre = target.with_name(f"{target.stem}.pre.onnx")
         quant_pre_process(str(source), str(pre))
