@@ -175,15 +175,19 @@ def _doc_blocks() -> list[str]:
 
 def test_docs_python_snippets_run_and_the_file_runs_without_emanet(model_folder, tmp_path, monkeypatch):
     blocks = _doc_blocks()
-    with_emanet = [b for b in blocks if "emanet" in b.split("\n\n")[0]]  # its imports name emanet
+    with_emanet = [b for b in blocks if re.search(r"^(from|import) emanet", b, flags=re.M)]
     plain = [b for b in blocks if b not in with_emanet]
-    assert len(with_emanet) >= 1 and len(plain) == 1
+    assert len(with_emanet) == 2 and len(plain) == 1
     (tmp_path / "models").mkdir()
     model_folder.rename(tmp_path / "models" / "emanet101-voc")  # the name the snippets load
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(4):  # for the int8 snippet: two to calibrate on, two held out
+        rgb = np.random.default_rng(i).integers(0, 256, (33 + i, 41, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "photos" / f"{i}.jpg")
     for code in with_emanet:
         exec(compile(code, "docs/export.md", "exec"), {})
-    assert (tmp_path / "emanet.onnx").is_file()
+    assert (tmp_path / "emanet.onnx").is_file() and (tmp_path / "emanet-int8.onnx").is_file()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)).save("photo.jpg")
     # in a fresh interpreter; no emanet module may have been imported by the snippet
     check = "\nimport sys\nassert not [m for m in sys.modules if m.startswith('emanet')], 'emanet imported'\n"
