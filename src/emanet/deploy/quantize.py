@@ -57,8 +57,9 @@ def em_node_names(graph, model: nn.Module) -> list[str]:
     """Names of the nodes of ``graph`` (an ONNX GraphProto exported by the torchscript exporter) that belong
     to an EMA unit of ``model``: those under the unit's module path (``head.context`` -> ``/head/context/``)."""
     scopes = ["/" + name.replace(".", "/") + "/" for name, m in model.named_modules() if isinstance(m, EMAUnit)]
-    names = [n.name for n in graph.node if any(n.name.startswith(s) for s in scopes)]
-    outside = [n.name or "(unnamed)" for n in graph.node if n.op_type == "Softmax" and n.name not in names]
+    names = [n.name for n in graph.node if n.name.startswith(tuple(scopes))] if scopes else []
+    inside = set(names)
+    outside = [n.name or "(unnamed)" for n in graph.node if n.op_type == "Softmax" and n.name not in inside]
     if outside:
         raise ModelSourceError(
             f"the exported graph has Softmax nodes outside the EMA units' scopes {scopes}: {outside[:3]}; the "
