@@ -77,8 +77,9 @@ def test_quantize_int8_keeps_the_em_unit_float32_and_the_float_metadata(model_fo
     producer = {out: n for n in graph.node for out in n.output}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     int8 = [n.name for n in convs if producer.get(n.input[1]) and producer[n.input[1]].op_type == "DequantizeLinear"]
-    assert len(int8) >= len(convs) - 2 and "/head/classifier/Conv" in int8  # all but the EM unit's two
-    assert not [n for n in int8 if n.startswith("/head/context/")]
+    # all but the EM unit's two, the one reading the image and the classifier
+    assert len(int8) == len(convs) - 4 and "/head/reduce/conv/Conv" in int8
+    assert not [n for n in int8 if n.startswith(("/head/context/", "/head/classifier/", "/backbone/conv1/"))]
     for node in graph.node:  # no EM op reads a dequantized (int8) tensor
         if node.op_type in EM_OPS:
             assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input)

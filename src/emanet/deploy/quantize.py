@@ -11,6 +11,7 @@ nearly one-hot, so 256 levels of int8 would move pixels between bases (the same 
 autocast, models/em.py). The torchscript exporter names nodes after the module that made them
 (``/head/context/MatMul_3``), so the unit's nodes are those under its module path; ``em_node_names`` checks
 that every Softmax of the graph is among them, so a renaming exporter fails loudly instead of quantizing EM.
+The convolution that reads the image and the classifier stay float32 too (``float_node_names``).
 
 Calibration and check images are read exactly as evaluation reads them: a dataset's validation split (its
 eval transform) or image files through ``Predictor.preprocess`` (EXIF, eval resize, normalise, pad).
@@ -67,6 +68,17 @@ def em_node_names(graph, model: nn.Module) -> list[str]:
             "after their modules)"
         )
     return names
+
+
+def float_node_names(graph, model: nn.Module) -> list[str]:
+    """The nodes the int8 graph keeps in float32: the EMA units' (``em_node_names``), the convolution that
+    reads the image and the classifier. The last two hold few multiply-adds (3 input channels; K classes) and
+    cost the most accuracy in int8: on the synthetic toy model (600 iterations) keeping them float32 lost
+    0.22 mIoU instead of 0.87 against float32, with 99.74% instead of 99.40% of labels agreeing."""
+    first = [n.name for n in graph.node if n.op_type == "Conv" and INPUT in n.input]
+    classifier = ["/" + name.replace(".", "/") + "/" for name, _ in model.named_modules() if name == "head.classifier"]
+    last = [n.name for n in graph.node if classifier and n.name.startswith(classifier[0])]
+    return em_node_names(graph, model) + first + last
 
 
 class CalibrationImages:
@@ -158,7 +170,7 @@ def quantize_int8(
             float_path,
             quantized,
             calibration,
-            exclude=lambda graph: em_node_names(graph, module),
+            exclude=lambda graph: float_node_names(graph, module),
             preprocess=preprocess,
         )
         with atomic_path(path) as out:
@@ -168,7 +180,7 @@ def quantize_int8(
             onnx.checker.check_model(str(out))
             if verify is not None:
                 verify(out)
-    logger.info(f"int8: {len(excluded)} nodes of the EMA unit(s) kept in float32")
+    logger.info(f"int8: {len(excluded)} nodes kept in float32 (EMA units, first conv, classifier)")
     return path
 
 
