@@ -121,8 +121,13 @@ def test_cli_int8_export_checked_on_held_out_images(model_folder, tmp_path, caps
 
 def test_cli_int8_argument_errors(model_folder, tmp_path, capsys):
     out = tmp_path / "q.onnx"
+    int8 = ["--quantize", "int8", "--calibration"]
     assert cli.main(["export", str(model_folder), "--out", str(out), "--quantize", "int8"]) == 2
     assert "--quantize int8 needs --calibration DATA" in capsys.readouterr().err
+    assert cli.main(["export", str(model_folder), "--out", str(out), *int8, "val", "--no-fold-bn"]) == 2
+    assert "--no-fold-bn is for float32 graphs" in capsys.readouterr().err
+    assert cli.main(["export", str(model_folder), "--out", str(out), *int8, "val", "--exporter", "dynamo"]) == 2
+    assert "--quantize needs --exporter torchscript" in capsys.readouterr().err
     assert cli.main(["export", str(model_folder), "--out", str(out), "--calibration", "val"]) == 2
     assert "--calibration is for --quantize int8" in capsys.readouterr().err
     few = tmp_path / "few"

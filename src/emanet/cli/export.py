@@ -135,6 +135,8 @@ def _check_args(args: argparse.Namespace) -> None:
             )
         if args.exporter != "torchscript":
             raise ConfigError("--quantize needs --exporter torchscript (its node names locate the EM unit)")
+        if not args.fold_bn:
+            raise ConfigError("--no-fold-bn is for float32 graphs; int8 convolutions have BatchNorm folded in")
         if args.calibration_images < 1 or args.check_images < 1:
             raise ConfigError("--calibration-images and --check-images must be at least 1")
         if args.calibration != VAL and not Path(args.calibration).is_dir():
