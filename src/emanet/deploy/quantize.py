@@ -74,7 +74,7 @@ def float_node_names(graph, model: nn.Module) -> list[str]:
     """The nodes the int8 graph keeps in float32: the EMA units' (``em_node_names``), the convolution that
     reads the image and the classifier. The last two hold few multiply-adds (3 input channels; K classes) and
     cost the most accuracy in int8: on the synthetic toy model (600 iterations) keeping them float32 lost
-    0.22 mIoU instead of 0.87 against float32, with 99.74% instead of 99.40% of labels agreeing."""
+    0.22 mIoU instead of 0.91 against float32, with 99.74% instead of 99.41% of labels agreeing."""
     first = [n.name for n in graph.node if n.op_type == "Conv" and INPUT in n.input]
     classifier = ["/" + name.replace(".", "/") + "/" for name, _ in model.named_modules() if name == "head.classifier"]
     last = [n.name for n in graph.node if classifier and n.name.startswith(classifier[0])]
