@@ -65,6 +65,7 @@ class CheckFailed(UserError):
 
 
 def require_onnx(*modules: str) -> None:
+    """Raise OnnxNotInstalled, naming the missing packages and the extra, unless ``modules`` import."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -281,6 +282,8 @@ def onnx_session(path: str | Path, *, threads: int = 0):
 
 @dataclass
 class Parity:
+    """How close onnxruntime's logits are to PyTorch's on one input."""
+
     max_abs_diff: float  # largest |onnxruntime - pytorch| over all logits
     max_abs_logit: float  # the scale the difference is relative to
     label_agreement: float  # fraction of pixels whose argmax class is the same
@@ -291,6 +294,7 @@ class Parity:
         return self.max_abs_diff / max(self.max_abs_logit, 1e-12)
 
     def describe(self) -> str:
+        """The three figures in one line, as `emanet export --check` prints them."""
         return (
             f"same argmax on {100 * self.label_agreement:.3f}% of pixels, max |onnxruntime - pytorch| logits = "
             f"{self.max_abs_diff:.3g} = {self.relative_diff:.2e} of the largest |logit| ({self.max_abs_logit:.3g})"

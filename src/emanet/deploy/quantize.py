@@ -88,6 +88,7 @@ class CalibrationImages:
         self._images = iter(images)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next feed, or None when the images are used up."""
         x = next(self._images, None)
         return None if x is None else {INPUT: x[None].float().numpy()}
 
