@@ -71,5 +71,5 @@ def test_the_guide_runs_as_written(tmp_path):
         label = Image.open(tmp_path / "predictions" / f"{image.stem}.png")
         assert label.mode == "P" and label.size == Image.open(image).size
     assert not (tmp_path / "models" / "mydata" / "README.md").exists()  # the card is written by push_to_hub
-    assert "check: max |onnxruntime - pytorch|" in outputs["export"] and "ok" in outputs["export"]
+    assert "check (float32 onnxruntime vs PyTorch" in outputs["export"] and "check passed" in outputs["export"]
     assert (tmp_path / "mydata.onnx").stat().st_size > 0

@@ -55,6 +55,13 @@ class Running:
             assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n" + "".join(self.lines)[-3000:]
             time.sleep(0.05)
 
+    def wait_until(self, done, what: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert self.proc.poll() is None, f"ended before {what}:\n" + "".join(self.lines)[-3000:]
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n" + "".join(self.lines)[-3000:]
+            time.sleep(0.02)
+
     def signal(self, signum: int) -> tuple[int, str, str]:
         os.killpg(self.proc.pid, signum)
         out = self.proc.stdout.read()
@@ -112,7 +119,9 @@ def test_a_signal_during_predict_is_one_line_and_130_and_leaves_only_complete_fi
     (out / "notes.txt").write_text("an earlier file in --out\n")
     before = digests(trained, inputs, out)
     running = Running("predict", str(trained), str(inputs), "--out", str(out), "--device", "cpu")
-    running.wait_for("predict: ")  # a progress line: some images are done, the others are not
+    # the first written label: some images are done, the others are not (a progress line may come only after
+    # seconds, progress.py bounds how many a bar prints)
+    running.wait_until(lambda: any(out.glob("*.png")), "a written prediction")
     code, _, err = running.signal(signum)
     assert code == 130, err[-3000:]
     said_once(err, "predict", signal.Signals(signum).name)

@@ -37,6 +37,7 @@ def test_every_subcommand_is_bound_to_the_handler_of_its_module():
     assert {n: p.get_default("func").__name__ for n, p in suites.choices.items()} == {
         "gpu": "run_gpu",
         "onnx": "run_onnx",
+        "int8": "run_int8",
     }
 
 

@@ -1,8 +1,15 @@
 import importlib.util
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
@@ -10,11 +17,14 @@ ort = pytest.importorskip("onnxruntime")
 
 from emanet.cli import main as cli  # noqa: E402
 from emanet.config import Config  # noqa: E402
-from emanet.deploy.export import OnnxNotInstalled, check_onnx, export_onnx, onnx_parity  # noqa: E402
+from emanet.deploy import export as export_mod  # noqa: E402
+from emanet.deploy.export import OnnxNotInstalled, Parity, check_onnx, export_onnx, judge, onnx_parity  # noqa: E402
 from emanet.errors import ConfigError, UserError  # noqa: E402
 from emanet.models.emanet import ModelConfig, build_model  # noqa: E402
-from emanet.pretrained import save_pretrained  # noqa: E402
+from emanet.pretrained import load_model, save_pretrained  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny(arch="emanet"):
@@ -127,13 +137,113 @@ def test_cli_export_with_check(model_folder, tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "check: max |onnxruntime - pytorch| logits" in text and "same argmax on 100.000% of pixels" in text
-    assert ": ok (tolerance 0.0001)" in text
+    assert "check (float32 onnxruntime vs PyTorch, random inputs (1, 3, 33, 41) and (2, 3, 32, 32))" in text
+    assert "same argmax on 100.000% of pixels" in text and "of the largest |logit|" in text
+    assert "check passed (>= 99.9% agreement, <= 0.02 relative)" in text
     proto = onnx.load(str(out))
     assert [n.op_type for n in proto.graph.node].count("Softmax") == 5  # the override's T_eval, unrolled
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["emanet.class_names"] == '["bg", "a", "b"]'
     assert meta["emanet.mean"] == "[0.485, 0.456, 0.406]"
+
+
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_python_export_of_a_loaded_model_writes_the_cli_metadata(model_folder, tmp_path, caplog):
+    assert cli.main(["export", str(model_folder), "--out", str(tmp_path / "cli.onnx"), "--size", "33", "33"]) == 0
+    loaded = load_model(model_folder)
+    path = export_onnx(loaded, tmp_path / "py.onnx", height=33, width=33)
+    meta = _metadata(path)
+    assert meta == _metadata(tmp_path / "cli.onnx")
+    assert json.loads(meta["emanet.std"]) == [0.229, 0.224, 0.225]
+    assert json.loads(meta["emanet.palette"]) == [list(c) for c in loaded.palette]
+    assert json.loads(meta["emanet.model_config"])["num_bases"] == 4
+    # a bare module has no config to write: no emanet.* keys, and a warning that says so
+    with caplog.at_level(logging.WARNING, logger="emanet.deploy.export"):
+        bare = export_onnx(loaded.model, tmp_path / "bare.onnx", height=33, width=33, metadata={"mine": "1"})
+    assert _metadata(bare) == {"mine": "1"} and "no emanet.* metadata" not in caplog.text  # metadata given
+    with caplog.at_level(logging.WARNING, logger="emanet.deploy.export"):
+        bare = export_onnx(loaded.model, tmp_path / "bare.onnx", height=33, width=33)
+    assert _metadata(bare) == {} and "no emanet.* metadata" in caplog.text
+
+
+def _doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "export.md").read_text(), flags=re.S)
+
+
+def test_docs_python_snippets_run_and_the_file_runs_without_emanet(model_folder, tmp_path, monkeypatch):
+    blocks = _doc_blocks()
+    with_emanet = [b for b in blocks if re.search(r"^(from|import) emanet", b, flags=re.M)]
+    plain = [b for b in blocks if b not in with_emanet]
+    assert len(with_emanet) == 2 and len(plain) == 1
+    (tmp_path / "models").mkdir()
+    model_folder.rename(tmp_path / "models" / "emanet101-voc")  # the name the snippets load
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(4):  # for the int8 snippet: two to calibrate on, two held out
+        rgb = np.random.default_rng(i).integers(0, 256, (33 + i, 41, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "photos" / f"{i}.jpg")
+    for code in with_emanet:
+        exec(compile(code, "docs/export.md", "exec"), {})
+    assert (tmp_path / "emanet.onnx").is_file() and (tmp_path / "emanet-int8.onnx").is_file()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)).save("photo.jpg")
+    # in a fresh interpreter; no emanet module may have been imported by the snippet
+    check = "\nimport sys\nassert not [m for m in sys.modules if m.startswith('emanet')], 'emanet imported'\n"
+    proc = subprocess.run([sys.executable, "-c", plain[0] + check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    labels = Image.open("photo_labels.png")
+    assert labels.mode == "P" and labels.size == (45, 37)
+
+
+def _big_logits(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        model.head.classifier.weight.mul_(1e4)  # logits of ~1e5: float32 rounding alone moves them by > 1e-4
+        model.head.classifier.bias.mul_(1e4)
+    return model
+
+
+def test_check_judges_the_difference_relative_to_the_logits_scale(tmp_path):
+    model = _big_logits(_tiny())
+    path = export_onnx(model, tmp_path / "big.onnx", height=33, width=41)
+    parity = onnx_parity(model, path)
+    assert parity.max_abs_diff > 1e-4 and parity.max_abs_logit > 1e3  # the old absolute bound would fail it
+    assert parity.relative_diff < 1e-5 and judge(parity, min_agreement=0.999, rtol=0.02) == []
+    wrong = Parity(max_abs_diff=5.0, max_abs_logit=10.0, label_agreement=0.9)
+    assert judge(wrong, min_agreement=0.999, rtol=0.02) == [
+        "the argmax agrees on 90.000% of pixels, below the required 99.9%",
+        "the largest logit difference is 5.00e-01 of the largest |logit|, over the relative tolerance 0.02",
+    ]
+    assert judge(wrong, min_agreement=0.9, rtol=None) == []
+
+
+def test_cli_check_passes_large_logits_and_fails_a_wrong_graph(model_folder, tmp_path, capsys, monkeypatch):
+    loaded = load_model(model_folder)
+    big = save_pretrained(_big_logits(loaded.model), loaded.config, tmp_path / "big", class_names=["bg", "a", "b"])
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export", str(big), "--out", str(out), "--size", "33", "41", "--check"]) == 0
+    assert "check passed" in capsys.readouterr().out
+    earlier = out.read_bytes()
+
+    def swapped_classes(net, *args, **kwargs):  # the graph of a model whose classes are swapped: genuinely wrong
+        with torch.no_grad():
+            net.head.classifier.weight.copy_(torch.roll(net.head.classifier.weight, 1, dims=0))
+            net.head.classifier.bias.copy_(torch.roll(net.head.classifier.bias, 1, dims=0))
+        return real(net, *args, **kwargs)
+
+    real = export_mod._export_torchscript
+    monkeypatch.setattr(export_mod, "_export_torchscript", swapped_classes)
+    args = ["export", str(model_folder), "--out", str(out), "--overwrite", "--size", "33", "41", "--check"]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert f"{out}: check failed: the argmax agrees on" in captured.err and "nothing written" in captured.err
+    assert "of the largest |logit|, over the relative tolerance 0.02" in captured.err
+    # the failed file never replaced the earlier one, and no temporary is left
+    assert out.read_bytes() == earlier and sorted(p.name for p in tmp_path.iterdir()) == ["big", "m.onnx", "model"]
+    # the thresholds are the user's: a low enough bar passes even this graph
+    args += ["--min-agreement", "0", "--rtol", "100"]
+    assert cli.main(args) == 0 and out.read_bytes() != earlier
 
 
 def test_cli_export_bad_size_and_missing_source(tmp_path, capsys):

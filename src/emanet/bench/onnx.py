@@ -68,7 +68,7 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _interleaved_medians(fns: dict, repeats: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+def interleaved_medians(fns: dict, repeats: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median and fastest seconds per call, the variants taking turns (who goes first rotates each round);
     ``warmup`` - 1 more rounds first (the caller's parity call was the first)."""
     for _ in range(warmup - 1):
@@ -127,7 +127,7 @@ def run_case(
     }
     outputs = {k: np.asarray(fn()) for k, fn in fns.items()}  # first warm-up call; also the parity figures
     parity = _parity(outputs, model, x)
-    med, fastest = _interleaved_medians(fns, repeats, warmup)
+    med, fastest = interleaved_medians(fns, repeats, warmup)
     result = {
         "case": name,
         "threads": threads,
