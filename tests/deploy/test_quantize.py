@@ -12,6 +12,7 @@ pytest.importorskip("onnxruntime")
 from emanet.cli import main as cli  # noqa: E402
 from emanet.config import Config  # noqa: E402
 from emanet.deploy.export import export_onnx, model_metadata  # noqa: E402
+from emanet.deploy.predict import Predictor  # noqa: E402
 from emanet.deploy.quantize import em_node_names, int8_parity, quantize_int8, read_images  # noqa: E402
 from emanet.errors import ModelSourceError  # noqa: E402
 from emanet.models.emanet import build_model  # noqa: E402
@@ -110,6 +111,11 @@ def test_cli_int8_export_checked_on_held_out_images(model_folder, tmp_path, caps
     assert "int8 QDQ calibrated on 4 images" in proc.stdout and "check passed (>= 99% agreement)" in proc.stdout
     float_path = export_onnx(load_model(model_folder), tmp_path / "float.onnx", height=48, width=48)
     assert _metadata(out) == _metadata(float_path)
+    # the int8 file is a model source as the float one is (deploy/onnx_model.py): no model code needed
+    image = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    int8_labels = Predictor.from_source(out)(image).labels
+    float_labels = Predictor.from_source(model_folder, device="cpu")(image).labels
+    assert (int8_labels == float_labels).mean() >= 0.95
     # a threshold the int8 graph misses (int8 moves a few boundary pixels): exit 2, no file written
     bad = tmp_path / "bad.onnx"
     args = ["export", str(model_folder), "--out", str(bad), "--calibration", "val", *common]
