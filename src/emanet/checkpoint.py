@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,21 +110,29 @@ def _umask() -> int:
     return mask
 
 
-_STOP_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)}
+_STOP_SIGNALS = [getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)]
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Delay SIGINT/SIGTERM for the few instructions between creating a file and holding its name (where an
-    interrupt would leave it behind); a signal that arrives meanwhile is delivered when the block ends."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+    """Hold SIGINT/SIGTERM for the few instructions between creating a file and holding its name (where an
+    interrupt would leave it behind): a signal that arrives meanwhile is noted and raised again, to the handler
+    that was installed, when the block ends. Python runs signal handlers in the main thread only, whichever
+    thread the signal reached (so a thread's signal mask would not do); elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    caught: list[int] = []
+    handlers = {}
     try:
+        for s in _STOP_SIGNALS:
+            handlers[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for s, handler in handlers.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

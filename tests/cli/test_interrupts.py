@@ -121,7 +121,7 @@ def test_a_signal_during_predict_is_one_line_and_130_and_leaves_only_complete_fi
     running = Running("predict", str(trained), str(inputs), "--out", str(out), "--device", "cpu")
     # the first written label: some images are done, the others are not (a progress line may come only after
     # seconds, progress.py bounds how many a bar prints)
-    running.wait_until(lambda: any(out.glob("*.png")), "a written prediction")
+    running.wait_until(lambda: [p for p in out.glob("*.png") if ".tmp" not in p.name], "a written prediction")
     code, _, err = running.signal(signum)
     assert code == 130, err[-3000:]
     said_once(err, "predict", signal.Signals(signum).name)
