@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +94,11 @@ def test_iterations_study_writes_the_grid_and_resumes_after_an_interruption(tmp_
 
     with pytest.raises(ValueError, match="other settings"):
         run_study("iterations", out, **{**args, "eval_stages": [1, 2]})
+
+    # a study folder kept without its run folders (as docs/study is committed) is complete: nothing retrains
+    shutil.rmtree(out / "runs")
+    calls.update(eval=[], train=0)
+    assert run_study("iterations", out, **args)["cells"] == cells and calls["train"] == 0 and not calls["eval"]
 
 
 def test_bases_study_from_the_cli_and_with_an_existing_run(tmp_path):

@@ -316,12 +316,15 @@ def run_study(
     trained = results.setdefault("trained", {})  # variant -> {"seed", "machine"} of the run this study trained
     for v in todo:
         run = runs[v.name]
+        missing = [t for t in v.eval_stages if str(t) not in cells.get(v.name, {})]
+        if not missing:  # every cell measured: nothing to train, even where the run folder was not kept
+            continue
         if v.name not in existing and not (run / "eval.json").is_file():  # finished runs end with eval.json
+            cells.pop(v.name, None)  # cells of an earlier run of this variant would mix two trainings
+            missing = list(v.eval_stages)
             _train_variant(kind, v, configs[v.name], run, timing, trained, progress=progress)
             _write_json(results_path, results)
-        missing = [t for t in v.eval_stages if str(t) not in cells.get(v.name, {})]
-        if missing:
-            _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress)
+        _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress)
     results["evaluated_on"] = machine()
     results["table"] = write_outputs(kind, out, todo, cells, classes=results.get("classes"))
     write_text_atomic(out / "table.md", (out / "table.md").read_text() + provenance(results, todo))
@@ -347,7 +350,12 @@ def provenance(results: dict[str, Any], variants: list[Variant]) -> str:
     machines: dict[str, list[str]] = {}
     for v in variants:
         m = trained.get(v.name, {}).get("machine")
-        machines.setdefault(_machine_line(m) if m else "not trained by this study (--run)", []).append(v.name)
+        machines.setdefault(
+            _machine_line(m)
+            if m
+            else "not recorded (a run given with --run, or trained before studies recorded the machine)",
+            [],
+        ).append(v.name)
     if len(machines) == 1:
         lines.append(f"Trained on: {next(iter(machines))}.")
     else:
