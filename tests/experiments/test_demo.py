@@ -81,3 +81,17 @@ def test_demo_writes_the_report(tmp_path, monkeypatch):
     miou_panel = figures["curves.png"].axes[1]
     assert len(miou_panel.patches) == 2 and not miou_panel.get_lines()
     assert re.search(r"one evaluation at iteration 2", miou_panel.get_title())
+
+
+def test_predictions_text_counts_misread_scenes_and_names_misread_worst_rows():
+    from emanet.experiments.demo import _predictions_text
+
+    per_scene = {
+        "mIoU": {"EMANet": [0.9, 0.2, 0.8], "FCN": [0.5, 0.6, 0.1]},
+        "wrong_class": {"EMANet": [False, True, False], "FCN": [False, False, False]},
+    }
+    text = _predictions_text({"EMANet": {}, "FCN": {}}, choose_rows(per_scene["mIoU"]), per_scene)
+    assert "get a wrong class (of 3): EMANet 1, FCN 0. EMANet's worst scene is such a scene." in text
+    assert (
+        "| 3 | worst EMANet | 1 | 20.00 | 60.00 |" in text and "Median per-scene mIoU: EMANet 80.00, FCN 50.00" in text
+    )

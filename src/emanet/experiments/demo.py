@@ -293,11 +293,10 @@ def _predictions_text(runs: dict[str, dict[str, Any]], rows: list[tuple[int, str
     wrong = ", ".join(f"{name} {sum(per_scene['wrong_class'][name])}" for name in names)
     worst = {name: _median_and_worst(per_scene["mIoU"][name])[1] for name in names}
     misread = [name for name in names if per_scene["wrong_class"][name][worst[name]]]
-    shown = (
-        f" The worst row of {' and of '.join(misread)} is such a scene: its objects get a wrong class."
-        if misread
-        else ""
-    )
+    shown = ""
+    if misread:
+        whose = " and ".join(f"{name}'s worst scene" for name in misread)
+        shown = f" {whose} {'is such a scene' if len(misread) == 1 else 'are such scenes'}."
     return (
         f"Rows chosen from the per-scene mIoU over all {n} held-out scenes: each model's typical (median) "
         f"scene and its worst scene, captioned with each model's mIoU on that scene. Median per-scene mIoU: "
