@@ -38,7 +38,13 @@ def test_normalise_rows_against_hand_counts():
 
 def test_figures_are_written_and_names_are_checked(tmp_path):
     pytest.importorskip("matplotlib")
-    from emanet.experiments.plots import plot_class_iou, plot_confusion, plot_stage_grid, plot_variants
+    from emanet.experiments.plots import (
+        plot_class_iou,
+        plot_class_iou_groups,
+        plot_confusion,
+        plot_stage_grid,
+        plot_variants,
+    )
 
     names = ["background", "cat", "dog"]
     paths = [
@@ -46,6 +52,9 @@ def test_figures_are_written_and_names_are_checked(tmp_path):
         plot_class_iou([0.8, None, 0.4], names, tmp_path / "i.png"),
         plot_stage_grid([[50.0, 52.0], [51.0, 55.5]], ["1", "2"], [1, 2], tmp_path / "g.png"),
         plot_variants([40.0, 45.0], ["ema", "none"], tmp_path / "v.png"),
+        plot_class_iou_groups(
+            [[90.0, float("nan"), 30.0], [91.0, 20.0, 35.0]], ["ref", "mmseg"], names, tmp_path / "h.png"
+        ),
     ]
     for path in paths:
         with Image.open(path) as im:
@@ -54,6 +63,8 @@ def test_figures_are_written_and_names_are_checked(tmp_path):
         plot_confusion(np.eye(3), names[:2], tmp_path / "x.png")
     with pytest.raises(ValueError, match="3 class names for 2 IoU"):
         plot_class_iou([0.1, 0.2], names, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"\(1, 3\) for 2 variants x 3 classes"):
+        plot_class_iou_groups([[1.0, 2.0, 3.0]], ["ref", "mmseg"], names, tmp_path / "x.png")
 
 
 @pytest.fixture(scope="module")

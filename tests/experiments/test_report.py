@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
+import emanet.experiments.report  # noqa: E402
 from emanet.experiments.report import (  # noqa: E402
     colorize,
     markdown_table,
@@ -57,6 +59,64 @@ def test_plot_curves_writes_png(tmp_path):
     assert width > height  # two panels side by side
 
 
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions save, by file name (the PNG is still written)."""
+    saved, real_save = {}, emanet.experiments.report._save
+
+    def save(fig, path):
+        saved[Path(path).name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(emanet.experiments.report, "_save", save)
+    return saved
+
+
+def _texts(fig) -> list[str]:
+    """Every title and free text of every axes of a figure."""
+    return [t for ax in fig.axes for t in (ax.get_title(), *(x.get_text() for x in ax.texts)) if t]
+
+
+def test_plot_curves_draws_periodic_evaluations_as_curves(tmp_path, figures):
+    plot_curves({"EMANet": _metrics(), "FCN": _metrics(offset=0.2)}, tmp_path / "curves.png")
+    ax = figures["curves.png"].axes[1]
+    assert ax.get_xlabel() == "iteration" and not ax.patches
+    assert [len(line.get_xdata()) for line in ax.get_lines()] == [2, 2]  # evaluations at 10 and 20
+
+
+def test_plot_curves_draws_one_evaluation_per_model_as_labelled_bars(tmp_path, figures):
+    one = {
+        name: [*_metrics(every=100), {"kind": "val", "iter": 30, "mIoU": m}] for name, m in [("A", 0.79), ("B", 0.6)]
+    }
+    plot_curves(one, tmp_path / "curves.png")
+    ax = figures["curves.png"].axes[1]
+    assert not ax.get_lines()  # no lone point per model on an iteration axis
+    assert [round(bar.get_height(), 2) for bar in ax.patches] == [79.0, 60.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B"]
+    assert {t.get_text() for t in ax.texts} >= {"79.00", "60.00"} and "iteration 30" in ax.get_title()
+
+
+def test_plot_samples_captions_rows_and_scores(tmp_path, figures):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (8, 10, 3), dtype=np.uint8) for _ in range(2)]
+    labels = [np.zeros((8, 10), np.uint8)] * 2
+    preds = {"EMANet": labels, "FCN": labels}
+    plot_samples(
+        images,
+        labels,
+        preds,
+        PALETTE,
+        NAMES,
+        tmp_path / "s.png",
+        row_labels=["typical (median) EMANet", "worst FCN"],
+        scores={"EMANet": [0.912, 0.5], "FCN": [0.25, 0.031]},
+    )
+    texts = _texts(figures["s.png"])
+    assert {"typical (median) EMANet", "worst FCN", "EMANet: 91.2 mIoU", "FCN: 3.1 mIoU"} <= set(texts)
+    with pytest.raises(ValueError, match="row labels"):
+        plot_samples(images, labels, preds, PALETTE, NAMES, tmp_path / "x.png", row_labels=["one"])
+
+
 def test_colorize_pixel_by_pixel():
     label = np.array([[0, 1], [2, 255]], dtype=np.uint8)
     rgb = colorize(label, PALETTE)
@@ -100,6 +160,15 @@ def test_plot_responsibilities_picks_heaviest_bases(tmp_path):
     out, chosen = plot_responsibilities(image, label, resp, tmp_path / "resp.png", top=4, palette=PALETTE)
     assert chosen == [1, 6, 3, 4]
     assert _png_size(out)[0] > 300
+
+
+def test_plot_responsibilities_has_one_colour_bar_from_0_to_1(tmp_path, figures):
+    image = np.full((20, 28, 3), 128, np.uint8)
+    plot_responsibilities(image, np.zeros((20, 28), np.uint8), _responsibilities(), tmp_path / "r.png", top=4)
+    fig = figures["r.png"]
+    bars = [ax for ax in fig.axes if "responsibility" in ax.get_ylabel()]
+    assert len(bars) == 1 and bars[0].get_ylim() == (0.0, 1.0)
+    assert len(fig.axes) == 2 * 4 + 1  # image, ground truth, 4 bases, 2 unused panels (2 rows of 4), the bar
 
 
 def test_plot_responsibilities_clips_top_to_k(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -94,6 +95,11 @@ def test_iterations_study_writes_the_grid_and_resumes_after_an_interruption(tmp_
     with pytest.raises(ValueError, match="other settings"):
         run_study("iterations", out, **{**args, "eval_stages": [1, 2]})
 
+    # a study folder kept without its run folders (as docs/study is committed) is complete: nothing retrains
+    shutil.rmtree(out / "runs")
+    calls.update(eval=[], train=0)
+    assert run_study("iterations", out, **args)["cells"] == cells and calls["train"] == 0 and not calls["eval"]
+
 
 def test_bases_study_from_the_cli_and_with_an_existing_run(tmp_path):
     out = tmp_path / "bases"
@@ -124,3 +130,35 @@ def test_bases_study_from_the_cli_and_with_an_existing_run(tmp_path):
     )
     assert bad.returncode == 2 and "not variants of this study" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_heads_study_trains_the_layouts_and_writes_per_class_iou_and_provenance(tmp_path):
+    out = tmp_path / "heads"
+    assert [v.name for v in plan("heads")] == ["reference", "reference_aux", "mmseg", "mmseg_aux"]
+    assert plan("heads", variants=["mmseg_aux"])[0].overrides == ["model.head_layout=mmseg", "model.aux=true"]
+    cli = [sys.executable, "-m", "emanet", "study", "heads", "--config", "synthetic_toy", *TINY, "--no-progress"]
+    r = subprocess.run(
+        [*cli, "--out", str(out), "--variants", "reference,mmseg_aux"], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr
+    cfg = (out / "runs" / "mmseg_aux" / "config.yaml").read_text()
+    assert "head_layout: mmseg" in cfg and "aux: true" in cfg
+    assert "head_layout: reference" in (out / "runs" / "reference" / "config.yaml").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["background", "tint_1", "tint_2", "tint_3", "tint_4"]
+    for name in ("reference", "mmseg_aux"):
+        cell = results["cells"][name]["None"]
+        assert len(cell["IoU"]) == 5 and all(x is None or 0 <= x <= 1 for x in cell["IoU"])
+        assert results["trained"][name]["seed"] == 0  # synthetic_toy's train.seed
+        assert results["trained"][name]["machine"]["threads"] == 1 and results["trained"][name]["machine"]["torch"]
+    assert results["command"].startswith("emanet study heads --config synthetic_toy train.iterations=2")
+    assert results["command"].endswith(f"--out {out} --variants reference,mmseg_aux")
+    table = (out / "table.md").read_text()
+    assert "| variant | what | mIoU | aAcc | IoU background | IoU tint_1 |" in table
+    background = results["cells"]["mmseg_aux"]["None"]["IoU"][0]
+    assert "| mmseg_aux | mmseg + auxiliary FCN head on C4 | " in table and f"{100 * background:.2f}" in table
+    assert f"Command: `{results['command']}`" in table and "Seed (train.seed): 0;" in table
+    assert f"Trained on: {results['trained']['reference']['machine']['cpu']}, torch " in table
+    assert "1 threads" in table and "Evaluated on:" in table
+    with pytest.raises(ValueError, match="unknown heads variant.*fcn"):
+        plan("heads", variants=["fcn"])

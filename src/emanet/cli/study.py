@@ -1,4 +1,5 @@
-"""`emanet study`: the paper's studies (iterations grid, bases maintenance) in one resumable folder."""
+"""`emanet study`: the paper's studies (iterations grid, bases maintenance) and the head layouts, each in one
+resumable folder."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from emanet.cli.common import add_no_progress
 from emanet.errors import ConfigError
-from emanet.experiments.study import EVAL_STAGES, STUDIES, TRAIN_STAGES, run_study
+from emanet.experiments.study import EVAL_STAGES, STUDIES, TRAIN_STAGES, VARIANT_STUDIES, run_study
 
 
 def _int_list(value: str) -> list[int]:
@@ -27,8 +28,8 @@ EXAMPLE = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "study",
-        help="the paper's studies: T_train x T_eval grid (iterations) or bases "
-        "maintenance and gradients (bases); resumable",
+        help="the paper's studies: T_train x T_eval grid (iterations), bases maintenance and gradients "
+        "(bases), or head layout x auxiliary head with per-class IoU (heads); resumable",
     )
     p.add_argument("study", choices=STUDIES, help="which study")
     p.add_argument("--config", help="YAML file or packaged recipe name (e.g. synthetic_toy, voc_reference)")
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--variants",
         type=lambda v: v.split(","),
         metavar="NAME,NAME",
-        help="bases: a subset of ema,ema_l2,learned,none,ema_grad_all,ema_grad_last (default: all)",
+        help="bases or heads: a subset of their variants (default: all); "
+        + "; ".join(f"{kind}: {','.join(names)}" for kind, names in VARIANT_STUDIES.items()),
     )
     p.add_argument(
         "--run",

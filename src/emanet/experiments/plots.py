@@ -111,3 +111,21 @@ def plot_variants(miou: Sequence[float], names: Sequence[str], path) -> Path:
     for i, v in enumerate(miou):
         ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
     return _save(fig, path)
+
+
+def plot_class_iou_groups(iou, variants: Sequence[str], class_names: Sequence[str], path) -> Path:
+    """Grouped bars: per-class IoU (%) with one bar per variant in each class group (NaN: no bar)."""
+    values = np.asarray(iou, dtype=np.float64)  # (variants, classes)
+    if values.shape != (len(variants), len(class_names)):
+        raise ValueError(f"IoU of shape {values.shape} for {len(variants)} variants x {len(class_names)} classes")
+    fig = _figure(2 + 1.2 * len(class_names), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(variants))
+    x = np.arange(len(class_names))
+    for i, name in enumerate(variants):
+        ax.bar(x + (i - (len(variants) - 1) / 2) * width, np.nan_to_num(values[i]), width, label=name)
+    ax.set_xticks(x, labels=list(class_names))
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncols=2)
+    return _save(fig, path)

@@ -66,23 +66,42 @@ def _running_mean(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_curves(runs: dict[str, list[dict]], path, *, smooth: int = 10) -> Path:
-    """Training loss (raw faintly, running mean solid) and validation mIoU (%) against iteration, per run."""
+    """Training loss (raw faintly, running mean solid) and validation mIoU (%), per run.
+
+    The mIoU panel is a curve against iteration when some run was evaluated more than once; with one
+    evaluation per run (the demo evaluates once, at the end) it is one labelled bar per run, since a lone
+    point per run on an iteration axis reads as an empty plot.
+    """
     fig = _figure(11, 4)
     ax_loss, ax_miou = fig.subplots(1, 2)
+    vals = {name: [r for r in records if r.get("kind") == "val"] for name, records in runs.items()}
+    as_curves = any(len(v) > 1 for v in vals.values())
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
         train = [r for r in records if r.get("kind") == "train"]
-        val = [r for r in records if r.get("kind") == "val"]
         if train:
             it = np.array([r["iter"] for r in train])
             loss = np.array([r["loss"] for r in train], dtype=float)
             ax_loss.plot(it, loss, color=color, alpha=0.25, linewidth=0.8)
             ax_loss.plot(it, _running_mean(loss, smooth), color=color, label=name)
-        if val:
-            it = [r["iter"] for r in val]
-            ax_miou.plot(it, [100 * r["mIoU"] for r in val], color=color, marker="o", label=name)
+        if vals[name] and as_curves:
+            it = [r["iter"] for r in vals[name]]
+            ax_miou.plot(it, [100 * r["mIoU"] for r in vals[name]], color=color, marker="o", label=name)
+        elif vals[name]:
+            last = vals[name][-1]
+            bar = ax_miou.bar(i, 100 * last["mIoU"], color=color, width=0.6)
+            ax_miou.bar_label(bar, labels=[f"{100 * last['mIoU']:.2f}"], padding=2)
     ax_loss.set(title="Training loss", xlabel="iteration", ylabel="loss")
-    ax_miou.set(title="Validation mIoU", xlabel="iteration", ylabel="mIoU (%)")
+    if as_curves:
+        ax_miou.set(title="Validation mIoU", xlabel="iteration", ylabel="mIoU (%)")
+    else:
+        shown = [name for name in runs if vals[name]]
+        ax_miou.set_xticks([i for i, name in enumerate(runs) if vals[name]], labels=shown)
+        iters = sorted({vals[name][-1].get("iter") for name in shown} - {None})
+        when = f" at iteration {', '.join(map(str, iters))}" if iters else ""
+        ax_miou.set(title=f"Validation mIoU (one evaluation{when})", ylabel="mIoU (%)", ylim=(0, 100))
+        if not shown:
+            ax_miou.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax_miou.transAxes)
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -99,11 +118,29 @@ def colorize(label: np.ndarray, palette: list[tuple[int, int, int]], ignore_inde
     return lut[label.astype(np.uint8)]
 
 
-def plot_samples(images, ground_truth, predictions: dict[str, list], palette, class_names, path) -> Path:
-    """Grid with one row per sample: image | ground truth | one prediction column per model."""
+def plot_samples(
+    images,
+    ground_truth,
+    predictions: dict[str, list],
+    palette,
+    class_names,
+    path,
+    *,
+    row_labels: list[str] | None = None,
+    scores: dict[str, list[float]] | None = None,
+) -> Path:
+    """Grid with one row per sample: image | ground truth | one prediction column per model.
+
+    ``row_labels`` (one per row) are written beside each row (why the row was chosen); ``scores`` (model ->
+    one mIoU fraction per row) go into each prediction's caption.
+    """
     n = len(images)
     if len(ground_truth) != n or any(len(p) != n for p in predictions.values()):
         raise ValueError(f"need {n} ground truths and {n} predictions per model to match the {n} images")
+    if row_labels is not None and len(row_labels) != n:
+        raise ValueError(f"{len(row_labels)} row labels for {n} rows")
+    if scores is not None and (set(scores) != set(predictions) or any(len(v) != n for v in scores.values())):
+        raise ValueError(f"scores need one value per row for each of {list(predictions)}")
     titles = ["image", "ground truth", *predictions]
     row_h = 2.4 * images[0].shape[0] / images[0].shape[1] + 0.4  # panel height from the image aspect + title
     fig = _figure(2.4 * len(titles), row_h * n + 0.6)
@@ -115,8 +152,22 @@ def plot_samples(images, ground_truth, predictions: dict[str, list], palette, cl
             ax = axes[row, col]
             ax.imshow(panel, interpolation="nearest")
             ax.set_axis_off()
-            if row == 0:
-                ax.set_title(titles[col])
+            title = titles[col] if row == 0 else ""
+            if col >= 2 and scores is not None:
+                title = f"{titles[col]}: {100 * scores[titles[col]][row]:.1f} mIoU"
+            if title:
+                ax.set_title(title, fontsize=9)
+        if row_labels is not None:
+            axes[row, 0].text(
+                -0.06,
+                0.5,
+                row_labels[row],
+                rotation=90,
+                ha="right",
+                va="center",
+                fontsize=9,
+                transform=axes[row, 0].transAxes,
+            )
     handles = _legend_patches(palette, class_names)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
     return _save(fig, path)
@@ -129,7 +180,8 @@ def _upsample(heat: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def plot_responsibilities(image, label, responsibilities: np.ndarray, path, *, top: int = 6, palette=None):
-    """The paper's figure: the `top` bases carrying most responsibility mass as heat maps over the image.
+    """The paper's figure: the `top` bases carrying most responsibility mass as heat maps over the image, on one
+    0..1 colour scale with its colour bar (a pixel's responsibilities sum to 1 over the K bases).
 
     Returns (path, chosen base indices, heaviest first).
     """
@@ -152,13 +204,16 @@ def plot_responsibilities(image, label, responsibilities: np.ndarray, path, *, t
     else:
         axes[1].imshow(np.ma.masked_equal(np.asarray(label), 255), cmap="tab20", interpolation="nearest")
     axes[1].set_title("ground truth")
-    vmax = max(float(resp.max()), 1e-12)
+    heat = None
     for ax, k in zip(axes[2:], chosen):
         ax.imshow(image)
-        ax.imshow(_upsample(resp[k], height, width), cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
+        heat = ax.imshow(_upsample(resp[k], height, width), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
         ax.set_title(f"base {k}: {100 * share[k]:.1f}% of mass")
     for ax in axes:
         ax.set_axis_off()
+    if heat is not None:
+        heat_axes = list(axes[2 : 2 + len(chosen)])
+        fig.colorbar(heat, ax=heat_axes, shrink=0.8, label="responsibility (sums to 1 over the bases)")
     return _save(fig, path), chosen
 
 

@@ -4,28 +4,38 @@
 ``bases`` (paper Fig. 3): the ways of maintaining the bases (moving average, with and without L2-normalising
 the batch estimate, learned by back-propagation, fixed) and of back-propagating through the EM stages
 (none, all unrolled stages, the last stage only: Hamburger's one-step gradient), each trained and evaluated.
+``heads``: the head layout (the authors' "reference": classifier on the EMA features alone; mmsegmentation's
+"mmseg": the backbone's C5 concatenated back before the classifier) x the auxiliary FCN head off/on, with
+per-class IoU, since what the layout changes is which classes keep their local evidence.
 
 The folder holds ``study.json`` (what was asked), ``commands.sh`` (the equivalent train/eval commands),
 ``runs/<variant>/`` (ordinary run folders), ``results.json`` (every evaluated cell, written after each one),
-``table.md`` and a figure. Running the same command again continues: finished runs are not retrained, an
-interrupted run resumes from its newest checkpoint, evaluated cells are kept.
+``table.md`` and a figure; results.json and table.md say which machine (CPU model, torch version, threads)
+trained each run, with which seed, and the command that rebuilds the folder. Running the same command again
+continues: finished runs are not retrained, an interrupted run resumes from its newest checkpoint, evaluated
+cells are kept.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import logging
+import os
+import platform
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.config import Config, load_config
 from emanet.errors import ConfigError, RunFolderError
-from emanet.evaluation import evaluate
+from emanet.evaluation import evaluate, results_to_json
 from emanet.experiments import plots
 from emanet.experiments.report import markdown_table
 from emanet.pretrained import load_model
@@ -35,7 +45,7 @@ from emanet.train.loop import train
 
 logger = logging.getLogger(__name__)
 
-STUDIES = ("iterations", "bases")
+STUDIES = ("iterations", "bases", "heads")
 TRAIN_STAGES = (1, 2, 3, 4, 5)  # the paper's Fig. 4 trains T = 1..5 (accuracy saturates at T_train = 3)
 EVAL_STAGES = (1, 2, 3, 4, 5, 6, 7, 8)
 # name -> overrides; every variant sets all three axes, so the base config's own choice does not leak in
@@ -56,6 +66,21 @@ BASES_LABELS = {
     "ema_grad_last": "moving average + gradient through the last stage",
 }
 
+# every variant sets both axes, so the base config's own layout and aux head do not leak in
+HEADS_VARIANTS: dict[str, list[str]] = {
+    "reference": ["model.head_layout=reference", "model.aux=false"],
+    "reference_aux": ["model.head_layout=reference", "model.aux=true"],
+    "mmseg": ["model.head_layout=mmseg", "model.aux=false"],
+    "mmseg_aux": ["model.head_layout=mmseg", "model.aux=true"],
+}
+HEADS_LABELS = {
+    "reference": "classifier on the EMA features only (authors' code)",
+    "reference_aux": "reference + auxiliary FCN head on C4",
+    "mmseg": "C5 concatenated back before the classifier (mmsegmentation)",
+    "mmseg_aux": "mmseg + auxiliary FCN head on C4",
+}
+VARIANT_STUDIES = {"bases": BASES_VARIANTS, "heads": HEADS_VARIANTS}  # studies of named variants, one cell each
+
 
 @dataclass
 class Variant:
@@ -72,13 +97,59 @@ def plan(kind: str, *, train_stages=TRAIN_STAGES, eval_stages=EVAL_STAGES, varia
                 f"--train-stages and --eval-stages need numbers >= 1, got {list(train_stages)} and {list(eval_stages)}"
             )
         return [Variant(f"T{t}", [f"model.num_stages={t}"], list(eval_stages)) for t in train_stages]
-    if kind == "bases":
-        names = list(variants or BASES_VARIANTS)
-        unknown = [n for n in names if n not in BASES_VARIANTS]
+    if kind in VARIANT_STUDIES:
+        known = VARIANT_STUDIES[kind]
+        names = list(variants or known)
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise ConfigError(f"unknown bases variant(s) {unknown}; choose from {', '.join(BASES_VARIANTS)}")
-        return [Variant(n, list(BASES_VARIANTS[n]), [None]) for n in names]
+            raise ConfigError(f"unknown {kind} variant(s) {unknown}; choose from {', '.join(known)}")
+        return [Variant(n, list(known[n]), [None]) for n in names]
     raise ConfigError(f"unknown study {kind!r}; choose from {', '.join(STUDIES)}")
+
+
+def machine() -> dict[str, Any]:
+    """What a result depends on beyond the config: floating-point sums differ between CPUs and thread counts,
+    and over a training run those differences compound, so the same command gives other figures elsewhere."""
+    cpu = platform.processor() or platform.machine() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "logical_cores": os.cpu_count(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def study_command(
+    kind: str,
+    out: Path,
+    *,
+    config: str | None,
+    overrides: list[str],
+    variants: list[Variant],
+    existing: dict[str, Path],
+    max_images: int,
+) -> str:
+    """The `emanet study` command that (re)builds this folder, spelled out from the arguments."""
+    args = ["emanet", "study", kind, *(["--config", config] if config else []), *overrides, "--out", str(out)]
+    if kind == "iterations":
+        args += ["--train-stages", ",".join(v.name[1:] for v in variants)]
+        args += ["--eval-stages", ",".join(str(t) for t in variants[0].eval_stages)]
+    else:
+        args += ["--variants", ",".join(v.name for v in variants)]
+    for name, path in existing.items():
+        args += ["--run", f"{name}={path}"]
+    if max_images:
+        args += ["--max-images", str(max_images)]
+    return shlex.join(args)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -145,15 +216,25 @@ def _start_folder(out: Path, spec: dict[str, Any]) -> None:
 
 
 def _train_variant(
-    kind: str, v: Variant, config: Config, run: Path, timing: dict[str, float], *, progress: bool
+    kind: str,
+    v: Variant,
+    config: Config,
+    run: Path,
+    timing: dict[str, float],
+    trained: dict[str, Any],
+    *,
+    progress: bool,
 ) -> None:
-    """Train one variant into ``run`` (resuming an interrupted run), adding its time to ``timing``."""
+    """Train one variant into ``run`` (resuming an interrupted run), adding its time to ``timing`` and its seed
+    and machine to ``trained``."""
     cfg = copy.deepcopy(config)
     cfg.train.out_dir = str(run)
     logger.info(f"== {kind} study: training {v.name} ({' '.join(v.overrides)}) into {run}")
     t0 = time.perf_counter()
     train(cfg, resume=True, progress=progress)
     timing[f"train {v.name}"] = timing.get(f"train {v.name}", 0.0) + time.perf_counter() - t0
+    # the machine that finished the run (an interrupted run resumed elsewhere is the rare exception)
+    trained[v.name] = {"seed": cfg.train.seed, "machine": machine()}
 
 
 def _evaluate_cells(
@@ -173,6 +254,7 @@ def _evaluate_cells(
     device = select_device(cfg.train.device)
     model = loaded.model.to(device)
     _, val = build_datasets(cfg)
+    results["classes"] = list(getattr(val, "classes", [])) or [str(c) for c in range(cfg.model.num_classes)]
     for t in missing:
         cfg.eval.eval_stages = t
         t0 = time.perf_counter()
@@ -181,6 +263,7 @@ def _evaluate_cells(
         cells.setdefault(v.name, {})[str(t)] = {
             "mIoU": float(res["mIoU"]),
             "aAcc": float(res["aAcc"]),
+            "IoU": results_to_json({"IoU": res["IoU"]})["IoU"],  # per class; None: absent from label and prediction
             "T_train": cfg.model.num_stages,
             "images": res["images"],
         }
@@ -226,16 +309,25 @@ def run_study(
     write_text_atomic(out / "commands.sh", _commands(kind, config, list(overrides), out, todo, runs, argv))
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["command"] = study_command(
+        kind, out, config=config, overrides=list(overrides), variants=todo, existing=existing, max_images=max_images
+    )
     cells, timing = results.setdefault("cells", {}), results.setdefault("seconds", {})
+    trained = results.setdefault("trained", {})  # variant -> {"seed", "machine"} of the run this study trained
     for v in todo:
         run = runs[v.name]
-        if v.name not in existing and not (run / "eval.json").is_file():  # finished runs end with eval.json
-            _train_variant(kind, v, configs[v.name], run, timing, progress=progress)
-            _write_json(results_path, results)
         missing = [t for t in v.eval_stages if str(t) not in cells.get(v.name, {})]
-        if missing:
-            _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress)
-    results["table"] = write_outputs(kind, out, todo, cells)
+        if not missing:  # every cell measured: nothing to train, even where the run folder was not kept
+            continue
+        if v.name not in existing and not (run / "eval.json").is_file():  # finished runs end with eval.json
+            cells.pop(v.name, None)  # cells of an earlier run of this variant would mix two trainings
+            missing = list(v.eval_stages)
+            _train_variant(kind, v, configs[v.name], run, timing, trained, progress=progress)
+            _write_json(results_path, results)
+        _evaluate_cells(v, run, missing, results, results_path, max_images=max_images, progress=progress)
+    results["evaluated_on"] = machine()
+    results["table"] = write_outputs(kind, out, todo, cells, classes=results.get("classes"))
+    write_text_atomic(out / "table.md", (out / "table.md").read_text() + provenance(results, todo))
     _write_json(results_path, results)
     return results
 
@@ -244,8 +336,48 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str, dict[str, Any]]) -> str:
-    """table.md and the figure (iterations.png heatmap / bases.png bars; skipped without matplotlib)."""
+def _machine_line(m: dict[str, Any]) -> str:
+    return f"{m['cpu']}, torch {m['torch']}, {m['threads']} threads (date {m['date']})"
+
+
+def provenance(results: dict[str, Any], variants: list[Variant]) -> str:
+    """The lines under a table: the command, the seed, and the machine that trained each run."""
+    trained = results.get("trained", {})
+    lines = ["", "## How this table was made", "", f"Command: `{results['command']}`", ""]
+    seeds = sorted({str(trained[v.name]["seed"]) for v in variants if v.name in trained})
+    if seeds:
+        lines.append(f"Seed (train.seed): {', '.join(seeds)}; a run is deterministic on one machine.")
+    machines: dict[str, list[str]] = {}
+    for v in variants:
+        m = trained.get(v.name, {}).get("machine")
+        machines.setdefault(
+            _machine_line(m)
+            if m
+            else "not recorded (a run given with --run, or trained before studies recorded the machine)",
+            [],
+        ).append(v.name)
+    if len(machines) == 1:
+        lines.append(f"Trained on: {next(iter(machines))}.")
+    else:
+        lines += ["Trained on:", *(f"- {', '.join(names)}: {line}" for line, names in machines.items())]
+    lines.append(f"Evaluated on: {_machine_line(results['evaluated_on'])}.")
+    lines.append(
+        "Floating-point sums differ between CPUs and thread counts and the differences compound over training,"
+        " so the same command on another machine gives other figures (by a few points on these toy runs)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(
+    kind: str,
+    out: Path,
+    variants: list[Variant],
+    cells: dict[str, dict[str, Any]],
+    *,
+    classes: list[str] | None = None,
+) -> str:
+    """table.md and the figure (iterations.png heatmap / bases.png bars / heads.png per-class bars; skipped
+    without matplotlib)."""
     if kind == "iterations":
         stages = sorted({t for v in variants for t in v.eval_stages})
         header = ["T_train \\ T_eval", *map(str, stages)]
@@ -257,7 +389,7 @@ def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str
             for v in variants
         ]
         figure, caption = "iterations.png", "mIoU (%) by EM stages in training (rows) and evaluation (columns)"
-    else:
+    elif kind == "bases":
         header = ["variant", "what", "overrides", "mIoU", "aAcc"]
         rows = [
             [
@@ -270,15 +402,34 @@ def write_outputs(kind: str, out: Path, variants: list[Variant], cells: dict[str
             for v in variants
         ]
         figure, caption = "bases.png", "mIoU (%) by bases maintenance and gradient"
+    else:
+        names = classes or [str(c) for c in range(len(cells[variants[0].name]["None"]["IoU"]))]
+        header = ["variant", "what", "mIoU", "aAcc", *(f"IoU {c}" for c in names)]
+        rows = [
+            [
+                v.name,
+                HEADS_LABELS[v.name],
+                _pct(cells[v.name]["None"]["mIoU"]),
+                _pct(cells[v.name]["None"]["aAcc"]),
+                *(_pct(x) for x in cells[v.name]["None"]["IoU"]),
+            ]
+            for v in variants
+        ]
+        figure, caption = "heads.png", "mIoU and per-class IoU (%) by head layout and auxiliary head"
     table = markdown_table(header, rows)
     try:
         if kind == "iterations":
             grid = [[100 * cells[v.name][str(t)]["mIoU"] for t in stages] for v in variants]
             plots.plot_stage_grid(grid, [r[0] for r in rows], stages, out / figure)
-        else:
+        elif kind == "bases":
             plots.plot_variants(
                 [100 * cells[v.name]["None"]["mIoU"] for v in variants], [v.name for v in variants], out / figure
             )
+        else:
+            iou = [
+                [100 * (x if x is not None else float("nan")) for x in cells[v.name]["None"]["IoU"]] for v in variants
+            ]
+            plots.plot_class_iou_groups(iou, [v.name for v in variants], names, out / figure)
         picture = f"\n\n![{caption}]({figure})"
     except ImportError:
         picture = "\n\n(no figure: pip install emanet[report] for matplotlib)"
