@@ -8,6 +8,10 @@ training engine.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
+import platform
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -78,3 +82,25 @@ def all_gather_lists(items: list[Any]) -> list[Any]:
     gathered: list[list[Any]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
+
+
+def machine() -> dict[str, Any]:
+    """What a measured figure depends on beyond the code and the config (benchmarks and studies record it):
+    floating-point sums differ between CPUs and thread counts, so the same command gives other figures
+    elsewhere."""
+    cpu = platform.processor() or platform.machine() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from emanet.errors import install_hint
 from emanet.experiments.plots import normalise_rows
 
 TINY = [
@@ -120,5 +121,5 @@ def test_plot_without_matplotlib_is_a_message_before_any_work(tiny_run, tmp_path
         env=env,
         timeout=300,
     )
-    assert r.returncode == 2 and "pip install emanet[report]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and install_hint("report") in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "e.json").exists()

@@ -4,9 +4,6 @@ clock that drains the queue around each call, peak memory and host syncs."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -16,26 +13,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from emanet import runtime
+
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """runtime.machine() and whether the CPU has AMX-BF16 (the benchmarks' tables show it)."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "amx_bf16": "amx_bf16" in flags,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-    }
+    return {**runtime.machine(), "amx_bf16": "amx_bf16" in flags}
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emanet.errors import ConfigError
+from emanet.errors import MissingExtra, install_hint
 from emanet.experiments.report import _figure, _save
 
 ANNOTATE_UP_TO = 25  # classes; beyond this the cells are too small for numbers
@@ -21,7 +21,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install emanet[report]") from None
+        raise MissingExtra(f"--plot needs matplotlib: {install_hint('report')}") from None
 
 
 def normalise_rows(matrix) -> np.ndarray:

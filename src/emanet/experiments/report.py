@@ -1,7 +1,7 @@
 """Figures and a Markdown/HTML report for `emanet demo`: curves, sample predictions, EM responsibilities.
 
 Takes plain numpy arrays, dicts and paths; knows nothing of models, engines or datasets.
-matplotlib is an optional extra (`pip install emanet[report]`) and is imported only when a figure is drawn.
+matplotlib is the optional extra `report` (`errors.install_hint("report")`) and is imported only when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from emanet.checkpoint import atomic_path, write_text_atomic
+from emanet.errors import MissingExtra, install_hint
 
 
 def _figure(width: float, height: float):
@@ -23,7 +24,7 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("drawing the report needs matplotlib: pip install emanet[report]") from e
+        raise MissingExtra(f"drawing the report needs matplotlib: {install_hint('report')}") from e
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -19,22 +19,18 @@ cells are kept.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import logging
-import os
-import platform
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from emanet import runtime
 from emanet.checkpoint import claim_folder, write_text_atomic
 from emanet.config import Config, load_config
-from emanet.errors import ConfigError, RunFolderError
+from emanet.errors import ConfigError, RunFolderError, install_hint
 from emanet.evaluation import evaluate, results_to_json
 from emanet.experiments import plots
 from emanet.experiments.report import markdown_table
@@ -108,24 +104,10 @@ def plan(kind: str, *, train_stages=TRAIN_STAGES, eval_stages=EVAL_STAGES, varia
 
 
 def machine() -> dict[str, Any]:
-    """What a result depends on beyond the config: floating-point sums differ between CPUs and thread counts,
-    and over a training run those differences compound, so the same command gives other figures elsewhere."""
-    cpu = platform.processor() or platform.machine() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "logical_cores": os.cpu_count(),
-        "date": datetime.date.today().isoformat(),
-    }
+    """runtime.machine() as studies record it (results.json names the thread count "threads")."""
+    m = runtime.machine()
+    m["threads"] = m.pop("torch_threads")
+    return m
 
 
 def study_command(
@@ -432,6 +414,6 @@ def write_outputs(
             plots.plot_class_iou_groups(iou, [v.name for v in variants], names, out / figure)
         picture = f"\n\n![{caption}]({figure})"
     except ImportError:
-        picture = "\n\n(no figure: pip install emanet[report] for matplotlib)"
+        picture = f"\n\n(no figure: matplotlib is missing; {install_hint('report')})"
     write_text_atomic(out / "table.md", f"# emanet study {kind}\n\n{caption}\n\n{table}{picture}\n")
     return table
