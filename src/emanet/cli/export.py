@@ -37,7 +37,8 @@ VAL = "val"  # --calibration's name for the config's validation split
 
 EXAMPLE = """examples:
   emanet export model/ --out model.onnx --check          export, then compare with PyTorch (onnxruntime)
-  emanet export runs/voc --out voc.onnx --size 513 513 --exporter dynamo"""
+  emanet export runs/voc --out voc.onnx --size 513 513 --exporter dynamo
+  emanet export model/ --out int8.onnx --quantize int8 --calibration val --check   int8, checked on held-out images"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
