@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -137,8 +138,13 @@ def test_heads_study_trains_the_layouts_and_writes_per_class_iou_and_provenance(
     assert [v.name for v in plan("heads")] == ["reference", "reference_aux", "mmseg", "mmseg_aux"]
     assert plan("heads", variants=["mmseg_aux"])[0].overrides == ["model.head_layout=mmseg", "model.aux=true"]
     cli = [sys.executable, "-m", "emanet", "study", "heads", "--config", "synthetic_toy", *TINY, "--no-progress"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # the thread count the machine record must show
     r = subprocess.run(
-        [*cli, "--out", str(out), "--variants", "reference,mmseg_aux"], capture_output=True, text=True, timeout=600
+        [*cli, "--out", str(out), "--variants", "reference,mmseg_aux"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=one_thread,
     )
     assert r.returncode == 0, r.stderr
     cfg = (out / "runs" / "mmseg_aux" / "config.yaml").read_text()
