@@ -58,9 +58,9 @@ EXAMPLES = """examples:
   emanet COMMAND --help                            a command's flags and examples"""
 EXIT_STATUSES = """exit status:
   0    done
-  1    some inputs failed or problems were found (predict, check-data, export --check)
-  2    a usage, config, path or run-folder error, a failed write, or out of memory; the message says
-       what to fix (out of memory: which settings to lower)
+  1    some inputs failed or problems were found (predict, check-data)
+  2    a usage, config, path or run-folder error, a failed write, a failed export --check (nothing
+       written), or out of memory; the message says what to fix (out of memory: which settings to lower)
   3    stopped by SIGINT/SIGTERM after saving what a rerun continues from (train: a checkpoint,
        continue with --resume; study: run the same command again)
   4    train: non-finite loss; continue from a checkpoint you trust with --resume-from
