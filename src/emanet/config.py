@@ -20,7 +20,14 @@ import yaml
 from emanet.checkpoint import write_text_atomic
 from emanet.data import DATASETS
 from emanet.data.synthetic import SceneConfig
-from emanet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SCALES, ResizeBackend
+from emanet.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REFERENCE_SCALES,
+    Compose,
+    ResizeBackend,
+    eval_transform,
+)
 from emanet.errors import ConfigError
 from emanet.fields import (
     build,
@@ -146,6 +153,22 @@ class Config:
         errors = validation_errors(self)
         if errors:
             raise ConfigError(problems_message(errors))
+
+    def eval_transform(self) -> Compose:
+        """How evaluation and prediction read an image under these settings: (mmseg's keep-ratio resize with
+        its backend,) normalise, pad bottom/right with 0 (the mean) to ``eval_pad_multiple``/``eval_pad_offset``;
+        the one mapping from the data section to the transform (training's val split, Predictor, int8
+        calibration)."""
+        d = self.data
+        return eval_transform(
+            mean=d.mean,
+            std=d.std,
+            pad_multiple=d.eval_pad_multiple or None,
+            pad_offset=d.eval_pad_offset,
+            ignore_index=self.loss.ignore_index,
+            keep_ratio_resize=d.eval_resize,
+            resize_backend=d.resize_backend,
+        )
 
 
 # ----------------------------------------------------------------------------- every key (`emanet configs --keys`)

@@ -25,7 +25,6 @@ from torch import nn
 from emanet.config import Config
 from emanet.data.base import read_image
 from emanet.data.palettes import Palette, distinct_palette, index_image
-from emanet.data.transforms import eval_transform
 from emanet.deploy.attention_maps import attention_unit, blend, capture_attention
 from emanet.deploy.hub import resolve_source
 from emanet.deploy.onnx_model import OnnxModel, is_onnx_file, load_onnx
@@ -86,6 +85,14 @@ def to_rgb(image: ImageInput) -> Image.Image:
             raise ValueError(f"an array image must be (H, W, 3) uint8 RGB, got shape {image.shape} {image.dtype}")
         return Image.fromarray(np.ascontiguousarray(image))
     raise TypeError(f"expected a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def preprocess(image: ImageInput, transform) -> tuple[Image.Image, torch.Tensor]:
+    """-> (RGB image, EXIF orientation applied; ``transform`` of it as a (3, Hp, Wp) tensor): an evaluation
+    transform (``Config.eval_transform``) given a dummy label, which it pads and drops."""
+    rgb = to_rgb(image)
+    x, _ = transform(rgb, np.zeros((rgb.height, rgb.width), dtype=np.uint8))
+    return rgb, x
 
 
 def _full_palette(palette: Palette | None, num_classes: int) -> Palette:
@@ -164,14 +171,7 @@ class Predictor:
         self.model = maybe_compile(model, compile)
         # the evaluation transform: (mmseg's keep-ratio resize,) normalise, pad bottom/right with 0 (the mean)
         self._resized = d.eval_resize is not None
-        self._transform = eval_transform(
-            mean=d.mean,
-            std=d.std,
-            pad_multiple=d.eval_pad_multiple or None,
-            pad_offset=d.eval_pad_offset,
-            keep_ratio_resize=d.eval_resize,
-            resize_backend=d.resize_backend,
-        )
+        self._transform = config.eval_transform()
 
     @classmethod
     def from_source(
@@ -209,9 +209,7 @@ class Predictor:
 
     def preprocess(self, image: ImageInput) -> tuple[Image.Image, torch.Tensor]:
         """-> (RGB image, normalised (resized with data.eval_resize) and padded tensor (3, Hp, Wp))."""
-        rgb = to_rgb(image)
-        x, _ = self._transform(rgb, np.zeros((rgb.height, rgb.width), dtype=np.uint8))
-        return rgb, x
+        return preprocess(image, self._transform)
 
     def __call__(self, image: ImageInput, *, probs: bool = False, attention: bool = False) -> Prediction:
         return self.predict_batch([image], probs=probs, attention=attention)[0]

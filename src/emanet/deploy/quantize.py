@@ -14,7 +14,7 @@ that every Softmax of the graph is among them, so a renaming exporter fails loud
 The convolution that reads the image and the classifier stay float32 too (``float_node_names``).
 
 Calibration and check images are read exactly as evaluation reads them: a dataset's validation split (its
-eval transform) or image files through ``Predictor.preprocess`` (EXIF, eval resize, normalise, pad).
+eval transform) or image files through ``predict.preprocess`` (EXIF, eval resize, normalise, pad).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from emanet.deploy.export import (
     onnx_session,
     require_onnx,
 )
-from emanet.deploy.predict import Predictor
+from emanet.deploy.predict import preprocess
 from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.em import EMAUnit
 from emanet.pretrained import LoadedModel
@@ -199,7 +199,7 @@ def int8_parity(model: LoadedModel | nn.Module, path: str | Path, images: Iterab
 
 
 def read_images(paths: Sequence[Path], config: Config) -> list[torch.Tensor]:
-    """Image files as normalised (3, H, W) tensors, read by ``Predictor.preprocess`` with ``config``'s
-    evaluation transform (no model is run: the Predictor holds an empty module)."""
-    reader = Predictor(nn.Identity(), config, device="cpu", prepare=False)
-    return [reader.preprocess(p)[1] for p in paths]
+    """Image files as normalised (3, H, W) tensors, read as Predictor reads them (``predict.preprocess`` with
+    ``config``'s evaluation transform)."""
+    transform = config.eval_transform()
+    return [preprocess(p, transform)[1] for p in paths]

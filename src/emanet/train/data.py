@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from emanet.config import Config
 from emanet.data import SkipBadSamples, build_dataset
-from emanet.data.transforms import eval_transform, train_transform
+from emanet.data.transforms import train_transform
 from emanet.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -32,15 +32,7 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
         std=d.std,
         ignore_index=cfg.loss.ignore_index,
     )
-    eval_tf = eval_transform(
-        mean=d.mean,
-        std=d.std,
-        pad_multiple=d.eval_pad_multiple or None,
-        pad_offset=d.eval_pad_offset,
-        ignore_index=cfg.loss.ignore_index,
-        keep_ratio_resize=d.eval_resize,
-        resize_backend=d.resize_backend,
-    )
+    eval_tf = cfg.eval_transform()
     options = dict(d.options)
     val_options = dict(options)
     if d.dataset == "synthetic":  # generated: lengths per split instead of folders
