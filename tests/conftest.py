@@ -30,6 +30,19 @@ def tiny_model(**changes):
     return ModelConfig(**{**TINY_MODEL, **changes})
 
 
+def calibrated(model_config):
+    """The model of ``model_config`` built under seed 0, its BatchNorm statistics and EM bases moved off their
+    initial values by one train-mode batch (2x3x33x33, no gradients), returned in eval mode: what a model
+    folder or an export in the tests holds, so that BN and the bases are not the identity."""
+    from emanet.models.emanet import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_config).train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 33, 33))
+    return model.eval()
+
+
 def tiny_run(
     *extra: str, size: int = 32, scales: str = "[1.0]", length: int = 6, val_length: int = 2, sizes: bool = True
 ) -> list[str]:

@@ -13,7 +13,7 @@ from emanet.config import Config
 from emanet.errors import ConfigError, ModelSourceError
 from emanet.models.emanet import build_model
 from emanet.pretrained import CARD, CONFIG, WEIGHTS, load_model, save_pretrained
-from tests.conftest import tiny_model
+from tests.conftest import calibrated, tiny_model
 
 
 def _config(**model):
@@ -24,12 +24,7 @@ def _config(**model):
 
 
 def _trained_like(cfg):
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    model.train()
-    with torch.no_grad():  # move BN statistics and the EM bases away from their initial values
-        model(torch.randn(2, 3, 33, 33))
-    return model.eval()
+    return calibrated(cfg.model)
 
 
 def test_round_trip_gives_equal_outputs(tmp_path):

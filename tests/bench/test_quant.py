@@ -10,14 +10,12 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-import torch  # noqa: E402
 
 from emanet.bench.quant import FLAGS, PEAK_OF, VARIANTS, cpu_flags, int8_accuracy, run_int8_benchmark  # noqa: E402
 from emanet.config import Config  # noqa: E402
 from emanet.errors import ConfigError  # noqa: E402
-from emanet.models.emanet import build_model  # noqa: E402
 from emanet.pretrained import load_model, save_pretrained  # noqa: E402
-from tests.conftest import run_cli, tiny_model  # noqa: E402
+from tests.conftest import calibrated, run_cli, tiny_model  # noqa: E402
 
 
 def test_dry_run_measures_every_variant_against_its_peak(tmp_path):
@@ -52,16 +50,13 @@ def test_cli_dry_run(tmp_path):
 
 
 def test_accuracy_compares_int8_with_float32_on_held_out_images(tmp_path):
-    torch.manual_seed(0)
-    model = build_model(tiny_model(num_classes=5)).train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, 33, 33))
+    model = calibrated(tiny_model(num_classes=5))
     cfg = Config()
     cfg.model = tiny_model(num_classes=5)  # the synthetic set's classes
     cfg.data.dataset = "synthetic"
     scene = {"image_size": 48, "max_objects": 4, "min_objects": 2, "min_size": 4, "max_size": 8}
     cfg.data.options = {"length": 2, "val_length": 10, **scene}
-    loaded = load_model(save_pretrained(model.eval(), cfg, tmp_path / "model"))
+    loaded = load_model(save_pretrained(model, cfg, tmp_path / "model"))
     result = int8_accuracy(loaded, calibration_images=4, threads=1)
     assert result["calibration_images"] == 4 and result["eval_images"] == 6
     assert 0.9 < result["label_agreement"] <= 1 and 0 <= result["mIoU_int8"] <= 1

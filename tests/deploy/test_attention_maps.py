@@ -22,7 +22,7 @@ from emanet.deploy.attention_maps import (
 from emanet.deploy.predict import Predictor
 from emanet.models.emanet import build_model
 from emanet.pretrained import save_pretrained
-from tests.conftest import tiny_model
+from tests.conftest import calibrated, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +36,7 @@ def _config(arch: str = "emanet") -> Config:
 
 def _save(folder, arch: str = "emanet"):
     cfg = _config(arch)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    with torch.no_grad():  # BN statistics and bases away from their initial values
-        model(torch.randn(2, 3, 33, 33))
-    return save_pretrained(model.eval(), cfg, folder)
+    return save_pretrained(calibrated(cfg.model), cfg, folder)
 
 
 @pytest.fixture(scope="module")

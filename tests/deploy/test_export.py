@@ -20,20 +20,15 @@ from emanet.config import Config  # noqa: E402
 from emanet.deploy import export as export_mod  # noqa: E402
 from emanet.deploy.export import OnnxNotInstalled, Parity, check_onnx, export_onnx, judge, onnx_parity  # noqa: E402
 from emanet.errors import ConfigError, UserError  # noqa: E402
-from emanet.models.emanet import ModelConfig, build_model  # noqa: E402
+from emanet.models.emanet import ModelConfig  # noqa: E402
 from emanet.pretrained import load_model, save_pretrained  # noqa: E402
-from tests.conftest import tiny_model  # noqa: E402
+from tests.conftest import calibrated, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny(arch="emanet"):
-    torch.manual_seed(0)
-    model = build_model(tiny_model(arch=arch))
-    model.train()
-    with torch.no_grad():  # move BN statistics and the EM bases away from their initial values
-        model(torch.randn(2, 3, 33, 33))
-    return model.eval()
+    return calibrated(tiny_model(arch=arch))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("onnx")
@@ -21,9 +20,8 @@ from emanet.deploy.export import export_onnx, model_metadata  # noqa: E402
 from emanet.deploy.onnx_model import OnnxModel, is_onnx_file, load_onnx  # noqa: E402
 from emanet.deploy.predict import Predictor  # noqa: E402
 from emanet.errors import ConfigError, ModelSourceError, UserError  # noqa: E402
-from emanet.models.emanet import build_model  # noqa: E402
 from emanet.pretrained import load_model, save_pretrained  # noqa: E402
-from tests.conftest import run_cli, tiny_model  # noqa: E402
+from tests.conftest import calibrated, run_cli, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,12 +43,8 @@ def _config() -> Config:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     cfg = _config()
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    with torch.no_grad():  # BN statistics and bases away from their initial values
-        model(torch.randn(2, 3, 33, 33))
     folder = tmp_path_factory.mktemp("model") / "m"
-    return save_pretrained(model.eval(), cfg, folder, class_names=NAMES, palette=PALETTE)
+    return save_pretrained(calibrated(cfg.model), cfg, folder, class_names=NAMES, palette=PALETTE)
 
 
 @pytest.fixture(scope="module")

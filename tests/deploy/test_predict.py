@@ -12,8 +12,9 @@ from emanet.config import Config
 from emanet.data.base import read_image
 from emanet.deploy.predict import Predictor
 from emanet.inference import infer
-from emanet.models.emanet import ModelConfig, build_model
+from emanet.models.emanet import ModelConfig
 from emanet.pretrained import save_pretrained
+from tests.conftest import calibrated
 
 PALETTE = [(10, 20, 30), (200, 0, 0), (0, 200, 0)]
 
@@ -33,11 +34,7 @@ def _config() -> Config:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     cfg = _config()
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    with torch.no_grad():  # move BN statistics and bases away from their initial values
-        model(torch.randn(2, 3, 33, 33))
-    return save_pretrained(model.eval(), cfg, tmp_path_factory.mktemp("model") / "m", palette=PALETTE)
+    return save_pretrained(calibrated(cfg.model), cfg, tmp_path_factory.mktemp("model") / "m", palette=PALETTE)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ metadata is the float export's, and --check judges label agreement on held-out i
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 onnx = pytest.importorskip("onnx")
@@ -15,9 +14,8 @@ from emanet.deploy.export import export_onnx, model_metadata  # noqa: E402
 from emanet.deploy.predict import Predictor  # noqa: E402
 from emanet.deploy.quantize import em_node_names, int8_parity, quantize_int8, read_images  # noqa: E402
 from emanet.errors import ModelSourceError  # noqa: E402
-from emanet.models.emanet import build_model  # noqa: E402
 from emanet.pretrained import load_model, save_pretrained  # noqa: E402
-from tests.conftest import run_cli, tiny_model  # noqa: E402
+from tests.conftest import calibrated, run_cli, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EM_OPS = {"MatMul", "Softmax", "ReduceSum", "ReduceL2"}
@@ -27,10 +25,7 @@ EM_OPS = {"MatMul", "Softmax", "ReduceSum", "ReduceL2"}
 def model_folder(tmp_path_factory):
     """The tiny model (BN statistics and EM bases moved off their initial values) with a synthetic
     validation split of 12 48x48 scenes in its config."""
-    torch.manual_seed(0)
-    model = build_model(tiny_model()).train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, 33, 33))
+    model = calibrated(tiny_model())
     cfg = Config()
     cfg.model = tiny_model()
     cfg.data.dataset = "synthetic"
@@ -44,7 +39,7 @@ def model_folder(tmp_path_factory):
         "max_size": 8,
     }
     folder = tmp_path_factory.mktemp("quant") / "model"
-    return save_pretrained(model.eval(), cfg, folder, class_names=["bg", "a", "b"])
+    return save_pretrained(model, cfg, folder, class_names=["bg", "a", "b"])
 
 
 def _metadata(path) -> dict[str, str]:
